@@ -1,0 +1,238 @@
+"""The `mrict-dask` command line. Thin: parse options, call one function of the library, print.
+
+Heavy imports (SimpleITK, dask, zarr, pydicom) happen inside the commands so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+
+log = logging.getLogger("mrict_dask")
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # third-party chatter stays at WARNING unless -vv
+    for name in ("distributed", "asyncio", "botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "numcodecs"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose > 2 else logging.WARNING)
+
+
+class _Group(click.Group):
+    """Turns our own errors into one clear line and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from .errors import MrictError
+
+        try:
+            return super().invoke(ctx)
+        except MrictError as err:
+            click.secho(f"error: {err}", fg="red", err=True)
+            sys.exit(2)
+        except FileNotFoundError as err:
+            click.secho(f"error: not found: {err.filename or err}", fg="red", err=True)
+            sys.exit(2)
+        except PermissionError as err:
+            click.secho(f"error: permission denied: {err.filename or err}", fg="red", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mrict-dask")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only; no progress bars.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
+    """Paired brain MRI/CT DICOM -> registered, normalized, chunked Zarr, on any Dask cluster."""
+    _setup_logging(verbose, quiet)
+    ctx.ensure_object(dict)
+    ctx.obj["progress"] = not quiet
+
+
+storage_opt = click.option(
+    "--storage-options", default=None, metavar="JSON",
+    help='fsspec storage options as JSON, e.g. \'{"anon": true}\' or \'{"client_kwargs": {"endpoint_url": "..."}}\'.',
+)
+cluster_opts = [
+    click.option("--scheduler", default=None, metavar="ADDR", help="Address of a running Dask scheduler."),
+    click.option("--workers", type=int, default=None, help="LocalCluster workers (default: sized to the machine)."),
+]
+
+
+def _apply(opts):
+    def deco(f):
+        for o in reversed(opts):
+            f = o(f)
+        return f
+
+    return deco
+
+
+@main.command()
+@click.argument("out_url")
+@click.option("--patients", type=int, default=3, show_default=True, help="Number of synthetic patients.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quirks", default="", metavar="LIST|all",
+              help="Comma-separated quirk switches, or 'all' (see `mrict_dask.synth.QUIRKS`).")
+@click.option("--layout", type=click.Choice(["tcia", "flat"]), default="tcia", show_default=True,
+              help="tcia: patient/study/series/1-001.dcm; flat: one folder, shuffled extension-less names.")
+@click.option("--manifest", default=None, metavar="URL", help="Where to write the ground-truth manifest "
+              "(default: OUT_URL + '.manifest.json', beside the corpus).")
+@storage_opt
+@click.pass_context
+def synth(ctx, out_url, patients, seed, quirks, layout, manifest, storage_options):
+    """Generate a synthetic brain MR/CT DICOM corpus with a ground-truth manifest."""
+    from .io import parse_storage_options
+    from .synth import generate_corpus, parse_quirks
+
+    so = parse_storage_options(storage_options)
+    summary = generate_corpus(out_url, patients=patients, seed=seed, quirks=parse_quirks(quirks), layout=layout,
+                              manifest_url=manifest, storage_options=so, progress=ctx.obj["progress"])
+    click.echo(summary.describe())
+
+
+@main.command()
+@click.argument("input_url")
+@click.option("--out", "out", required=True, metavar="CATALOG.parquet", help="Where to write the catalog (private).")
+@_apply(cluster_opts)
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Files per task.")
+@storage_opt
+@click.pass_context
+def scan(ctx, input_url, out, scheduler, workers, batch_size, storage_options):
+    """List DICOM under INPUT_URL and read headers only into a Parquet catalog."""
+    from .io import parse_storage_options
+    from .orchestrate import client_for
+    from .scan import scan_to_parquet
+
+    so = parse_storage_options(storage_options)
+    with client_for(scheduler, workers) as client:
+        summary = scan_to_parquet(input_url, out, storage_options=so, client=client, batch_size=batch_size,
+                                  progress=ctx.obj["progress"])
+    click.echo(summary.describe())
+
+
+@main.command()
+@click.argument("catalog")
+@click.option("--out", "out", required=True, metavar="plan.json", help="Where to write the plan (private).")
+@click.option("--config", "config_url", default=None, help="Pipeline config (YAML/TOML).")
+@click.option("--max-days", type=int, default=None, help="Largest MR/CT gap in days (default 183).")
+@click.option("--pair-all", is_flag=True, default=None, help="Keep every admissible pair, not only the closest.")
+@click.option("--pseudonym-key", default=None, envvar="MRICT_PSEUDONYM_KEY", show_envvar=True,
+              help="Key for patient pseudonyms.")
+@storage_opt
+def plan(catalog, out, config_url, max_days, pair_all, pseudonym_key, storage_options):
+    """Group series into volumes, select MR/CT series, pair studies and split by patient."""
+    from .config import load_config
+    from .io import parse_storage_options
+    from .plan import plan_to_json
+
+    so = parse_storage_options(storage_options)
+    cfg = load_config(config_url, {"plan.max_days": max_days, "plan.pair_all": pair_all})
+    summary = plan_to_json(catalog, out, cfg, pseudonym_key=pseudonym_key, storage_options=so)
+    click.echo(summary.describe())
+
+
+@main.command("export-series")
+@click.argument("input_url")
+@click.option("--series", "series_uid", default=None, help="SeriesInstanceUID to export.")
+@click.option("--out", "out", default=None, help="Output file (.nii.gz / .nrrd / .mha).")
+@click.option("--all", "all_dir", default=None, metavar="OUTDIR", help="Export every usable series into OUTDIR.")
+@click.option("--catalog", default=None, help="Reuse an existing catalog instead of scanning INPUT_URL.")
+@storage_opt
+@click.pass_context
+def export_series(ctx, input_url, series_uid, out, all_dir, catalog, storage_options):
+    """Write series as NIfTI volumes (LPS geometry kept), like dcm2niix."""
+    from .io import parse_storage_options
+    from .volume import export_series_command
+
+    if not all_dir and not (series_uid and out):
+        raise click.UsageError("give --series UID --out FILE, or --all OUTDIR")
+    so = parse_storage_options(storage_options)
+    summary = export_series_command(input_url, series_uid=series_uid, out=out, all_dir=all_dir, catalog=catalog,
+                                    storage_options=so, progress=ctx.obj["progress"])
+    click.echo(summary.describe())
+
+
+@main.command()
+@click.argument("input_url")
+@click.argument("output_url")
+@click.option("--work", "work_url", default=None, help="Private work area (catalog, plan, key). "
+              "Default: OUTPUT_URL + '.work'.")
+@_apply(cluster_opts)
+@click.option("--threads-per-worker", type=int, default=1, show_default=True)
+@click.option("--memory-limit", default="auto", show_default=True, help="Per LocalCluster worker, e.g. 4GiB.")
+@click.option("--executor", type=click.Choice(["dask", "serial"]), default="dask", show_default=True,
+              help="serial: a plain loop in this process (debugging, reference).")
+@click.option("--config", "config_url", default=None, help="Pipeline config (YAML/TOML).")
+@click.option("--limit", type=int, default=None, help="Process only the first N pairs (a cheap trial).")
+@click.option("--max-days", type=int, default=None, help="Largest MR/CT gap in days (default 183).")
+@click.option("--template", default=None, help="Template image path/URL (default: MNI152 from nilearn).")
+@click.option("--grid-spacing", type=float, default=None, help="Output grid spacing in mm (default: template's).")
+@click.option("--pseudonym-key", default=None, envvar="MRICT_PSEUDONYM_KEY", show_envvar=True,
+              help="Key for patient pseudonyms.")
+@storage_opt
+@click.pass_context
+def run(ctx, input_url, output_url, work_url, scheduler, workers, threads_per_worker, memory_limit, executor,
+        config_url, limit, max_days, template, grid_spacing, pseudonym_key, storage_options):
+    """Scan -> plan -> register/normalize each pair on the workers -> Zarr store + report."""
+    from .config import load_config
+    from .io import parse_storage_options
+    from .orchestrate import run_pipeline
+
+    so = parse_storage_options(storage_options)
+    cfg = load_config(config_url, {"plan.max_days": max_days, "grid.template": template,
+                                   "grid.spacing": grid_spacing}, storage_options=so)
+    summary = run_pipeline(input_url, output_url, work_url=work_url, config=cfg, scheduler=scheduler,
+                           workers=workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit,
+                           executor=executor, limit=limit, pseudonym_key=pseudonym_key, storage_options=so,
+                           progress=ctx.obj["progress"])
+    click.echo(summary.describe())
+    if summary.exit_code:
+        sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.option("--dir", "base", default="./mrict-demo", show_default=True, help="Where to put corpus, store, report.")
+@click.option("--patients", type=int, default=3, show_default=True)
+@click.option("--workers", type=int, default=None)
+@click.pass_context
+def demo(ctx, base, patients, workers):
+    """The embedded default: synthetic corpus -> LocalCluster run -> local store, summary and a training batch."""
+    from .orchestrate import run_demo
+
+    run_demo(base, patients=patients, workers=workers, progress=ctx.obj["progress"], echo=click.echo)
+
+
+@main.command()
+@click.argument("store_url")
+@click.option("--png", default=None, metavar="FILE", help="Write a montage of random slice pairs.")
+@storage_opt
+def inspect(store_url, png, storage_options):
+    """Summarise a store: pairs, splits, usable slices, failures by reason, QA metrics."""
+    from .io import parse_storage_options
+    from .store import inspect_store
+
+    click.echo(inspect_store(store_url, png=png, storage_options=parse_storage_options(storage_options)))
+
+
+@main.command()
+@click.argument("store_url")
+@storage_opt
+def verify(store_url, storage_options):
+    """Recompute every pair's checksum; report torn or corrupted pairs (exit 1 if any)."""
+    from .io import parse_storage_options
+    from .store import verify_store
+
+    report = verify_store(store_url, storage_options=parse_storage_options(storage_options))
+    click.echo(report.describe())
+    sys.exit(0 if report.ok else 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,50 @@
+"""Plain records passed between stages. Keys are immutable and hashable; nothing here imports Dask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """One MR/CT pair to process. Lives in the private plan (it names source files and UIDs)."""
+
+    index: int  # position along the store's `pair` dimension
+    pair_id: str  # stable, PHI-free key: pseudonym + short keyed hash of the two series
+    patient: str  # keyed pseudonym, "P" + 16 hex
+    split: str  # train / val / test
+    days_apart: int  # CT study date minus MR study date
+    mr_files: tuple[str, ...]  # URLs of the chosen MR stack's files
+    ct_files: tuple[str, ...]  # URLs of the chosen CT stack's files
+    mr_series_uid: str = ""  # private: for the plan and export only
+    ct_series_uid: str = ""
+
+
+@dataclass
+class PairResult:
+    """What processing one pair produced: arrays on the template grid (z, y, x) plus scalars.
+
+    A failed pair has ``status = "failed: <reason>"`` and ``None`` arrays.
+    """
+
+    pair_id: str
+    status: str
+    mr: np.ndarray | None = None  # float32 in [0, 1]
+    ct: np.ndarray | None = None  # float32 in [0, 1]
+    valid: np.ndarray | None = None  # bool
+    slice_ok: np.ndarray | None = None  # bool, (z,)
+    mr_lo: float = float("nan")
+    mr_hi: float = float("nan")
+    ct_lo: float = float("nan")
+    ct_hi: float = float("nan")
+    mr_affine: np.ndarray = field(default_factory=lambda: np.full((4, 4), np.nan))
+    ct_affine: np.ndarray = field(default_factory=lambda: np.full((4, 4), np.nan))
+    qa: dict[str, float] = field(default_factory=dict)
+    figure_png: bytes | None = None  # three-plane edge overlay, PHI-free
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"

@@ -1,0 +1,150 @@
+"""Shared fixtures: template, generated corpora, a real S3 endpoint (moto server), a real LocalCluster.
+
+Sections: [template] [corpora] [s3] [dask]. Everything is generated and seeded; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+
+import pytest
+
+# Threads: tests run on 2 cores next to LocalCluster workers; keep every native pool at one thread.
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+# --------------------------------------------------------------------------------------------- [template]
+@pytest.fixture(scope="session")
+def template():
+    from mrict_dask.template import load_template
+
+    return load_template()
+
+
+# --------------------------------------------------------------------------------------------- [corpora]
+@dataclass
+class Corpus:
+    url: str  # where the DICOM files are
+    manifest: dict  # the generator's ground truth (parsed manifest JSON)
+    manifest_url: str
+
+
+def _make_corpus(root, **kwargs) -> Corpus:
+    import json
+
+    from mrict_dask.synth import generate_corpus
+
+    url = str(root / "dicom")
+    manifest_url = str(root / "manifest.json")
+    generate_corpus(url, manifest_url=manifest_url, progress=False, **kwargs)
+    with open(manifest_url) as fh:
+        manifest = json.load(fh)
+    return Corpus(url=url, manifest=manifest, manifest_url=manifest_url)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Corpus:
+    """A clean corpus: 4 patients, no quirks."""
+    return _make_corpus(tmp_path_factory.mktemp("corpus"), patients=4, seed=11)
+
+
+@pytest.fixture(scope="session")
+def quirky_corpus(tmp_path_factory) -> Corpus:
+    """Every quirk switch on."""
+    from mrict_dask.synth import QUIRKS
+
+    return _make_corpus(tmp_path_factory.mktemp("quirky"), patients=4, seed=23, quirks=tuple(QUIRKS))
+
+
+# --------------------------------------------------------------------------------------------- [s3]
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class S3:
+    endpoint: str
+    bucket: str
+    storage_options: dict
+
+    def url(self, *parts: str) -> str:
+        return "s3://" + "/".join([self.bucket, *[p.strip("/") for p in parts]])
+
+    def fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint on 127.0.0.1: moto's standalone server as a subprocess."""
+    exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
+    port = _free_port()
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.1)
+    yield endpoint
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def s3(s3_endpoint, monkeypatch) -> S3:
+    """A fresh, empty bucket on the local S3 endpoint (the server is reset for each test)."""
+    req = urllib.request.Request(s3_endpoint + "/moto-api/reset", method="POST")
+    urllib.request.urlopen(req, timeout=10)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    so = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
+    s = S3(endpoint=s3_endpoint, bucket="mrict-test", storage_options=so)
+    s.fs().mkdir("mrict-test")
+    return s
+
+
+def upload_tree(local_dir: str, s3: S3, prefix: str) -> str:
+    """Copy a local folder to s3://bucket/prefix and return that URL."""
+    fs = s3.fs()
+    fs.put(local_dir.rstrip("/") + "/", s3.url(prefix) + "/", recursive=True)
+    return s3.url(prefix)
+
+
+# --------------------------------------------------------------------------------------------- [dask]
+@pytest.fixture(scope="session")
+def local_cluster():
+    """A real LocalCluster: 2 worker processes, 1 thread each."""
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                           memory_limit="4GiB")
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def client(local_cluster):
+    from distributed import Client
+
+    with Client(local_cluster) as c:
+        yield c
