@@ -48,3 +48,13 @@ class PairResult:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+
+# QA metrics every PairResult.qa carries (float; NaN when not computed). The store has one (pair,) variable each.
+QA_KEYS: tuple[str, ...] = (
+    "mr_metric",  # final Mattes MI of MR -> template (SimpleITK's sign: more negative is better)
+    "ct_metric",  # final Mattes MI of CT -> MR
+    "brain_dice",  # Dice of the template brain mask vs the brain found in the registered MR
+    "mr_det",  # determinant of the MR affine's linear part (scale change)
+    "valid_fraction",  # share of template-brain voxels where both MR and CT have data
+)
