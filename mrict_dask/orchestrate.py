@@ -1,0 +1,405 @@
+"""The only module that knows Dask: clients, the pair executors, the end-to-end run, and the demo.
+
+Everything it maps is a pure function of the library (scan batches, `process_pair`, `write_pair`); a serial
+executor runs the very same task function in a plain loop, so a difference between the two is an
+orchestration bug.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import Config
+from .io import join, redact
+from .types import PairResult, PairSpec
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------- clients
+@contextlib.contextmanager
+def client_for(scheduler: str | None = None, workers: int | None = None, threads_per_worker: int = 1,
+               memory_limit: str = "auto", processes: bool = True) -> Iterator[Any]:
+    """A `distributed.Client` to an existing scheduler, or to a LocalCluster sized to the machine."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        with Client(scheduler) as client:
+            log.info("connected to scheduler %s (dashboard: %s)", scheduler, client.dashboard_link)
+            yield client
+        return
+    n = workers or max(1, (os.cpu_count() or 1) // max(1, threads_per_worker))
+    with LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, memory_limit=memory_limit,
+                      processes=processes, dashboard_address=":0") as cluster, Client(cluster) as client:
+        log.info("LocalCluster: %d workers x %d threads (dashboard: %s)", n, threads_per_worker,
+                 client.dashboard_link)
+        yield client
+
+
+# ----------------------------------------------------------------------------------------------- pair task
+def run_pair_task(pair: PairSpec, config: Config, store_url: str, report_url: str,
+                  storage_options: dict | None) -> dict:
+    """Process one pair and write it: runs on a worker (or in the serial loop). Returns the small marker.
+
+    Deterministic failures (bad volume, implausible registration) come back as a failed marker; transient
+    errors (storage, network) raise so the executor can retry.
+    """
+    from .pair import process_pair
+    from .store import write_pair
+    from .template import template_from_config
+
+    t0 = time.perf_counter()
+    template = template_from_config(config.grid)  # cached per worker process
+    result = process_pair(pair, config, template, storage_options)
+    if result.figure_png:
+        from .io import write_bytes
+
+        write_bytes(join(report_url, "figures", f"{pair.pair_id}.png"), result.figure_png, storage_options)
+    t1 = time.perf_counter()
+    marker = write_pair(store_url, pair.index, result, storage_options)
+    marker = dict(marker)
+    marker.setdefault("timings", {})
+    timings = dict(result.timings)
+    timings["write"] = time.perf_counter() - t1
+    timings["total"] = time.perf_counter() - t0
+    marker["timings"] = timings
+    return marker
+
+
+def failed_result(pair: PairSpec, reason: str) -> PairResult:
+    return PairResult(pair_id=pair.pair_id, status=f"failed: {reason}")
+
+
+def _error_reason(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+# ----------------------------------------------------------------------------------------------- executors
+TaskFn = Callable[[PairSpec], dict]
+
+
+@dataclass
+class Outcome:
+    pair: PairSpec
+    marker: dict | None  # None when the task raised after all retries
+    error: str = ""
+
+
+class SerialExecutor:
+    """A plain loop over the same task function: the reference for the Dask executor."""
+
+    name = "serial"
+
+    def __init__(self, retries: int = 0):
+        self.retries = retries
+
+    def run(self, fn: TaskFn, pairs: Sequence[PairSpec]) -> Iterator[Outcome]:
+        for pair in pairs:
+            for attempt in range(self.retries + 1):
+                try:
+                    yield Outcome(pair, fn(pair))
+                    break
+                except Exception as exc:  # noqa: BLE001 - recorded per pair, the run goes on
+                    if attempt == self.retries:
+                        log.debug("pair %s failed: %s", pair.pair_id, traceback.format_exc())
+                        yield Outcome(pair, None, _error_reason(exc))
+
+
+class DaskExecutor:
+    """Futures with a bounded window, `as_completed`, task retries; lost workers are rescheduled by Dask."""
+
+    name = "dask"
+
+    def __init__(self, client: Any, window: int = 0, retries: int = 2):
+        self.client = client
+        self.retries = retries
+        if window <= 0:
+            threads = sum(self.client.nthreads().values()) or 1
+            window = 2 * threads
+        self.window = window
+
+    def run(self, fn: TaskFn, pairs: Sequence[PairSpec]) -> Iterator[Outcome]:
+        from distributed import as_completed
+
+        todo = list(pairs)
+        by_key: dict[str, PairSpec] = {}
+        token = os.urandom(4).hex()
+
+        def submit(pair: PairSpec):
+            key = f"pair-{pair.index}-{pair.pair_id}-{token}"
+            by_key[key] = pair
+            return self.client.submit(fn, pair, key=key, retries=self.retries, pure=False)
+
+        first = [submit(p) for p in todo[: self.window]]
+        rest = iter(todo[self.window:])
+        ac = as_completed(first)
+        for fut in ac:
+            pair = by_key.pop(fut.key)
+            try:
+                yield Outcome(pair, fut.result())
+            except Exception as exc:  # noqa: BLE001 - KilledWorker, exhausted retries: recorded, run goes on
+                yield Outcome(pair, None, _error_reason(exc))
+            finally:
+                fut.release()
+            nxt = next(rest, None)
+            if nxt is not None:
+                ac.add(submit(nxt))
+
+
+# ----------------------------------------------------------------------------------------------- the run
+@dataclass
+class RunSummary:
+    output_url: str
+    report_url: str
+    n_pairs: int = 0
+    processed: int = 0  # pairs computed in this run
+    skipped: int = 0  # pairs already complete in the store (resume)
+    ok: int = 0
+    failed: dict[str, int] = field(default_factory=dict)  # reason -> count
+    exclusions: dict[str, int] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    exit_code: int = 0
+    messages: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        lines = [
+            f"store:   {self.output_url}",
+            f"report:  {join(self.report_url, 'report.html')}",
+            f"pairs:   {self.n_pairs} planned, {self.ok} ok, {sum(self.failed.values())} failed "
+            f"({self.processed} computed now, {self.skipped} already complete)",
+        ]
+        for reason, n in sorted(self.failed.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  failed x{n}: {reason}")
+        if self.exclusions:
+            lines.append("patients without a pair:")
+            for reason, n in sorted(self.exclusions.items(), key=lambda kv: -kv[1]):
+                lines.append(f"  x{n}: {reason}")
+        lines.append("time by stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items()))
+        lines.extend(self.messages)
+        return "\n".join(lines)
+
+
+def default_work_url(output_url: str) -> str:
+    return output_url.rstrip("/") + ".work"
+
+
+def default_report_url(output_url: str) -> str:
+    return output_url.rstrip("/") + "-report"
+
+
+def _reason_class(status: str) -> str:
+    """Group failure statuses by their reason's leading words (details after ':' vary per pair)."""
+    text = status.removeprefix("failed: ")
+    return text.split(":")[0].strip()[:120]
+
+
+class _Progress:
+    """A rich progress bar with done/failed counts and ETA; silent when disabled."""
+
+    def __init__(self, total: int, enabled: bool, description: str = "pairs"):
+        self.enabled = enabled and total > 0
+        self.failed = 0
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn(),
+                                 TextColumn("ETA"), TimeRemainingColumn())
+            self._task = self._bar.add_task(description, total=total, failed=0)
+            self._bar.start()
+
+    def advance(self, ok: bool) -> None:
+        if not ok:
+            self.failed += 1
+        if self.enabled:
+            self._bar.update(self._task, advance=1, failed=self.failed)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._bar.stop()
+
+
+def execute_pairs(executor: Any, pairs: Sequence[PairSpec], config: Config, store_url: str, report_url: str,
+                  storage_options: dict | None, progress: bool = False) -> list[dict]:
+    """Run the pair task over ``pairs`` with ``executor``; every pair ends with a marker in the store."""
+    import functools
+
+    from .store import write_pair
+
+    fn = functools.partial(run_pair_task, config=config, store_url=store_url, report_url=report_url,
+                           storage_options=storage_options)
+    markers: list[dict] = []
+    bar = _Progress(len(pairs), progress)
+    try:
+        for outcome in executor.run(fn, pairs):
+            marker = outcome.marker
+            if marker is None:
+                # retries exhausted: record the failure in the store so the pair is accounted for
+                log.warning("pair %s failed after retries: %s", outcome.pair.pair_id, outcome.error)
+                marker = write_pair(store_url, outcome.pair.index,
+                                    failed_result(outcome.pair, f"error after retries: {outcome.error}"),
+                                    storage_options)
+            markers.append(marker)
+            ok = marker.get("status") == "ok"
+            if not ok:
+                log.info("pair %s: %s", outcome.pair.pair_id, marker.get("status"))
+            bar.advance(ok)
+    finally:
+        bar.close()
+    return markers
+
+
+def _load_or_scan(input_url: str, work_url: str, storage_options: dict | None, client: Any, config: Config,
+                  progress: bool):
+    """The catalog: reused from the work area on a resume (the plan must not change under a store)."""
+    import pandas as pd
+
+    from .io import get_fs
+    from .scan import scan
+
+    catalog_url = join(work_url, "catalog.parquet")
+    fs, path = get_fs(catalog_url, storage_options)
+    if fs.exists(path):
+        log.info("reusing the catalog in the work area (delete it to rescan)")
+        with fs.open(path, "rb") as fh:
+            return pd.read_parquet(fh), True
+    catalog = scan(input_url, storage_options=storage_options, client=client, batch_size=config.run.scan_batch,
+                   progress=progress)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(path, "wb") as fh:
+        catalog.to_parquet(fh, index=False)
+    return catalog, False
+
+
+def run_pipeline(input_url: str, output_url: str, work_url: str | None = None, config: Config | None = None,
+                 scheduler: str | None = None, workers: int | None = None, threads_per_worker: int = 1,
+                 memory_limit: str = "auto", executor: str = "dask", limit: int | None = None,
+                 pseudonym_key: str | None = None, storage_options: dict | None = None,
+                 progress: bool = False, client: Any = None) -> RunSummary:
+    """Scan -> plan -> per-pair processing on the workers -> region writes -> finalize -> report."""
+    from .io import write_bytes
+    from .plan import make_plan
+    from .pseudonym import resolve_key
+    from .report import write_report
+    from .store import completed_pairs, finalize_store, open_or_create_store
+    from .template import template_from_config
+
+    config = config or Config()
+    work_url = work_url or default_work_url(output_url)
+    report_url = default_report_url(output_url)
+    summary = RunSummary(output_url=output_url, report_url=report_url)
+    log.info("run: input=%s output=%s work=%s storage_options=%s", input_url, output_url, work_url,
+             redact(storage_options))
+
+    key, key_source = resolve_key(pseudonym_key, work_url, storage_options)
+    if key_source.startswith("random"):
+        summary.messages.append(f"pseudonym key: {key_source}; pass --pseudonym-key or set MRICT_PSEUDONYM_KEY "
+                                "to get the same pseudonyms across sites")
+
+    with contextlib.ExitStack() as stack:
+        if executor == "dask" and client is None:
+            client = stack.enter_context(client_for(scheduler, workers, threads_per_worker, memory_limit))
+        if client is not None and progress:
+            summary.messages.append(f"dask dashboard: {client.dashboard_link}")
+
+        t = time.perf_counter()
+        catalog, reused = _load_or_scan(input_url, work_url, storage_options,
+                                        client if executor == "dask" else None, config, progress)
+        summary.stage_seconds["scan"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        plan = make_plan(catalog, config, key)
+        pairs = list(plan.pairs)
+        if limit is not None:
+            pairs = pairs[:limit]
+        write_bytes(join(work_url, "plan.json"), plan.to_json().encode("utf-8"), storage_options)
+        summary.n_pairs = len(pairs)
+        for exc in plan.exclusions:
+            reason = str(exc.get("reason", "")).split(":")[0]
+            summary.exclusions[reason] = summary.exclusions.get(reason, 0) + 1
+        summary.stage_seconds["plan"] = time.perf_counter() - t
+
+        template = template_from_config(config.grid)
+        from . import __version__
+
+        attrs = {"mrict_dask_version": __version__, "pairs_limited_to": limit}
+        open_or_create_store(output_url, pairs, template, config, storage_options, attrs=attrs)
+
+        done = completed_pairs(output_url, storage_options)
+        complete_ok = {i for i, m in done.items() if m.get("status") == "ok"}
+        todo = [p for p in pairs if p.index not in complete_ok]
+        summary.skipped = len(pairs) - len(todo)
+        if summary.skipped:
+            log.info("resume: %d of %d pairs already complete", summary.skipped, len(pairs))
+
+        t = time.perf_counter()
+        ex = SerialExecutor(config.run.retries) if executor == "serial" else \
+            DaskExecutor(client, config.run.window, config.run.retries)
+        markers = execute_pairs(ex, todo, config, output_url, report_url, storage_options, progress)
+        summary.processed = len(markers)
+        summary.stage_seconds["pairs"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    finalize_store(output_url, storage_options)
+    summary.stage_seconds["finalize"] = time.perf_counter() - t
+
+    final = completed_pairs(output_url, storage_options)
+    for m in final.values():
+        status = str(m.get("status", ""))
+        if status == "ok":
+            summary.ok += 1
+        else:
+            reason = _reason_class(status)
+            summary.failed[reason] = summary.failed.get(reason, 0) + 1
+    missing = len(pairs) - len(final)
+    if missing:
+        summary.messages.append(f"{missing} pairs have no marker: re-run to finish them")
+        summary.exit_code = 1
+    write_report(report_url, plan, pairs, final, summary, config, template, storage_options)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- the demo
+def run_demo(base: str, patients: int = 3, workers: int | None = None, progress: bool = True,
+             echo: Callable[[str], None] = print) -> RunSummary:
+    """Generate a small synthetic corpus, run the whole job on a LocalCluster, show a training batch."""
+    import numpy as np
+
+    from .loader import SlicePairs
+    from .synth import generate_corpus
+
+    base = os.path.abspath(base)
+    corpus = os.path.join(base, "dicom")
+    if not os.path.exists(corpus + ".manifest.json"):
+        echo(f"generating a synthetic corpus of {patients} patients in {corpus} ...")
+        s = generate_corpus(corpus, patients=patients, seed=0, progress=progress)
+        echo(s.describe())
+    else:
+        echo(f"reusing the synthetic corpus in {corpus}")
+    store = os.path.join(base, "store.zarr")
+    summary = run_pipeline(corpus, store, config=Config(), workers=workers, progress=progress,
+                           pseudonym_key="mrict-demo-key")
+    echo(summary.describe())
+    ds = SlicePairs(store, split="train")
+    if len(ds) == 0:
+        ds = SlicePairs(store, split=None)
+    echo(f"\nreading a training batch: SlicePairs('{store}', split='train') has {len(ds)} slice pairs")
+    if len(ds):
+        idx = np.random.default_rng(0).choice(len(ds), size=min(8, len(ds)), replace=False)
+        batch = [ds[int(i)] for i in idx]
+        mr = np.stack([b[0] for b in batch])
+        ct = np.stack([b[1] for b in batch])
+        echo(f"  batch: mr {mr.shape} {mr.dtype} in [{mr.min():.2f}, {mr.max():.2f}], "
+             f"ct {ct.shape} {ct.dtype} in [{ct.min():.2f}, {ct.max():.2f}]")
+    echo("  in Python:  from mrict_dask.loader import SlicePairs; ds = SlicePairs(url, split='train'); mr, ct = ds[0]")
+    return summary
+

@@ -1,0 +1,127 @@
+"""The run report: report.json (machine-readable) and report.html (for people), beside the store.
+
+Only pseudonyms, pair ids, counts, reasons, timings and QA numbers go in: no source identifiers or dates.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections import Counter
+from typing import Any
+
+from .io import join, write_bytes
+from .types import QA_KEYS
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def build_report(plan: Any, pairs: list, markers: dict[int, dict], summary: Any, config: Any,
+                 template: Any) -> dict[str, Any]:
+    rows = []
+    for p in pairs:
+        m = markers.get(p.index, {})
+        rows.append({
+            "index": p.index,
+            "pair_id": p.pair_id,
+            "patient": p.patient,
+            "split": p.split,
+            "days_apart": p.days_apart,
+            "status": m.get("status", "missing"),
+            "qa": {k: _num((m.get("qa") or {}).get(k)) for k in QA_KEYS},
+            "timings": {k: round(float(v), 3) for k, v in (m.get("timings") or {}).items()},
+            "figure": f"figures/{p.pair_id}.png" if m.get("status") == "ok" else None,
+        })
+    exclusions = [{"patient": e.get("patient"), "reason": e.get("reason")} for e in plan.exclusions]
+    series = [{k: s.get(k) for k in ("patient", "modality", "description", "decision", "reason")}
+              for s in getattr(plan, "series", [])]
+    file_errors = Counter(str(f.get("reason", f.get("read_error", ""))).split(":")[0]
+                          for f in getattr(plan, "files_with_errors", []))
+    return {
+        "counts": {
+            "pairs_planned": summary.n_pairs,
+            "pairs_ok": summary.ok,
+            "pairs_failed": sum(summary.failed.values()),
+            "pairs_computed_this_run": summary.processed,
+            "pairs_already_complete": summary.skipped,
+            "patients_excluded": len(exclusions),
+            "files_with_errors": sum(file_errors.values()),
+        },
+        "failures_by_reason": summary.failed,
+        "exclusions_by_reason": summary.exclusions,
+        "file_errors_by_reason": dict(file_errors),
+        "stage_seconds": {k: round(v, 2) for k, v in summary.stage_seconds.items()},
+        "exclusions": exclusions,
+        "series_decisions": series,
+        "pairs": rows,
+        "template": {"name": template.name, "sha256": template.sha256, "grid": template.grid},
+        "config": config.to_dict(),
+    }
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(v: Any) -> str:
+    return "" if v is None else (f"{v:.3f}" if isinstance(v, float) else html.escape(str(v)))
+
+
+def render_html(rep: dict[str, Any]) -> str:
+    e = html.escape
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mrict-dask run report</title>",
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#eee}"
+             ".fail{color:#b00}img{max-width:900px;display:block;margin:.5em 0 2em}</style></head><body>",
+             "<h1>mrict-dask run report</h1>"]
+    parts.append("<h2>Counts</h2>" + _table(["what", "n"], [[e(k), v] for k, v in rep["counts"].items()]))
+    parts.append("<h2>Time by stage (s)</h2>" + _table(["stage", "seconds"],
+                                                        [[e(k), v] for k, v in rep["stage_seconds"].items()]))
+    for title, key in (("Failed pairs by reason", "failures_by_reason"),
+                       ("Patients without a pair, by reason", "exclusions_by_reason"),
+                       ("Files not usable, by reason", "file_errors_by_reason")):
+        if rep[key]:
+            parts.append(f"<h2>{title}</h2>" + _table(["reason", "n"], [[e(k), v] for k, v in rep[key].items()]))
+    if rep["exclusions"]:
+        parts.append("<h2>Exclusions</h2>" + _table(["patient", "reason"],
+                                                    [[e(str(x["patient"])), e(str(x["reason"]))]
+                                                     for x in rep["exclusions"]]))
+    qa_rows = []
+    for r in rep["pairs"]:
+        cls = "" if r["status"] == "ok" else " class='fail'"
+        qa_rows.append([r["index"], e(r["pair_id"]), e(r["split"]), r["days_apart"],
+                        f"<span{cls}>{e(r['status'])}</span>"] + [_fmt(r["qa"][k]) for k in QA_KEYS]
+                       + [_fmt(r["timings"].get("total"))])
+    parts.append("<h2>Pairs and QA metrics</h2>" + _table(
+        ["#", "pair", "split", "days apart", "status", *QA_KEYS, "seconds"], qa_rows))
+    if rep["series_decisions"]:
+        parts.append("<h2>Series decisions</h2>" + _table(
+            ["patient", "modality", "series", "decision", "reason"],
+            [[_fmt(s.get(k)) for k in ("patient", "modality", "description", "decision", "reason")]
+             for s in rep["series_decisions"]]))
+    parts.append("<h2>Registration overlays (CT edges on MR, template space)</h2>")
+    for r in rep["pairs"]:
+        if r["figure"]:
+            parts.append(f"<h3>{e(r['pair_id'])}</h3><img src='{e(r['figure'])}' alt='overlay {e(r['pair_id'])}'>")
+    t = rep["template"]
+    parts.append(f"<h2>Template</h2><p>{e(t['name'])} (sha256 {e(t['sha256'])}), grid size {t['grid']['size']}, "
+                 f"spacing {t['grid']['spacing']}</p>")
+    parts.append("<h2>Configuration</h2><pre>" + e(json.dumps(rep["config"], indent=2)) + "</pre></body></html>")
+    return "".join(parts)
+
+
+def write_report(report_url: str, plan: Any, pairs: list, markers: dict[int, dict], summary: Any, config: Any,
+                 template: Any, storage_options: dict | None = None) -> dict[str, Any]:
+    rep = build_report(plan, pairs, markers, summary, config, template)
+    write_bytes(join(report_url, "report.json"), json.dumps(rep, indent=2).encode("utf-8"), storage_options)
+    write_bytes(join(report_url, "report.html"), render_html(rep).encode("utf-8"), storage_options)
+    return rep
