@@ -19,9 +19,11 @@ log = logging.getLogger("mrict_dask")
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # third-party chatter stays at WARNING unless -vv
-    for name in ("distributed", "asyncio", "botocore", "s3fs", "aiobotocore", "urllib3", "fsspec", "numcodecs"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose > 2 else logging.WARNING)
+    # Third-party loggers stay at WARNING at every verbosity: botocore/s3fs debug output carries request
+    # headers (access key ids), and distributed's carries task arguments (file URLs that may name patients).
+    for name in ("distributed", "asyncio", "botocore", "boto3", "s3fs", "aiobotocore", "urllib3", "fsspec",
+                 "numcodecs", "matplotlib", "PIL"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class _Group(click.Group):
