@@ -1,0 +1,98 @@
+"""Privacy: no planted identifier and no credential reaches anything written outside the private work area.
+
+The generator plants unique marker strings (names, IDs, birth dates, accession numbers, institution,
+referring physician, study dates, UIDs) and records them in its manifest; the TCIA layout also puts the
+PatientID in every file path, so a logged URL is a leak too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from .conftest import upload_tree
+
+pytestmark = pytest.mark.slow
+
+ACCESS_KEY = "AKIAMRICTPRIVACY0001"
+SECRET_KEY = "mrict-privacy-secret-Zq8x"
+
+
+def _markers(manifest: dict) -> list[str]:
+    out = set(manifest["phi_strings"])
+    for p in manifest["patients"]:
+        out.add(p["patient_id"])
+        for st in p["studies"]:
+            out.add(st["study_uid"])
+            out.add(st["study_date"])
+            for se in st["series"]:
+                out.add(se["series_uid"])
+    return sorted(m for m in out if m and len(m) >= 6)
+
+
+def _png_text(data: bytes) -> bytes:
+    """Every tEXt/zTXt/iTXt payload of a PNG (the figures' embedded text)."""
+    out, i = b"", 8
+    while i + 8 <= len(data):
+        n = int.from_bytes(data[i:i + 4], "big")
+        kind = data[i + 4:i + 8]
+        body = data[i + 8:i + 8 + n]
+        if kind == b"tEXt" or kind == b"iTXt":
+            out += body
+        elif kind == b"zTXt":
+            out += zlib.decompress(body.split(b"\0", 1)[1][1:])
+        i += 12 + n
+    return out
+
+
+def _store_blobs(fs, root: str) -> list[tuple[str, bytes]]:
+    return [(p, fs.cat_file(p)) for p in fs.find(root)]
+
+
+def test_no_identifier_or_credential_leaves_the_work_area(corpus, s3, tmp_path):
+    src = upload_tree(corpus.url, s3, "in/dicom")
+    out = s3.url("out", "store.zarr")
+    work = s3.url("private", "work")
+    so = dict(s3.storage_options, key=ACCESS_KEY, secret=SECRET_KEY)
+    logs = []
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
+    # the first run (most verbose) computes everything; the others resume over the same store and log the rest
+    for verbosity in ["-vv", "-v", None, "-q"]:
+        args = [sys.executable, "-m", "mrict_dask.cli"] + ([verbosity] if verbosity else []) + [
+            "run", src, out, "--work", work, "--storage-options", json.dumps(so), "--grid-spacing", "2",
+            "--workers", "2", "--pseudonym-key", "privacy-test-key"]
+        proc = subprocess.run(args, capture_output=True, env=env, timeout=900)
+        logs.append(proc.stdout + proc.stderr)
+        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+
+    fs = s3.fs()
+    written = _store_blobs(fs, out) + _store_blobs(fs, out + "-report")
+    assert any(p.endswith(".png") for p, _ in written), "the report should hold QA figures"
+    ds = xr.open_zarr(out, storage_options=so)
+    strings = "\n".join(str(v) for name in ("patient", "split", "status") for v in np.ravel(ds[name].values))
+    attrs = json.dumps(ds.attrs, default=str)
+    haystacks = [("log", b"\n".join(logs)), ("store strings", strings.encode()), ("attrs", attrs.encode())]
+    haystacks += [(p, blob) for p, blob in written]
+    haystacks += [(p + " (png text)", _png_text(blob)) for p, blob in written if p.endswith(".png")]
+
+    markers = _markers(corpus.manifest)
+    assert len(markers) >= 20
+    leaks = [(m, where) for m in markers for where, blob in haystacks if m.encode() in blob]
+    assert not leaks, leaks[:10]
+    for secret in (ACCESS_KEY, SECRET_KEY):
+        assert not [where for where, blob in haystacks if secret.encode() in blob], secret
+
+    # the pseudonyms follow the contract and the private mapping lives in the work area only
+    from mrict_dask.pseudonym import pseudonym
+
+    ids = {p["patient_id"] for p in corpus.manifest["patients"]}
+    expected = {pseudonym(b"privacy-test-key", pid) for pid in ids}
+    assert set(ds["patient"].values) <= expected
+    assert fs.exists(work + "/plan.json")
