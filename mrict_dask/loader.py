@@ -1,0 +1,330 @@
+"""Training-side reading of the store: random (MR, CT) slice pairs and whole volumes, local or object storage.
+
+Never imports torch: :class:`SlicePairs` and :class:`VolumePairs` have ``__len__`` and ``__getitem__``, so they
+work as a PyTorch map-style ``Dataset`` directly, and they pickle without their store handles (each DataLoader
+worker process opens its own; a forked worker notices the new process id and reopens too).
+
+Random slice reads skip zarr's per-call machinery: the store's layout is fixed by the contract (one axial slice
+per inner chunk, one volume per shard, ``bytes`` + ``zstd`` inside a ``sharding_indexed`` codec with its index
+at the end), so a slice is one ranged read of a shard plus one zstd decode. The shard index (crc32c-checked) is
+cached per shard. Any array whose metadata is not exactly that layout is read through zarr instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import OrderedDict
+from typing import Any, Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_EMPTY = 2**64 - 1  # sharding index entry of a chunk that was never written (reads as the fill value)
+_DTYPES = {"float32": np.dtype("<f4"), "bool": np.dtype("bool")}
+
+
+def ct_to_hu(ct: np.ndarray, ct_lo: float | np.ndarray, ct_hi: float | np.ndarray) -> np.ndarray:
+    """Map normalized CT ([0, 1]) back to Hounsfield units: ``hu = ct * (ct_hi - ct_lo) + ct_lo`` (float32)."""
+    ct = np.asarray(ct, dtype=np.float64)
+    lo = np.asarray(ct_lo, dtype=np.float64)
+    hi = np.asarray(ct_hi, dtype=np.float64)
+    return (ct * (hi - lo) + lo).astype(np.float32)
+
+
+def _fill(meta: dict) -> Any:
+    v = meta.get("fill_value")
+    if isinstance(v, str):
+        return {"NaN": np.nan, "Infinity": np.inf, "-Infinity": -np.inf}.get(v, np.nan)
+    return v
+
+
+def _fast_layout(meta: dict) -> tuple[int, ...] | None:
+    """The inner chunk shape if ``meta`` is the contract's layout this reader decodes itself, else None."""
+    try:
+        if meta.get("data_type") not in _DTYPES or meta["chunk_key_encoding"] != {
+                "name": "default", "configuration": {"separator": "/"}}:
+            return None
+        (codec,) = meta["codecs"]
+        if codec["name"] != "sharding_indexed":
+            return None
+        cfg = codec["configuration"]
+        inner = [c["name"] for c in cfg["codecs"]]
+        if inner != ["bytes", "zstd"] or cfg["codecs"][0].get("configuration", {}).get("endian", "little") != "little":
+            return None
+        if [c["name"] for c in cfg["index_codecs"]] != ["bytes", "crc32c"] or cfg.get("index_location", "end") != "end":
+            return None
+        shape = meta["shape"]
+        shard = meta["chunk_grid"]["configuration"]["chunk_shape"]
+        chunk = cfg["chunk_shape"]
+        if len(shape) != 4 or shard != [1, *shape[1:]] or chunk != [1, 1, *shape[2:]]:
+            return None
+        return tuple(chunk)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+class _VolumeArray:
+    """One (pair, z, y, x) array of the store: single slices and whole volumes as numpy."""
+
+    def __init__(self, fs, root: str, name: str, meta: dict, zarr_array_factory: Callable[[], Any],
+                 local: bool, index_cache: int = 4096):
+        self.fs, self.root, self.name, self.meta, self.local = fs, root, name, meta, local
+        self.shape = tuple(meta["shape"])
+        self.dtype = _DTYPES.get(meta.get("data_type"), None)
+        self.fill = _fill(meta)
+        self.fast = _fast_layout(meta) is not None
+        self._zarr_factory = zarr_array_factory
+        self._zarr = None
+        self._index: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._index_cache = index_cache
+        self._nidx = self.shape[1] * 16 + 4
+
+    def _path(self, p: int) -> str:
+        return f"{self.root}/{self.name}/c/{p}/0/0/0"
+
+    def _read(self, path: str, start: int, length: int) -> bytes:
+        if self.local:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if start < 0:
+                    start = os.fstat(fd).st_size + start
+                return os.pread(fd, length, start)
+            finally:
+                os.close(fd)
+        if start < 0:
+            return self.fs.cat_file(path, start=start)
+        return self.fs.cat_file(path, start=start, end=start + length)
+
+    def _shard_index(self, p: int) -> np.ndarray | None:
+        idx = self._index.get(p)
+        if idx is not None:
+            self._index.move_to_end(p)
+            return idx
+        try:
+            tail = self._read(self._path(p), -self._nidx, self._nidx)
+        except FileNotFoundError:
+            return None  # shard never written: all fill
+        import google_crc32c
+
+        if len(tail) != self._nidx or np.uint32(google_crc32c.value(tail[:-4])).tobytes() != tail[-4:]:
+            raise OSError(f"{self.name}: shard index of pair {p} is corrupt (crc32c mismatch)")
+        idx = np.frombuffer(tail[:-4], dtype="<u8").reshape(self.shape[1], 2)
+        self._index[p] = idx
+        if len(self._index) > self._index_cache:
+            self._index.popitem(last=False)
+        return idx
+
+    def _zarr_array(self):
+        if self._zarr is None:
+            self._zarr = self._zarr_factory()
+        return self._zarr
+
+    def slice(self, p: int, z: int) -> np.ndarray:
+        if not self.fast:
+            return np.array(self._zarr_array()[p, z], dtype=self.dtype)
+        out = np.empty(self.shape[2:], dtype=self.dtype)
+        idx = self._shard_index(p)
+        if idx is None or int(idx[z, 0]) == _EMPTY:
+            out.fill(self.fill)
+            return out
+        import numcodecs.zstd
+
+        off, nbytes = int(idx[z, 0]), int(idx[z, 1])
+        numcodecs.zstd.decompress(self._read(self._path(p), off, nbytes), out)
+        return out
+
+    def volume(self, p: int) -> np.ndarray:
+        if not self.fast:
+            return np.array(self._zarr_array()[p], dtype=self.dtype)
+        import numcodecs.zstd
+
+        out = np.empty(self.shape[1:], dtype=self.dtype)
+        try:
+            if self.local:
+                with open(self._path(p), "rb") as fh:
+                    blob = fh.read()
+            else:
+                blob = self.fs.cat_file(self._path(p))
+        except FileNotFoundError:
+            out.fill(self.fill)
+            return out
+        import google_crc32c
+
+        tail = blob[-self._nidx:]
+        if np.uint32(google_crc32c.value(tail[:-4])).tobytes() != tail[-4:]:
+            raise OSError(f"{self.name}: shard index of pair {p} is corrupt (crc32c mismatch)")
+        idx = np.frombuffer(tail[:-4], dtype="<u8").reshape(self.shape[1], 2)
+        view = memoryview(blob)
+        for z in range(self.shape[1]):
+            off, nbytes = int(idx[z, 0]), int(idx[z, 1])
+            if off == _EMPTY:
+                out[z].fill(self.fill)
+            else:
+                numcodecs.zstd.decompress(view[off:off + nbytes], out[z])
+        return out
+
+
+class _Store:
+    """Per-process handle: filesystem, the store's metadata, and the volume arrays."""
+
+    def __init__(self, url: str, storage_options: dict | None):
+        from .io import get_fs
+        from .store import _is_local, _local_path
+
+        self.url = url
+        self.local = _is_local(url)
+        if self.local:
+            self.fs, self.root = None, os.path.abspath(_local_path(url))
+        else:
+            self.fs, root = get_fs(url, storage_options)
+            self.root = root.rstrip("/")
+        self.storage_options = storage_options
+        self.pid = os.getpid()
+        self._arrays: dict[str, _VolumeArray] = {}
+        self._consolidated = None
+
+    def _json(self, rel: str) -> dict:
+        path = f"{self.root}/{rel}"
+        if self.local:
+            with open(path, "rb") as fh:
+                return json.loads(fh.read())
+        return json.loads(self.fs.cat_file(path))
+
+    def root_meta(self) -> dict:
+        return self._json("zarr.json")
+
+    def array_meta(self, name: str) -> dict:
+        # consolidated metadata holds every array's zarr.json: one read for all (matters on object storage)
+        if self._consolidated is None:
+            cm = self.root_meta().get("consolidated_metadata") or {}
+            self._consolidated = cm.get("metadata") or {}
+        return self._consolidated.get(name) or self._json(f"{name}/zarr.json")
+
+    def zarr_array(self, name: str):
+        import warnings
+
+        import zarr
+
+        from .store import zarr_store
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return zarr.open_array(zarr_store(self.url, self.storage_options, read_only=True), path=name, mode="r")
+
+    def array(self, name: str) -> _VolumeArray:
+        a = self._arrays.get(name)
+        if a is None:
+            a = _VolumeArray(self.fs, self.root, name, self.array_meta(name), lambda: self.zarr_array(name),
+                             self.local)
+            self._arrays[name] = a
+        return a
+
+
+class _PairsBase:
+    """Selection shared by the 2D and 3D datasets: status == "ok" pairs of one split (or all with split=None)."""
+
+    def __init__(self, url: str, split: str | None = "train", transform: Callable | None = None,
+                 storage_options: dict | None = None):
+        self.url = url
+        self.split = split
+        self.transform = transform
+        self.storage_options = dict(storage_options or {})
+        self._store: _Store | None = None
+        meta = self._load_pair_table()
+        keep = meta["status"] == "ok"
+        if split is not None:
+            keep &= meta["split"] == split
+        self.pair_indices = np.flatnonzero(keep).astype(np.int64)
+        self.pair_ids = [meta["pair"][i] for i in self.pair_indices]
+        self._ct_bounds = np.stack([meta["ct_lo"], meta["ct_hi"]], axis=1) if len(meta["status"]) else np.zeros((0, 2))
+        self._slice_ok = meta["slice_ok"]
+        n_pending = int((meta["status"] == "pending").sum())
+        if not len(self.pair_indices) and n_pending:
+            log.warning("%s: no finished pairs for split %r; %d pairs are pending (run not finalized?)",
+                        url, split, n_pending)
+
+    def _load_pair_table(self) -> dict[str, np.ndarray]:
+        """The per-pair variables, read once through zarr (small: one value per pair plus slice_ok)."""
+        import warnings
+
+        import zarr
+
+        from .store import zarr_store
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            g = zarr.open_group(zarr_store(self.url, self.storage_options, read_only=True), mode="r")
+            n = g["status"].shape[0]
+            out = {}
+            for name in ("status", "split", "pair"):
+                out[name] = np.array([str(v) for v in g[name][:]] if n else [], dtype=object)
+            for name in ("ct_lo", "ct_hi"):
+                out[name] = np.asarray(g[name][:], dtype=np.float64) if n else np.zeros(0)
+            out["slice_ok"] = np.asarray(g["slice_ok"][:], dtype=bool) if n else np.zeros((0, 0), bool)
+        return out
+
+    def _handle(self) -> _Store:
+        if self._store is None or self._store.pid != os.getpid():
+            self._store = _Store(self.url, self.storage_options)
+        return self._store
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_store"] = None
+        return state
+
+    def ct_bounds(self, pair_index: int) -> tuple[float, float]:
+        """(ct_lo, ct_hi) of a store pair index, for :func:`ct_to_hu`."""
+        lo, hi = self._ct_bounds[pair_index]
+        return float(lo), float(hi)
+
+
+class SlicePairs(_PairsBase):
+    """Random-access (mr_slice, ct_slice) float32 (y, x) pairs over ``slice_ok`` slices of ok pairs of a split.
+
+    ``with_valid=True`` adds the slice's ``valid`` mask as a third element. ``transform(mr, ct[, valid])``, if
+    given, is applied to each sample and its result returned.
+    """
+
+    def __init__(self, url: str, split: str | None = "train", transform: Callable | None = None,
+                 storage_options: dict | None = None, with_valid: bool = False):
+        super().__init__(url, split, transform, storage_options)
+        self.with_valid = with_valid
+        rows = [(p, z) for p in self.pair_indices for z in np.flatnonzero(self._slice_ok[p])]
+        self.index = np.array(rows, dtype=np.int64).reshape(-1, 2)  # (pair index in the store, z)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(store pair index, z) of sample ``i``."""
+        p, z = self.index[i]
+        return int(p), int(z)
+
+    def __getitem__(self, i: int):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample {i} out of range for {len(self)} slice pairs")
+        p, z = self.index[i]
+        h = self._handle()
+        sample = [h.array("mr").slice(int(p), int(z)), h.array("ct").slice(int(p), int(z))]
+        if self.with_valid:
+            sample.append(h.array("valid").slice(int(p), int(z)))
+        return self.transform(*sample) if self.transform is not None else tuple(sample)
+
+
+class VolumePairs(_PairsBase):
+    """Per pair (mr, ct, valid) volumes (z, y, x) of ok pairs of a split, for 3D training."""
+
+    def __len__(self) -> int:
+        return len(self.pair_indices)
+
+    def __getitem__(self, i: int):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"pair {i} out of range for {len(self)} pairs")
+        p = int(self.pair_indices[i])
+        h = self._handle()
+        sample = (h.array("mr").volume(p), h.array("ct").volume(p), h.array("valid").volume(p))
+        return self.transform(*sample) if self.transform is not None else sample

@@ -1,0 +1,708 @@
+"""The Zarr v3 output store: created once by the driver, then one region (whole shards) per pair task.
+
+Layout (the contract in ARCHITECTURE.md "Output store"):
+
+- ``mr``, ``ct`` (pair, z, y, x) float32 and ``valid`` (pair, z, y, x) bool: chunks of one axial slice
+  ``(1, 1, y, x)`` inside shards of one volume ``(1, z, y, x)``; ``slice_ok`` (pair, z) bool, one chunk per pair.
+  A pair's task writes exactly these four objects, whole, so no two tasks ever touch the same object.
+- ``pair`` (coordinate: the PHI-free pair_id), ``patient``, ``split``, ``days_apart``: written from the plan
+  when the store is created.
+- ``status``, clip bounds, ``mr_affine``/``ct_affine`` and one float32 variable per ``QA_KEYS``: written only by
+  the driver in :func:`finalize_store`, from the completion markers.
+
+Completion: a pair is complete once its marker ``<store>/_pairs/<index>.json`` exists. The marker is written
+last, holds the store's fingerprint (a marker left by a different store is never trusted), the pair's scalars,
+the sha256 of each array's bytes as written, and the size of each object written (the cheap resume check).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import threading
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import __version__
+from .errors import StoreMismatchError
+from .io import get_fs, join, write_bytes
+from .types import QA_KEYS, PairResult, PairSpec
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = 1
+MARKER_DIR = "_pairs"
+VOLUME_VARS = ("mr", "ct", "valid")
+PAIR_VARS = VOLUME_VARS + ("slice_ok",)  # written by the pair's own task
+CLIP_VARS = ("mr_lo", "mr_hi", "ct_lo", "ct_hi")
+AFFINE_VARS = ("mr_affine", "ct_affine")
+STATUS_PENDING = "pending"
+ZSTD_LEVEL = 5
+
+_DESCRIPTIONS = {
+    "pair": "pair id: patient pseudonym + keyed hash of the two series (PHI-free)",
+    "mr": "MR in template space, clipped at its percentiles (mr_lo, mr_hi) and scaled to [0, 1]",
+    "ct": "CT in template space, clipped to [ct_lo, ct_hi] HU and scaled to [0, 1]; hu = ct * (ct_hi - ct_lo) + ct_lo",
+    "valid": "voxels where both MR and CT had data (field of view)",
+    "slice_ok": "axial slice is informative (enough brain and valid coverage): the 2D sample list",
+    "mr_lo": "MR intensity mapped to 0", "mr_hi": "MR intensity mapped to 1",
+    "ct_lo": "HU mapped to 0", "ct_hi": "HU mapped to 1",
+    "patient": "keyed pseudonym of the patient",
+    "split": "train / val / test, by patient",
+    "days_apart": "CT study date minus MR study date, in days",
+    "status": "ok, failed: <reason>, or pending (not processed yet)",
+    "mr_affine": "template physical LPS mm -> source MR series physical LPS mm (4x4)",
+    "ct_affine": "template physical LPS mm -> source CT series physical LPS mm (4x4)",
+    "mr_metric": "final Mattes MI of MR -> template", "ct_metric": "final Mattes MI of CT -> MR",
+    "brain_dice": "Dice of the template brain mask vs the brain found in the registered MR",
+    "mr_det": "determinant of the MR affine's linear part", "valid_fraction": "share of template brain with MR and CT data",
+}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def zarr_store(url: str, storage_options: dict | None = None, read_only: bool = False):
+    """A zarr v3 store object for a local path or any fsspec URL."""
+    import zarr.storage
+
+    if _is_local(url):
+        return zarr.storage.LocalStore(os.path.abspath(_local_path(url)), read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """zarr warns that consolidated metadata and `_pairs/` are outside the v3 spec: both are deliberate."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
+        warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy.*")
+        yield
+
+
+def _sha256(data: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(data)).cast("B")).hexdigest()
+
+
+def _json_float(v: float) -> float | None:
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+def _from_json_float(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _fingerprint_config(config) -> dict:
+    """The config that shapes the store's content; `run` (scheduling: window, retries) does not."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    data.pop("run", None)
+    return data
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def store_fingerprint(pair_ids: Sequence[str], grid: dict, template_sha256: str, config) -> str:
+    """What makes two runs write the same store: pairs in order, grid, template bytes, content config."""
+    return _digest({"pair_ids": list(pair_ids), "grid": grid, "template_sha256": template_sha256,
+                    "config": _fingerprint_config(config)})
+
+
+def _read_json(fs, path: str) -> dict | None:
+    try:
+        with fs.open(path, "rb") as fh:
+            return json.loads(fh.read())
+    except FileNotFoundError:
+        return None
+
+
+def _root_attrs(url: str, storage_options: dict | None) -> dict:
+    """The root group's attributes, straight from its zarr.json (one small read)."""
+    fs, path = get_fs(url, storage_options)
+    node = _read_json(fs, join(path, "zarr.json"))
+    if node is None:
+        raise FileNotFoundError(join(url, "zarr.json"))
+    attrs = node.get("attributes", {})
+    if "mrict_dask_store" not in attrs or "fingerprint" not in attrs:
+        raise StoreMismatchError(f"{url} is not a (completely created) mrict-dask store")
+    return attrs
+
+
+def _percentiles_attr(config) -> dict:
+    n = config.normalize
+    return {"mr": list(n.mr_percentiles), "ct_mode": n.ct_mode,
+            "ct": list(n.ct_window) if n.ct_mode == "window" else list(n.ct_percentiles),
+            "ct_unit": "HU" if n.ct_mode == "window" else "percentile"}
+
+
+# ----------------------------------------------------------------------------------------------- create
+def _describe_differences(attrs: dict, stored_ids: list[str], pair_ids: list[str], grid: dict,
+                          template_sha: str, config) -> list[str]:
+    diffs = []
+    if stored_ids != pair_ids:
+        if len(stored_ids) != len(pair_ids):
+            diffs.append(f"pairs: the store holds {len(stored_ids)}, the plan has {len(pair_ids)}")
+        else:
+            first = next(i for i, (a, b) in enumerate(zip(stored_ids, pair_ids)) if a != b)
+            diffs.append(f"pairs: pair_id at index {first} is {stored_ids[first]} in the store, {pair_ids[first]} "
+                         "in the plan")
+    if attrs.get("grid") != grid:
+        diffs.append(f"grid: store {attrs.get('grid')} vs {grid}")
+    if attrs.get("template", {}).get("sha256") != template_sha:
+        diffs.append(f"template: sha256 {attrs.get('template', {}).get('sha256', '?')[:12]}... in the store, "
+                     f"{template_sha[:12]}... now")
+    old_cfg = dict(attrs.get("config") or {})
+    old_cfg.pop("run", None)
+    new_cfg = _fingerprint_config(config)
+    if old_cfg != new_cfg:
+        keys = []
+        for section in sorted(set(old_cfg) | set(new_cfg)):
+            a, b = old_cfg.get(section, {}), new_cfg.get(section, {})
+            if not isinstance(a, dict) or not isinstance(b, dict):
+                if a != b:
+                    keys.append(section)
+                continue
+            keys += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        diffs.append("config: " + ", ".join(keys))
+    return diffs or ["fingerprint"]
+
+
+def open_or_create_store(url: str, pairs: Sequence[PairSpec], template, config,
+                         storage_options: dict | None = None, attrs: dict | None = None) -> None:
+    """Create the store's metadata and plan-derived variables once (driver side), or accept an identical one.
+
+    An existing store with the same fingerprint is reused (resume). Anything else at ``url`` raises
+    :class:`StoreMismatchError` naming what differs: a different store is never overwritten. A store whose
+    creation was interrupted (no fingerprint yet, so no pair can have been written) is created anew.
+    """
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    pairs = sorted(pairs, key=lambda p: p.index)
+    if [p.index for p in pairs] != list(range(len(pairs))):
+        raise ValueError("pair indices must be 0..n-1 without gaps")
+    pair_ids = [p.pair_id for p in pairs]
+    if len(set(pair_ids)) != len(pair_ids):
+        raise ValueError("pair_ids must be unique")
+    grid = template.grid
+    fingerprint = store_fingerprint(pair_ids, grid, template.sha256, config)
+    fs, path = get_fs(url, storage_options)
+    fs.invalidate_cache()
+    node = _read_json(fs, join(path, "zarr.json"))
+    if node is not None:
+        old = node.get("attributes", {})
+        if "mrict_dask_store" not in old:
+            raise StoreMismatchError(f"{url} already holds a Zarr hierarchy that is not an mrict-dask store; "
+                                     "choose another output URL")
+        if "fingerprint" in old:
+            if old["fingerprint"] == fingerprint:
+                log.info("resuming the existing store at %s (same pairs, grid, template and config)", url)
+                return
+            stored_ids = _read_pair_ids(url, storage_options)
+            diffs = _describe_differences(old, stored_ids, pair_ids, grid, template.sha256, config)
+            raise StoreMismatchError(f"{url} holds a different store ({'; '.join(diffs)}); use a new output URL "
+                                     "or delete the old store")
+        log.warning("the store at %s was not completely created; creating it again", url)
+    elif fs.exists(path) and fs.ls(path):
+        raise StoreMismatchError(f"{url} exists and is not empty, and is not an mrict-dask store; "
+                                 "choose another output URL")
+
+    n = len(pairs)
+    z, y, x = template.shape_zyx
+    root_attrs = {
+        "mrict_dask_store": STORE_FORMAT,
+        "title": "Paired brain MR/CT in template space (mrict-dask)",
+        "mrict_dask_version": __version__,
+        "template": {"name": template.name, "sha256": template.sha256},
+        "grid": grid,
+        "axes": "arrays are (z, y, x) = SimpleITK GetArrayFromImage order of the grid; "
+                "TransformIndexToPhysicalPoint((x, y, z)) gives LPS mm",
+        "percentiles": _percentiles_attr(config),
+        "config": config.to_dict(),
+        **(attrs or {}),
+    }
+    zstd = ZstdCodec(level=ZSTD_LEVEL)
+    c1 = max(n, 1)
+    with _quiet():
+        g = zarr.open_group(zarr_store(url, storage_options), mode="w", zarr_format=3, attributes=root_attrs)
+
+        def arr(name, shape, dims, dtype, fill, **kw):
+            a = g.create_array(name, shape=shape, dtype=dtype, fill_value=fill, dimension_names=dims,
+                               compressors=zstd, attributes={"description": _DESCRIPTIONS.get(name, name)}, **kw)
+            return a
+
+        for name, dtype, fill in (("mr", "float32", np.nan), ("ct", "float32", np.nan), ("valid", "bool", False)):
+            arr(name, (n, z, y, x), ("pair", "z", "y", "x"), dtype, fill, chunks=(1, 1, y, x), shards=(1, z, y, x))
+        arr("slice_ok", (n, z), ("pair", "z"), "bool", False, chunks=(1, z))
+        for name in CLIP_VARS + tuple(QA_KEYS):
+            arr(name, (n,), ("pair",), "float32", np.nan, chunks=(c1,))
+        for name in AFFINE_VARS:
+            arr(name, (n, 4, 4), ("pair", "row", "col"), "float64", np.nan, chunks=(c1, 4, 4))
+        strings = {"pair": pair_ids, "patient": [p.patient for p in pairs], "split": [p.split for p in pairs],
+                   "status": [STATUS_PENDING] * n}
+        for name, values in strings.items():
+            a = arr(name, (n,), ("pair",), str, "", chunks=(c1,))
+            if n:
+                a[:] = np.array(values, dtype=object)
+        days = arr("days_apart", (n,), ("pair",), "int32", 0, chunks=(c1,))
+        if n:
+            days[:] = np.array([p.days_apart for p in pairs], dtype=np.int32)
+        # the fingerprint goes in last: a store without it was interrupted while being created
+        g.update_attributes({"fingerprint": fingerprint, "n_pairs": n})
+        zarr.consolidate_metadata(g.store)
+    log.info("created store %s: %d pairs on a %dx%dx%d grid", url, n, x, y, z)
+
+
+def _read_pair_ids(url: str, storage_options: dict | None) -> list[str]:
+    import zarr
+
+    with _quiet():
+        g = zarr.open_group(zarr_store(url, storage_options, read_only=True), mode="r", use_consolidated=False)
+        a = g["pair"]
+        return [str(v) for v in a[:]] if a.shape[0] else []
+
+
+# ----------------------------------------------------------------------------------------------- write
+@dataclass
+class _Handle:
+    fingerprint: str
+    n_pairs: int
+    pair_ids: list[str]
+    arrays: dict  # name -> zarr.Array (write_empty_chunks on: every chunk of a shard is stored)
+    keys: dict  # name -> function(index) -> object key relative to the store root
+
+
+_handles: dict[tuple, _Handle] = {}
+_handles_lock = threading.Lock()
+
+
+def _handle(url: str, storage_options: dict | None) -> _Handle:
+    """Arrays of the store, opened once per process and store (keyed by the fingerprint)."""
+    import zarr
+
+    attrs = _root_attrs(url, storage_options)
+    key = (url, json.dumps(storage_options or {}, sort_keys=True, default=str), attrs["fingerprint"], os.getpid())
+    with _handles_lock:
+        h = _handles.get(key)
+        if h is not None:
+            return h
+        with _quiet():
+            g = zarr.open_group(zarr_store(url, storage_options), mode="r+", use_consolidated=False)
+            arrays = {name: g[name].with_config({"write_empty_chunks": True}) for name in PAIR_VARS}
+            ids = g["pair"]
+            pair_ids = [str(v) for v in ids[:]] if ids.shape[0] else []
+        keys = {name: (lambda i, a=a, name=name: f"{name}/" + a.metadata.encode_chunk_key((i,) + (0,) * (a.ndim - 1)))
+                for name, a in arrays.items()}
+        h = _Handle(attrs["fingerprint"], int(attrs["n_pairs"]), pair_ids, arrays, keys)
+        _handles[key] = h
+        return h
+
+
+def _write_shard(array, index: int, data: np.ndarray) -> None:
+    """Write one pair's whole region of one variable: exactly one object (shard or chunk)."""
+    array[index:index + 1] = data
+
+
+def _marker_path(path: str, index: int) -> str:
+    return join(path, MARKER_DIR, f"{index}.json")
+
+
+def _write_marker(url: str, index: int, marker: dict, storage_options: dict | None) -> None:
+    data = json.dumps(marker, sort_keys=True, indent=1).encode()
+    if _is_local(url):
+        # rename is atomic: a reader sees the whole marker or none
+        d = os.path.join(_local_path(url), MARKER_DIR)
+        os.makedirs(d, exist_ok=True)
+        tmp = os.path.join(d, f".{index}.json.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, os.path.join(d, f"{index}.json"))
+    else:
+        fs, path = get_fs(url, storage_options)
+        fs.pipe_file(_marker_path(path, index), data)  # one PUT: atomic on object storage
+
+
+def _check_result(result: PairResult, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, dtype, want in (("mr", np.float32, shape), ("ct", np.float32, shape), ("valid", np.bool_, shape),
+                              ("slice_ok", np.bool_, shape[:1])):
+        value = getattr(result, name)
+        if value is None:
+            raise ValueError(f"pair {result.pair_id}: status ok but {name} is missing")
+        value = np.asarray(value)
+        if value.shape != want:
+            raise ValueError(f"pair {result.pair_id}: {name} has shape {value.shape}, the store's grid needs {want}")
+        out[name] = np.ascontiguousarray(value, dtype=dtype)
+    return out
+
+
+def write_pair(url: str, index: int, result: PairResult, storage_options: dict | None = None) -> dict:
+    """Write one pair (worker side): its shard of mr/ct/valid and its slice_ok chunk, then LAST its marker.
+
+    A failed result removes any data a previous attempt left for this pair (arrays read as fill values) and
+    writes only the marker. Returns the marker.
+    """
+    h = _handle(url, storage_options)
+    if not 0 <= index < h.n_pairs:
+        raise IndexError(f"pair index {index} outside the store's {h.n_pairs} pairs")
+    if h.pair_ids[index] != result.pair_id:
+        raise ValueError(f"pair index {index} is {h.pair_ids[index]} in the store, not {result.pair_id}")
+    fs, path = get_fs(url, storage_options)
+    mpath = _marker_path(path, index)
+    # an old marker must not vouch for a half-rewritten pair
+    if fs.exists(mpath):
+        fs.rm_file(mpath)
+    marker: dict[str, Any] = {
+        "format": STORE_FORMAT, "index": index, "pair_id": result.pair_id, "status": result.status,
+        "fingerprint": h.fingerprint,
+        **{k: _json_float(getattr(result, k)) for k in CLIP_VARS},
+        **{k: [[_json_float(v) for v in row] for row in np.asarray(getattr(result, k), float).reshape(4, 4)]
+           for k in AFFINE_VARS},
+        "qa": {k: _json_float(result.qa.get(k, float("nan"))) for k in QA_KEYS},
+        "timings": {k: float(v) for k, v in (result.timings or {}).items()},
+    }
+    shape = h.arrays["mr"].shape[1:]
+    if result.ok:
+        arrays = _check_result(result, shape)
+        for name in PAIR_VARS:
+            _write_shard(h.arrays[name], index, arrays[name][None])
+        marker["checksum"] = {"algorithm": "sha256", **{name: _sha256(arrays[name]) for name in PAIR_VARS}}
+        fs.invalidate_cache()
+        marker["objects"] = {name: {"key": h.keys[name](index), "size": int(fs.size(join(path, h.keys[name](index))))}
+                             for name in PAIR_VARS}
+    else:
+        for name in PAIR_VARS:
+            obj = join(path, h.keys[name](index))
+            if fs.exists(obj):
+                fs.rm_file(obj)
+    if result.figure_png:
+        write_bytes(join(url, MARKER_DIR, f"{index}.png"), bytes(result.figure_png), storage_options)
+        marker["figure"] = f"{MARKER_DIR}/{index}.png"
+    _write_marker(url, index, marker, storage_options)
+    return marker
+
+
+# ----------------------------------------------------------------------------------------------- read markers
+def _read_markers(url: str, storage_options: dict | None) -> tuple[dict[int, dict], list[tuple[str, str]]]:
+    """All parseable markers by index, and (name, reason) for the unreadable ones."""
+    fs, path = get_fs(url, storage_options)
+    mdir = join(path, MARKER_DIR)
+    fs.invalidate_cache()
+    try:
+        names = [p for p in fs.ls(mdir, detail=False) if p.endswith(".json") and not p.rsplit("/", 1)[-1].startswith(".")]
+    except FileNotFoundError:
+        return {}, []
+    blobs = fs.cat(names, on_error="return") if names else {}
+    markers, bad = {}, []
+    for name, blob in blobs.items():
+        short = name.rsplit("/", 1)[-1]
+        try:
+            if isinstance(blob, Exception):
+                raise blob
+            m = json.loads(blob)
+            idx = int(m["index"])
+            if short != f"{idx}.json":
+                raise ValueError(f"names index {idx}")
+            markers[idx] = m
+        except Exception as exc:  # a marker torn by hand or by a foreign writer
+            bad.append((short, f"unreadable marker: {exc}"))
+    return markers, bad
+
+
+def _object_sizes(url: str, storage_options: dict | None) -> dict[str, int]:
+    """Size of every pair object (shards of mr/ct/valid, chunks of slice_ok), by key relative to the store."""
+    fs, path = get_fs(url, storage_options)
+    root = path.rstrip("/")
+    out: dict[str, int] = {}
+    for name in PAIR_VARS:
+        try:
+            found = fs.find(join(root, name, "c"), detail=True)
+        except FileNotFoundError:
+            continue
+        for p, info in found.items():
+            out[p[len(root) + 1:]] = int(info.get("size") or 0)
+    return out
+
+
+def completed_pairs(url: str, storage_options: dict | None = None, check: bool = True) -> dict[int, dict]:
+    """index -> marker of every pair that is done (ok or failed) in THIS store.
+
+    Markers carrying another store's fingerprint are ignored. With ``check`` (the default, cheap: one listing
+    per variable), an ok marker also needs each of its objects present with the size it recorded; otherwise
+    the pair counts as not done and will be rewritten. :func:`verify_store` recomputes the checksums.
+    """
+    attrs = _root_attrs(url, storage_options)
+    markers, bad = _read_markers(url, storage_options)
+    for name, reason in bad:
+        log.warning("%s: %s (the pair will be redone)", name, reason)
+    sizes = _object_sizes(url, storage_options) if check else {}
+    out = {}
+    for idx, m in markers.items():
+        if m.get("fingerprint") != attrs["fingerprint"] or idx >= int(attrs["n_pairs"]):
+            log.warning("marker %d belongs to a different store; the pair will be redone", idx)
+            continue
+        if check and m.get("status") == "ok":
+            objs = m.get("objects", {})
+            wrong = [name for name in PAIR_VARS
+                     if name not in objs or sizes.get(objs[name]["key"]) != objs[name]["size"]]
+            if wrong:
+                log.warning("pair %d: marker present but %s not as written; the pair will be redone",
+                            idx, ", ".join(wrong))
+                continue
+        out[idx] = m
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- finalize
+def finalize_store(url: str, storage_options: dict | None = None) -> None:
+    """Write status, clip bounds, affines and QA from the markers (driver only), then consolidate metadata.
+
+    Idempotent: pairs without a (trusted) marker are ``pending``.
+    """
+    import zarr
+
+    attrs = _root_attrs(url, storage_options)
+    n = int(attrs["n_pairs"])
+    markers = completed_pairs(url, storage_options)
+    status = np.array([markers[i]["status"] if i in markers else STATUS_PENDING for i in range(n)], dtype=object)
+    scal = {k: np.full(n, np.nan, np.float32) for k in CLIP_VARS + tuple(QA_KEYS)}
+    aff = {k: np.full((n, 4, 4), np.nan, np.float64) for k in AFFINE_VARS}
+    for i, m in markers.items():
+        for k in CLIP_VARS:
+            scal[k][i] = _from_json_float(m.get(k))
+        for k in QA_KEYS:
+            scal[k][i] = _from_json_float(m.get("qa", {}).get(k))
+        for k in AFFINE_VARS:
+            aff[k][i] = np.array([[_from_json_float(v) for v in row] for row in m[k]], np.float64)
+    counts = Counter("ok" if s == "ok" else ("pending" if s == STATUS_PENDING else "failed") for s in status)
+    with _quiet():
+        g = zarr.open_group(zarr_store(url, storage_options), mode="r+", use_consolidated=False)
+        if n:
+            g["status"][:] = status
+            for k, v in scal.items():
+                g[k][:] = v
+            for k, v in aff.items():
+                g[k][:] = v
+        g.update_attributes({"pairs_ok": counts["ok"], "pairs_failed": counts["failed"],
+                             "pairs_pending": counts["pending"]})
+        zarr.consolidate_metadata(g.store)
+    log.info("finalized %s: %d ok, %d failed, %d pending", url, counts["ok"], counts["failed"], counts["pending"])
+
+
+# ----------------------------------------------------------------------------------------------- verify
+@dataclass
+class VerifyReport:
+    url: str
+    n_pairs: int = 0
+    checked: int = 0  # pairs with a marker whose data was checked
+    torn: list[tuple[int, str]] = field(default_factory=list)
+    missing: list[int] = field(default_factory=list)  # no completion marker: not written (yet)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.torn and not self.missing
+
+    def describe(self) -> str:
+        lines = [f"store {self.url}: {self.n_pairs} pairs, {self.checked} checked, {len(self.torn)} torn, "
+                 f"{len(self.missing)} missing -> {'OK' if self.ok else 'NOT OK'}"]
+        for i, reason in self.torn:
+            lines.append(f"  torn pair {i}: {reason}")
+        if self.missing:
+            shown = ", ".join(str(i) for i in self.missing[:20]) + (" ..." if len(self.missing) > 20 else "")
+            lines.append(f"  missing (no completion marker; a re-run writes them): {shown}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def verify_store(url: str, storage_options: dict | None = None) -> VerifyReport:
+    """Recompute every pair's checksums from the stored bytes (decoded by zarr) against its marker."""
+    import zarr
+
+    attrs = _root_attrs(url, storage_options)
+    n = int(attrs["n_pairs"])
+    report = VerifyReport(url=url, n_pairs=n)
+    markers, bad = _read_markers(url, storage_options)
+    for name, reason in bad:
+        try:
+            report.torn.append((int(name.split(".")[0]), reason))
+        except ValueError:
+            report.notes.append(f"{name}: {reason}")
+    bad_idx = {i for i, _ in report.torn}
+    sizes = _object_sizes(url, storage_options)
+    with _quiet():
+        g = zarr.open_group(zarr_store(url, storage_options, read_only=True), mode="r", use_consolidated=False)
+        arrays = {name: g[name] for name in PAIR_VARS}
+        pair_ids = [str(v) for v in g["pair"][:]] if n else []
+        status = [str(v) for v in g["status"][:]] if n else []
+    keys = {name: (lambda i, a=a, name=name: f"{name}/" + a.metadata.encode_chunk_key((i,) + (0,) * (a.ndim - 1)))
+            for name, a in arrays.items()}
+    unfinalized = 0
+    for i in range(n):
+        if i in bad_idx:
+            continue
+        m = markers.get(i)
+        if m is None:
+            if status[i] != STATUS_PENDING:
+                report.torn.append((i, f"status says {status[i]!r} but the pair has no completion marker"))
+            else:
+                report.missing.append(i)
+            continue
+        report.checked += 1
+        if m.get("fingerprint") != attrs["fingerprint"]:
+            report.torn.append((i, "completion marker belongs to a different store"))
+            continue
+        if m.get("pair_id") != pair_ids[i]:
+            report.torn.append((i, f"marker names pair {m.get('pair_id')}, the store has {pair_ids[i]}"))
+            continue
+        if status[i] == STATUS_PENDING:
+            unfinalized += 1
+        elif status[i] != m.get("status"):
+            report.torn.append((i, f"status variable {status[i]!r} disagrees with the marker {m.get('status')!r}"))
+            continue
+        if m.get("status") != "ok":
+            leftover = [name for name in PAIR_VARS if keys[name](i) in sizes]
+            if leftover:
+                report.torn.append((i, f"failed pair still holds data in {', '.join(leftover)}"))
+            continue
+        problems = []
+        for name in PAIR_VARS:
+            if keys[name](i) not in sizes:
+                problems.append(f"{name}: object missing")
+                continue
+            try:
+                data = np.asarray(arrays[name][i])
+            except Exception as exc:  # undecodable bytes are exactly what verify looks for
+                problems.append(f"{name}: cannot decode ({type(exc).__name__}: {str(exc)[:80]})")
+                continue
+            if _sha256(data) != m.get("checksum", {}).get(name):
+                problems.append(f"{name}: checksum mismatch")
+        if problems:
+            report.torn.append((i, "; ".join(problems)))
+    report.torn.sort()
+    if unfinalized:
+        report.notes.append(f"{unfinalized} completed pairs are not finalized yet (status 'pending' in the store)")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------- inspect
+def _display_flips(direction: Sequence[float]) -> tuple[bool, bool]:
+    """Flip rows so anterior is up, columns so the patient's left is on the image's right (radiological)."""
+    d = np.asarray(direction, float).reshape(3, 3)
+    # column j of the direction matrix: physical direction of index axis j (x=0, y=1)
+    flip_cols = d[0, 0] < 0 if abs(d[0, 0]) >= abs(d[1, 0]) else d[1, 0] < 0
+    flip_rows = d[1, 1] > 0 if abs(d[1, 1]) >= abs(d[0, 1]) else d[0, 1] > 0
+    return bool(flip_rows), bool(flip_cols)
+
+
+def inspect_store(url: str, png: str | None = None, storage_options: dict | None = None) -> str:
+    """A human summary of a store: pairs, splits, usable slices, failures by reason, QA distribution."""
+    import zarr
+
+    attrs = _root_attrs(url, storage_options)
+    n = int(attrs["n_pairs"])
+    with _quiet():
+        g = zarr.open_group(zarr_store(url, storage_options, read_only=True), mode="r")
+        status = np.array([str(v) for v in g["status"][:]]) if n else np.array([], str)
+        split = np.array([str(v) for v in g["split"][:]]) if n else np.array([], str)
+        patient = np.array([str(v) for v in g["patient"][:]]) if n else np.array([], str)
+        slice_ok = np.asarray(g["slice_ok"][:]) if n else np.zeros((0, 0), bool)
+        qa = {k: np.asarray(g[k][:]) for k in QA_KEYS} if n else {}
+    markers, _ = _read_markers(url, storage_options)
+    ok = status == "ok"
+    grid = attrs["grid"]
+    lines = [
+        f"store {url}",
+        f"  format {attrs.get('mrict_dask_store')}, written by mrict-dask {attrs.get('mrict_dask_version')}",
+        f"  template {attrs['template']['name']} (sha256 {attrs['template']['sha256'][:16]}...)",
+        f"  grid {'x'.join(map(str, grid['size']))} voxels (x, y, z), spacing {grid['spacing']} mm, "
+        f"origin {grid['origin']}",
+        f"pairs: {n} (ok {int(ok.sum())}, failed {int(sum(s.startswith('failed') for s in status))}, "
+        f"pending {int((status == STATUS_PENDING).sum())})",
+    ]
+    pending_done = sum(1 for i, s in enumerate(status) if s == STATUS_PENDING and i in markers)
+    if pending_done:
+        lines.append(f"  note: {pending_done} pairs are written but not finalized (re-run to finalize)")
+    lines.append(f"  {'split':<8}{'pairs':>7}{'ok':>6}{'patients':>10}{'usable slices':>15}")
+    for s in ("train", "val", "test") + tuple(sorted(set(split) - {"train", "val", "test"})):
+        sel = split == s
+        if not sel.any() and s not in ("train", "val", "test"):
+            continue
+        usable = int(slice_ok[sel & ok].sum()) if n else 0
+        lines.append(f"  {s:<8}{int(sel.sum()):>7}{int((sel & ok).sum()):>6}{len(set(patient[sel])):>10}{usable:>15}")
+    failures = Counter(s[len("failed:"):].strip() for s in status if s.startswith("failed"))
+    if failures:
+        lines.append("failures by reason:")
+        lines += [f"  {c:>4}  {reason}" for reason, c in failures.most_common()]
+    if ok.any():
+        lines.append(f"QA over {int(ok.sum())} ok pairs: {'metric':<16}{'min':>10}{'median':>10}{'max':>10}")
+        for k in QA_KEYS:
+            v = qa[k][ok]
+            v = v[np.isfinite(v)]
+            if v.size:
+                lines.append(f"  {k:<16}{v.min():>10.4g}{np.median(v):>10.4g}{v.max():>10.4g}")
+            else:
+                lines.append(f"  {k:<16}{'n/a':>10}")
+    if png:
+        shown = _montage(url, png, ok, slice_ok, split, grid, storage_options)
+        lines.append(f"montage of {shown} random slice pairs written to {png}" if shown
+                     else "no usable slices: no montage written")
+    return "\n".join(lines)
+
+
+def _montage(url, png, ok, slice_ok, split, grid, storage_options, n_show: int = 6, seed: int = 0) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import zarr
+
+    cand = np.argwhere(slice_ok & ok[:, None]) if slice_ok.size else np.zeros((0, 2), int)
+    if not len(cand):
+        return 0
+    rng = np.random.default_rng(seed)
+    pick = cand[rng.choice(len(cand), size=min(n_show, len(cand)), replace=False)]
+    flip_rows, flip_cols = _display_flips(grid["direction"])
+    with _quiet():
+        g = zarr.open_group(zarr_store(url, storage_options, read_only=True), mode="r")
+        mr, ct = g["mr"], g["ct"]
+        ct_lo, ct_hi = np.asarray(g["ct_lo"][:]), np.asarray(g["ct_hi"][:])
+        fig, axes = plt.subplots(len(pick), 2, figsize=(5, 2.5 * len(pick)), squeeze=False)
+        for row, (p, z) in enumerate(pick):
+            lo, hi = float(ct_lo[p]), float(ct_hi[p])
+            # CT shown in a brain window (HU -100..200) when its clip bounds are known
+            ct_range = ((-100 - lo) / (hi - lo), (200 - lo) / (hi - lo)) if np.isfinite(lo + hi) and hi > lo else (0, 1)
+            for col, (name, a) in enumerate((("MR", mr), ("CT", ct))):
+                img = np.asarray(a[int(p), int(z)])
+                img = img[::-1] if flip_rows else img
+                img = img[:, ::-1] if flip_cols else img
+                ax = axes[row, col]
+                vmin, vmax = (0, 1) if name == "MR" else ct_range
+                ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+                ax.set_title(f"{name} pair {int(p)} ({split[int(p)]}) z={int(z)}", fontsize=8)
+                ax.axis("off")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80)
+        plt.close(fig)
+    write_bytes(png, buf.getvalue())
+    return len(pick)
