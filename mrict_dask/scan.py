@@ -439,17 +439,18 @@ def _fill_functional_groups(row: dict, ds: Any) -> None:
         per = [_floats(_fg_value(f, seq_tag, tag), n) for f in frames]
         return per[0] if per[0] is not None and all(p == per[0] for p in per) else None
 
+    # The functional groups are authoritative in enhanced objects: they win over any top-level value.
     orientation = shared_or_common(0x00209116, 0x00200037, 6)
-    if orientation is not None and row["image_orientation"] is None:
+    if orientation is not None:
         row["image_orientation"] = orientation
     for col, tag, n in (("pixel_spacing", 0x00280030, 2), ("slice_thickness", 0x00180050, None),
                         ("spacing_between_slices", 0x00180088, None)):
         v = shared_or_common(0x00289110, tag, n)
-        if v is not None and row[col] is None:
+        if v is not None:
             row[col] = v if n else v[0]
     for col, tag in (("rescale_slope", 0x00281053), ("rescale_intercept", 0x00281052)):
         v = shared_or_common(0x00289145, tag, None)
-        if v is not None and row[col] is None:
+        if v is not None:
             row[col] = v[0]
     if row["rescale_type"] is None:
         for item in [shared, *frames[:1]]:
@@ -570,6 +571,14 @@ def _parse(url: str, buf: bytes, size: int) -> dict | int:
     if len(buf) < 132 and not complete:
         return 132
     has_dicm = buf[128:132] == b"DICM"
+    if has_dicm and buf[132:134] not in (b"\x02\x00", b"\x00\x02"):
+        # DICM but no file meta group: accept only a plausible data set right after the prefix
+        looks = _looks_like_dataset(buf[132:], size - 132)
+        if looks is None:
+            return min(size, 2 * len(buf))
+        if not looks:
+            row["read_error"] = "not DICOM: DICM prefix without file meta or a valid dataset"
+            return row
     if not has_dicm:
         looks = _looks_like_dataset(buf, size)
         if looks is None:
@@ -764,7 +773,8 @@ def _read_many(items: list[tuple[str, int]], reader: _Reader) -> list[dict]:
                 res["bytes_read"] = len(buf)
                 rows[i] = res
                 continue
-            more = min(size, max(int(res), 2 * len(buf)))
+            # what the parse needs, plus a margin that grows with the header (few rounds, little overshoot)
+            more = min(size, int(res) + max(reader.head, len(buf) // 2))
             if more <= len(buf):  # cannot happen for a consistent parse; refuse rather than loop
                 rows[i] = _empty_row(url, items[i][1])
                 rows[i]["read_error"] = "unreadable: header parse did not converge"
@@ -840,7 +850,10 @@ def catalog_frame(rows: list[dict]):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
     for col in _BOOL_COLS:
         df[col] = df[col].fillna(False).astype(bool)
-    df["read_error"] = df["read_error"].fillna("").astype(object)
+    for col in CATALOG_COLUMNS:
+        if col not in _INT_COLS and col not in _FLOAT_COLS and col not in _BOOL_COLS:
+            df[col] = df[col].astype(object).where(df[col].notna(), None)
+    df["read_error"] = df["read_error"].map(lambda v: v or "")
     df = df.sort_values("url", kind="stable").reset_index(drop=True)
     df.attrs["bytes_read"] = bytes_read
     return df
