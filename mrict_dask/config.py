@@ -31,11 +31,12 @@ class PlanConfig:
 class RegistrationConfig:
     mr_bins: int = 50
     ct_bins: int = 50
-    sampling_fraction: float = 0.02
-    shrink_factors: tuple[int, ...] = (4, 2, 1)
-    smoothing_sigmas_mm: tuple[float, ...] = (2.0, 1.0, 0.0)
-    iterations: int = 200
-    learning_rate: float = 1.0
+    working_spacing_mm: float = 2.0  # isotropic grid both registrations run on
+    sampling_fraction: float = 0.05  # of the fixed-mask voxels on the working grid; same count every level
+    shrink_factors: tuple[int, ...] = (4, 2, 1)  # of the working grid
+    smoothing_sigmas_mm: tuple[float, ...] = (4.0, 2.0, 1.0)
+    iterations: int = 200  # per level
+    learning_rate: float = 2.0  # regular-step gradient descent: first step, ~mm (scales from physical shift)
     seed: int = 20240521
     threads: int = 1  # ITK threads per task; the Dask worker's threads are the parallelism
     min_brain_overlap: float = 0.80  # Dice of template brain mask vs MR head-derived check
