@@ -120,15 +120,24 @@ class Stack:
 
 
 def series_label(description: Any, number: Any) -> str:
-    desc = str(description).strip() if description not in (None, "") and not _isnan(description) else "(no description)"
-    num = "?" if number is None or _isnan(number) else str(int(float(number))) if _isnum(number) else str(number)
+    desc = _s(description) or "(no description)"
+    num = "?" if _isnan(number) or _s(number) == "" else str(int(float(number))) if _isnum(number) else _s(number)
     return f"series '{desc}' #{num}"
 
 
 def _isnan(v: Any) -> bool:
+    """True for None and the missing-value markers pandas/Parquet give (NaN, pd.NA, NaT)."""
+    if v is None:
+        return True
+    if isinstance(v, float):
+        return v != v
+    if isinstance(v, (str, bytes, int, list, tuple, np.ndarray)):
+        return False
     try:
-        return isinstance(v, float) and math.isnan(v)
-    except Exception:
+        import pandas as pd
+
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
         return False
 
 
@@ -233,7 +242,7 @@ def stack_geometry(positions: np.ndarray, iop: Sequence[float], pixel_spacing: S
 
 # ------------------------------------------------------------------------------------------- catalog side
 def _s(v: Any) -> str:
-    if v is None or _isnan(v):
+    if _isnan(v):
         return ""
     return str(v).strip()
 
@@ -249,13 +258,16 @@ def _f(v: Any) -> float | None:
 
 
 def _vec(v: Any, n: int) -> np.ndarray | None:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    """``v`` as n finite floats, or None (missing, wrong length, not numbers)."""
+    if v is None or isinstance(v, (str, bytes, float, int)):
         return None
     try:
-        a = np.asarray(list(v), dtype=float).reshape(-1)
+        vals = [float(x) for x in v]
     except (TypeError, ValueError):
         return None
-    return a if a.size == n and np.all(np.isfinite(a)) else None
+    if len(vals) != n or not all(math.isfinite(x) for x in vals):
+        return None
+    return np.array(vals)
 
 
 def _image_type_tokens(v: Any) -> list[str]:
@@ -303,171 +315,201 @@ def _orientation_clusters(iops: list[np.ndarray | None]) -> list[int]:
     return out
 
 
-def _stack_info(rows: Any) -> dict[str, Any]:
-    first = rows.iloc[0]
-
-    def col(name: str) -> Any:
-        return first[name] if name in rows.columns else None
+def _stack_info(rows: list[dict]) -> dict[str, Any]:
+    first = rows[0]
 
     def most_common(name: str) -> Any:
-        if name not in rows.columns:
-            return None
-        vals = [x for x in rows[name].tolist() if x is not None and not _isnan(x)]
-        return Counter(map(str, vals)).most_common(1)[0][0] if vals else None
+        vals = [_s(r.get(name)) for r in rows if _s(r.get(name))]
+        return Counter(vals).most_common(1)[0][0] if vals else None
 
+    iop = _vec(first.get("image_orientation"), 6)
     return {
-        "patient_id": _s(col("patient_id")),
-        "study_uid": _s(col("study_uid")),
-        "modality": _s(col("modality")).upper(),
-        "description": _s(col("series_description")),
-        "series_number": _f(col("series_number")),
+        "patient_id": _s(first.get("patient_id")),
+        "study_uid": _s(first.get("study_uid")),
+        "modality": _s(first.get("modality")).upper(),
+        "description": _s(first.get("series_description")),
+        "series_number": _f(first.get("series_number")),
         "image_type": most_common("image_type") or "",
-        "study_date": _s(col("study_date")),
-        "series_date": _s(col("series_date")),
-        "slice_thickness": _f(col("slice_thickness")),
-        "convolution_kernel": _s(most_common("convolution_kernel")),
-        "body_part": _s(col("body_part")),
-        "echo_time": _f(col("echo_time")),
-        "repetition_time": _f(col("repetition_time")),
-        "inversion_time": _f(col("inversion_time")),
-        "scanning_sequence": _s(col("scanning_sequence")),
-        "sequence_variant": _s(col("sequence_variant")),
-        "sequence_name": _s(col("sequence_name")),
-        "mr_acquisition_type": _s(col("mr_acquisition_type")),
-        "contrast_agent": _s(col("contrast_agent")),
-        "n_files": int(len(rows)),
+        "study_date": _s(first.get("study_date")),
+        "series_date": _s(first.get("series_date")),
+        "slice_thickness": _f(first.get("slice_thickness")),
+        "convolution_kernel": most_common("convolution_kernel") or "",
+        "body_part": _s(first.get("body_part")),
+        "echo_time": _f(first.get("echo_time")),
+        "repetition_time": _f(first.get("repetition_time")),
+        "inversion_time": _f(first.get("inversion_time")),
+        "scanning_sequence": _s(first.get("scanning_sequence")),
+        "sequence_variant": _s(first.get("sequence_variant")),
+        "sequence_name": _s(first.get("sequence_name")),
+        "mr_acquisition_type": _s(first.get("mr_acquisition_type")),
+        "contrast_agent": _s(first.get("contrast_agent")),
+        "n_files": len(rows),
+        "image_orientation": None if iop is None else [float(x) for x in iop],
+        "rows": _f(first.get("rows")),
+        "columns": _f(first.get("columns")),
     }
 
 
-def _group_key(row: Any) -> tuple:
-    def g(name: str) -> Any:
-        return row[name] if name in row.index else None
-
-    ps = _vec(g("pixel_spacing"), 2)
-    et = _f(g("echo_time"))
+def _group_key(row: dict) -> tuple:
+    ps = _vec(row.get("pixel_spacing"), 2)
+    et = _f(row.get("echo_time"))
     return (
-        int(_f(g("rows")) or 0), int(_f(g("columns")) or 0),
-        tuple(np.round(ps, 4)) if ps is not None else None,
-        _s(g("echo_numbers")), None if et is None else round(et, 2),
-        _s(g("image_type")).upper(),
+        int(_f(row.get("rows")) or 0), int(_f(row.get("columns")) or 0),
+        (round(float(ps[0]), 4), round(float(ps[1]), 4)) if ps is not None else None,
+        _s(row.get("echo_numbers")), None if et is None else round(et, 2),
+        _s(row.get("image_type")).upper(),
     )
+
+
+def _records(rows: Any) -> list[dict]:
+    if isinstance(rows, list):
+        return [dict(r) for r in rows]
+    return rows.to_dict("records")
+
+
+def _frames(r: dict) -> int:
+    return int(_f(r.get("number_of_frames")) or 1)
 
 
 def stacks_from_catalog(rows: Any, config: PlanConfig | None = None) -> list[Stack]:
     """Split one series' catalog rows into geometric stacks, each usable (with geometry) or refused (with reason).
 
+    ``rows``: a DataFrame (or list of dicts) with the scan's columns, all of one SeriesInstanceUID.
     Splits by orientation, matrix size/pixel spacing, echo and image type; by acquisition only when that
     resolves repeated positions (CT acquisitions often split one contiguous stack, which stays whole). Drops
-    localizers, scouts, derived/secondary and non-image objects with reasons. Files with a read error are
-    left out here (the plan reports them); two files of one SOP instance count once.
+    localizers, scouts, derived/secondary and non-image objects with reasons. Two files of one SOP instance
+    count once. A file with a read error is never used, and a stack it may belong to is refused rather than
+    assembled around the hole.
     """
-    import pandas as pd
-
     config = config or PlanConfig()
-    if len(rows) == 0:
+    recs = [r for r in _records(rows) if not (not _isnan(r.get("is_dicomdir")) and bool(r.get("is_dicomdir")))]
+    if not recs:
         return []
-    rows = rows.copy()
-    series_uid = _s(rows["series_uid"].iloc[0]) if "series_uid" in rows.columns else ""
-    if "read_error" in rows.columns:
-        rows = rows[rows["read_error"].map(lambda x: not _s(x))]
-    if "is_dicomdir" in rows.columns:
-        rows = rows[~rows["is_dicomdir"].fillna(False).astype(bool)]
-    if len(rows) == 0:
-        return []
-    rows = rows.sort_values("url", kind="stable").reset_index(drop=True)
+    series_uid = _s(recs[0].get("series_uid"))
+    problems = [file_problem(r) for r in recs]
+    bad = [(r, p) for r, p in zip(recs, problems) if p]
+    recs = sorted((r for r, p in zip(recs, problems) if not p), key=lambda r: str(r.get("url")))
     out: list[Stack] = []
 
-    def new_stack(sub: pd.DataFrame, suffix: str, refused: str | None = None,
-                  notes: list[str] | None = None) -> Stack:
-        info = _stack_info(sub)
-        return Stack(key=series_uid + suffix, series_uid=series_uid, urls=tuple(sub["url"].tolist()),
-                     refused=refused, notes=list(notes or []), info=info)
+    def new_stack(sub: list[dict], suffix: str, refused: str | None = None, notes: list[str] | None = None) -> Stack:
+        return Stack(key=series_uid + suffix, series_uid=series_uid, urls=tuple(str(r["url"]) for r in sub),
+                     refused=refused, notes=list(notes or []), info=_stack_info(sub))
 
     # kinds of instance that never enter a volume
-    reasons = [non_volume_reason(r.get("image_type"), r.get("sop_class_uid"), r.get("rows"))
-               for _, r in rows.iterrows()]
-    rows["_why"] = reasons
-    for why, sub in rows[rows["_why"].notna()].groupby("_why", sort=True):
-        out.append(new_stack(sub, "", refused=why))
-    rows = rows[rows["_why"].isna()]
+    kept: list[dict] = []
+    never: dict[str, list[dict]] = {}
+    for r in recs:
+        why = non_volume_reason(r.get("image_type"), r.get("sop_class_uid"), r.get("rows"))
+        if why:
+            never.setdefault(why, []).append(r)
+        else:
+            kept.append(r)
+    for why in sorted(never):
+        out.append(new_stack(never[why], "", refused=why))
 
-    groups: list[tuple[str, pd.DataFrame]] = []
-    if len(rows):
-        multi = rows["number_of_frames"].map(lambda x: (_f(x) or 1) > 1) if "number_of_frames" in rows else \
-            pd.Series(False, index=rows.index)
-        for i, (_, r) in enumerate(rows[multi].iterrows()):
-            groups.append(("multi-frame object", rows.loc[[r.name]]))
-        single = rows[~multi].copy()
-        if len(single):
-            iops = [_vec(x, 6) for x in single["image_orientation"]] if "image_orientation" in single else \
-                [None] * len(single)
-            single["_orient"] = _orientation_clusters(iops)
-            single["_gkey"] = [repr((o, _group_key(r))) for o, (_, r) in zip(single["_orient"], single.iterrows())]
-            parts = list(single.groupby("_gkey", sort=False))
-            n_orient = single["_orient"].nunique()
-            for gkey, sub in parts:
-                label = []
-                if n_orient > 1:
-                    label.append(f"orientation {int(sub['_orient'].iloc[0]) + 1} of {n_orient}")
-                if len(parts) > n_orient:
-                    label.append("echo/image type/matrix group")
-                groups.append((", ".join(label), sub))
+    groups: list[tuple[str, list[dict]]] = []
+    for r in kept:
+        if _frames(r) > 1:
+            groups.append(("multi-frame object", [r]))
+    single = [r for r in kept if _frames(r) <= 1]
+    if single:
+        orient = _orientation_clusters([_vec(r.get("image_orientation"), 6) for r in single])
+        parts: dict[tuple, list[dict]] = {}
+        for o, r in zip(orient, single):
+            parts.setdefault((o, _group_key(r)), []).append(r)
+        n_orient = len(set(orient))
+        for (o, _), sub in parts.items():
+            label = []
+            if n_orient > 1:
+                label.append(f"orientation {o + 1} of {n_orient}" if o >= 0 else "no orientation")
+            if len(parts) > n_orient:
+                label.append("echo/image type/matrix group")
+            groups.append((", ".join(label), sub))
 
     # dedupe, split by acquisition when positions repeat, then geometry
-    final: list[tuple[str, pd.DataFrame, list[str], str | None]] = []
+    final: list[tuple[list[dict], list[str], str | None]] = []
     for label, sub in groups:
         notes = [label] if label else []
-        if "sop_instance_uid" in sub.columns:
-            dup = sub["sop_instance_uid"].map(_s).duplicated() & sub["sop_instance_uid"].map(bool)
-            if dup.any():
-                notes.append(f"{int(dup.sum())} duplicate file(s) of one instance ignored")
-                sub = sub[~dup]
-        if len(sub) == 1 and (_f(sub["number_of_frames"].iloc[0]) or 1) > 1 if "number_of_frames" in sub else False:
-            final.append((label, sub, notes, None))
+        seen: set[str] = set()
+        dedup = []
+        for r in sub:
+            sop = _s(r.get("sop_instance_uid"))
+            if sop and sop in seen:
+                continue
+            seen.add(sop)
+            dedup.append(r)
+        if len(dedup) < len(sub):
+            notes.append(f"{len(sub) - len(dedup)} duplicate file(s) of one instance ignored")
+        sub = dedup
+        if len(sub) == 1 and _frames(sub[0]) > 1:
+            final.append((sub, notes, None))
             continue
-        pos = [_vec(x, 3) for x in sub["image_position"]] if "image_position" in sub else [None] * len(sub)
+        pos = [_vec(r.get("image_position"), 3) for r in sub]
         if any(p is None for p in pos):
-            final.append((label, sub, notes, "missing ImagePositionPatient"))
+            final.append((sub, notes, "missing ImagePositionPatient"))
             continue
-        iop = _vec(sub["image_orientation"].iloc[0], 6) if "image_orientation" in sub else None
         try:
+            iop = _vec(sub[0].get("image_orientation"), 6)
             _, _, nrm = _unit_axes(iop if iop is not None else [np.nan] * 6)
         except _Refusal as err:
-            final.append((label, sub, notes, str(err)))
+            final.append((sub, notes, str(err)))
             continue
         t = np.asarray(pos) @ nrm
-        repeated = _has_repeats(t)
-        if repeated and "acquisition_number" in sub.columns:
-            acq = sub["acquisition_number"].map(lambda x: _s(x))
-            subs = [(a, sub[acq == a]) for a in sorted(acq.unique(), key=_num_key)]
-            if len(subs) > 1 and not any(_has_repeats(t[(acq == a).to_numpy()]) for a, _ in subs):
-                for a, s2 in subs:
-                    final.append((", ".join(filter(None, [label, f"acquisition {a}"])), s2,
-                                  notes + [f"acquisition {a}"], None))
+        if _has_repeats(t):
+            acq = [_s(r.get("acquisition_number")) for r in sub]
+            values = sorted(set(acq), key=_num_key)
+            if len(values) > 1 and not any(_has_repeats(t[[a == v for a in acq]]) for v in values):
+                for v in values:
+                    final.append(([r for r, a in zip(sub, acq) if a == v], notes + [f"acquisition {v}"], None))
                 continue
-        if repeated:
             k = int(len(t) - len(_unique_positions(t)))
-            final.append((label, sub, notes, f"duplicate slice positions: {k} image(s) at an already occupied "
-                                             "position with a different instance"))
+            final.append((sub, notes, f"duplicate slice positions: {k} image(s) at an already occupied position "
+                                      "with a different instance"))
             continue
-        final.append((label, sub, notes, None))
+        final.append((sub, notes, None))
 
     multi_stack = len(final) > 1
-    for i, (label, sub, notes, refused) in enumerate(final):
+    for i, (sub, notes, refused) in enumerate(final):
         suffix = f"#{i + 1}" if multi_stack else ""
-        if refused:
-            out.append(new_stack(sub, suffix, refused=refused, notes=notes))
-            continue
-        st = new_stack(sub, suffix, notes=notes)
-        try:
-            st.geometry, order = _catalog_geometry(sub, config)
-            st.urls = tuple(sub["url"].iloc[order].tolist()) if len(sub) > 1 else st.urls
-            if st.geometry.tilt_deg:
-                st.notes.append(f"gantry tilt {st.geometry.tilt_deg:.1f} degrees: resampled onto an orthogonal grid")
-        except _Refusal as err:
-            st.refused = str(err)
+        st = new_stack(sub, suffix, refused=refused, notes=notes)
+        if not refused:
+            try:
+                st.geometry, order = _catalog_geometry(sub, config)
+                st.urls = tuple(st.urls[j] for j in order)
+                if st.geometry.tilt_deg:
+                    st.notes.append(f"gantry tilt {st.geometry.tilt_deg:.1f} degrees: resampled onto an "
+                                    "orthogonal grid")
+            except _Refusal as err:
+                st.refused = str(err)
         out.append(st)
+
+    # a file of the series that cannot be read may be a slice of a stack: never assemble around the hole
+    good_sops = {_s(r.get("sop_instance_uid")) for r in recs} - {""}
+    for b, problem in bad:
+        if _s(b.get("sop_instance_uid")) in good_sops:
+            continue
+        b_iop, b_rows, b_cols = _vec(b.get("image_orientation"), 6), _f(b.get("rows")), _f(b.get("columns"))
+        for st in out:
+            if not st.usable:
+                continue
+            s_iop = st.info.get("image_orientation")
+            if b_iop is not None and s_iop is not None and np.max(np.abs(b_iop - np.asarray(s_iop))) > ORIENTATION_TOL:
+                continue
+            if b_rows and b_cols and (b_rows, b_cols) != (st.info.get("rows"), st.info.get("columns")):
+                continue
+            st.refused = f"a file of this stack is unreadable ({problem})"
     return out
+
+
+def file_problem(row: Any) -> str:
+    """Why a catalog row cannot be used as an image file ('' when it can): its read error, or missing pixels."""
+    err = _s(row.get("read_error"))
+    if err:
+        return err
+    ok = row.get("pixel_data_ok")
+    if ok is not None and not _isnan(ok) and not bool(ok) and (_f(row.get("rows")) or 0) > 0:
+        return "pixel data missing or truncated"
+    return ""
 
 
 def _num_key(x: str) -> tuple:
@@ -489,28 +531,30 @@ def _has_repeats(t: np.ndarray) -> bool:
     return len(_unique_positions(t)) < len(t)
 
 
-def _catalog_geometry(sub: Any, config: PlanConfig) -> tuple[Geometry, np.ndarray]:
-    r0 = sub.iloc[0]
+def _catalog_geometry(sub: list[dict], config: PlanConfig) -> tuple[Geometry, np.ndarray]:
+    r0 = sub[0]
     iop = _vec(r0.get("image_orientation"), 6)
     ps = _vec(r0.get("pixel_spacing"), 2)
     if iop is None:
         raise _Refusal("missing ImageOrientationPatient")
     if ps is None:
         raise _Refusal("missing PixelSpacing")
-    nf = int(_f(r0.get("number_of_frames")) or 1)
+    rows, cols = int(_f(r0.get("rows")) or 0), int(_f(r0.get("columns")) or 0)
+    nf = _frames(r0)
     if len(sub) == 1 and nf > 1:
         fp = r0.get("frame_positions")
-        if fp is None or (isinstance(fp, float) and math.isnan(fp)) or len(fp) != nf:
+        try:
+            pos = np.asarray([list(p) for p in fp], dtype=float).reshape(-1, 3)
+        except (TypeError, ValueError):
+            raise _Refusal("multi-frame object without per-frame positions") from None
+        if len(pos) != nf:
             raise _Refusal("multi-frame object without per-frame positions")
-        pos = np.asarray([list(p) for p in fp], dtype=float)
         if _has_repeats(pos @ _unit_axes(iop)[2]):
             raise _Refusal("multi-frame object holds several frames at one position (more than one volume)")
-        geom, _ = stack_geometry(pos, iop, ps, int(r0["rows"]), int(r0["columns"]), config.gap_tolerance,
-                                 config.allow_gantry_tilt)
+        geom, _ = stack_geometry(pos, iop, ps, rows, cols, config.gap_tolerance, config.allow_gantry_tilt)
         return geom, np.zeros(1, dtype=int)
-    pos = np.asarray([_vec(p, 3) for p in sub["image_position"]], dtype=float)
-    return stack_geometry(pos, iop, ps, int(r0["rows"]), int(r0["columns"]), config.gap_tolerance,
-                          config.allow_gantry_tilt)
+    pos = np.asarray([_vec(r.get("image_position"), 3) for r in sub], dtype=float)
+    return stack_geometry(pos, iop, ps, rows, cols, config.gap_tolerance, config.allow_gantry_tilt)
 
 
 # ------------------------------------------------------------------------------------------- pixel side

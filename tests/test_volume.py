@@ -561,13 +561,23 @@ def test_catalog_duplicates_without_acquisition_refused_and_same_instance_dedupl
     assert any("duplicate file" in n for n in stacks[0].notes)
 
 
-def test_catalog_gap_refused_with_reason_and_read_errors_left_out(tmp_path):
+def test_catalog_gap_refused_with_reason(tmp_path):
     w = write_series(tmp_path / "s", steps=[2.0, 2.0, 4.0, 2.0])
-    cat = header_catalog(w.files)
-    stacks = stacks_from_catalog(cat, PlanConfig())
+    stacks = stacks_from_catalog(header_catalog(w.files), PlanConfig())
     assert len(stacks) == 1 and stacks[0].refused.startswith("missing slice")
-    cat.loc[0, "read_error"] = "truncated"
-    assert w.files[0] not in stacks_from_catalog(cat, PlanConfig())[0].urls
+
+
+def test_catalog_unreadable_file_of_a_stack_refuses_that_stack_only(tmp_path):
+    uid = generate_uid()
+    w = write_series(tmp_path / "s", n=5, series_uid=uid)
+    rot = rotation(0, 90, 0)
+    other = write_series(tmp_path / "s", n=3, series_uid=uid, iop=np.concatenate([rot[:, 0], rot[:, 1]]), seed=5)
+    cat = header_catalog(w.files + other.files)
+    # the top slice is cut short: without it the stack would look complete, one slice shorter
+    cat.loc[cat["url"] == w.files[-1], "read_error"] = "truncated: pixel data has 10 of 336 bytes"
+    stacks = {len(s.urls): s for s in stacks_from_catalog(cat, PlanConfig())}
+    assert stacks[4].refused == "a file of this stack is unreadable (truncated: pixel data has 10 of 336 bytes)"
+    assert stacks[3].usable
 
 
 # --------------------------------------------------------------------------------------------- real files vs dcm2niix
