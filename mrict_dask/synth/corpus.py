@@ -1,0 +1,772 @@
+"""Plan patients, render their series, write DICOM + a ground-truth manifest; and the in-memory variant.
+
+One code path: ``generate_corpus`` and ``simulate_patient`` both go through ``plan_patient`` (identities, dates,
+poses, grids) and ``render_series`` (voxels). Every random choice comes from a generator seeded by
+(corpus seed, patient index, purpose), so quirk switches never change the other files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import ConfigError
+from ..template import Template, load_template
+from . import dicom_writer as dw
+from .anatomy import (
+    AIR,
+    Geometry,
+    PatientAnatomy,
+    TissueModel,
+    affine_about,
+    bias_field,
+    make_patient,
+    render,
+    rician,
+    rotation_matrix,
+    tissue_model,
+)
+
+log = logging.getLogger(__name__)
+
+GENERATOR_VERSION = "1"
+QUIRKS: tuple[str, ...] = ("missing_slice", "duplicate_instance", "truncated_file", "non_dicom_file",
+                           "gantry_tilt", "compressed", "shuffled_instance_numbers", "multiframe_mr")
+SCENARIOS = ("pair", "two_ct", "too_far", "mr_only", "two_mr", "ct_only", "pair_edge")
+LAYOUTS = ("tcia", "flat")
+MAX_DAYS = 183
+CT_INTERCEPT = -1024.0
+CT_PADDING_STORED = -2000  # stored value outside the reconstruction circle (HU -3024)
+
+
+def parse_quirks(text: str) -> tuple[str, ...]:
+    """"" -> (), "all" -> every quirk, "a,b" -> those (validated, in QUIRKS order)."""
+    text = (text or "").strip()
+    if not text:
+        return ()
+    if text.lower() == "all":
+        return QUIRKS
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in QUIRKS]
+    if unknown:
+        raise ConfigError(f"unknown quirk(s) {', '.join(unknown)}; choose from {', '.join(QUIRKS)} or 'all'")
+    return tuple(q for q in QUIRKS if q in names)
+
+
+# ------------------------------------------------------------------------------------------------ protocols
+MR_PROTOCOLS: dict[str, dict[str, Any]] = {
+    "localizer": dict(number=1, description="3-PLANE LOC", image_type=["ORIGINAL", "PRIMARY", "LOCALIZER"],
+                      scanning_sequence="GR", sequence_variant="SS", acquisition_type="2D", tr=6.1, te=1.6,
+                      flip=30, sequence_name="fgre", fov=280.0, matrix=256, thickness=8.0),
+    "t2": dict(number=3, description="AX T2 FSE", image_type=["ORIGINAL", "PRIMARY", "OTHER"],
+               scanning_sequence="SE", sequence_variant=["SK", "OSP"], scan_options="FAST_GEMS",
+               acquisition_type="2D", tr=4200.0, te=102.0, etl=16, flip=90, sequence_name="fse-xl",
+               fov=240.0, matrix=256, thickness=5.0, step=6.0, instances="desc"),
+    "flair": dict(number=4, description="AX FLAIR", image_type=["ORIGINAL", "PRIMARY", "OTHER"],
+                  scanning_sequence=["SE", "IR"], sequence_variant=["SK", "SP", "OSP"], scan_options="FAST_GEMS",
+                  acquisition_type="2D", tr=9000.0, te=122.0, ti=2250.0, etl=24, flip=90,
+                  sequence_name="fse-flair", fov=230.0, matrix=256, thickness=5.0, step=5.0, instances="desc"),
+    "t1c": dict(number=7, description="AX T1 POST GD", image_type=["ORIGINAL", "PRIMARY", "OTHER"],
+                scanning_sequence=["GR", "IR"], sequence_variant=["SK", "SP", "MP"], scan_options="FAST_GEMS",
+                acquisition_type="3D", tr=8.2, te=3.2, ti=450.0, flip=12, sequence_name="efgre3d",
+                fov=240.0, matrix=256, thickness=1.0, step=1.0, instances="asc", contrast="GADOLINIUM"),
+}
+CT_PROTOCOLS: dict[str, dict[str, Any]] = {
+    "scout": dict(number=1, description="SCOUT", image_type=["ORIGINAL", "PRIMARY", "LOCALIZER"], kvp=120,
+                  kernel="STANDARD", fov=300.0, matrix=256),
+    "ct": dict(number=2, description="HEAD 2.5mm STND", image_type=["ORIGINAL", "PRIMARY", "AXIAL"], kvp=120,
+               kernel="STANDARD", fov=250.0, matrix=512, thickness=2.5, step=2.5, instances="desc"),
+    "sr": dict(number=999, description="Dose Report"),
+}
+MR_ORDER = ("localizer", "t2", "flair", "t1c")
+CT_ORDER = ("scout", "ct", "sr")
+SCANNERS = {
+    "MR": [("GE MEDICAL SYSTEMS", "SIGNA HDxt"), ("GE MEDICAL SYSTEMS", "DISCOVERY MR750")],
+    "CT": [("GE MEDICAL SYSTEMS", "LightSpeed VCT"), ("GE MEDICAL SYSTEMS", "Revolution CT")],
+}
+LAST = ["HALVORSEN", "OKAFOR", "LINDQVIST", "MARCHETTI", "BRENNAN", "DUBOIS", "NAKAMURA", "ABERNATHY",
+        "KOWALCZYK", "FITZGERALD", "ESPINOZA", "VANDERMEER", "ACHTERBERG", "O'SULLIVAN", "PETRAKIS", "YILMAZ"]
+FIRST = {"F": ["MAREN", "ODALYS", "PRIYA", "HELENE", "CORA", "ILSE", "NADIA", "ROSALIND"],
+         "M": ["TOBIAS", "EMEKA", "ANDERS", "CALLUM", "DMITRI", "FELIX", "RAFAEL", "GIDEON"]}
+TOWNS = ["Ashbury", "Kellerton", "Marrowgate", "Oakhaven", "Pellston", "Ravenmoor", "Sundale", "Wexcombe"]
+TOKEN_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+
+
+# ------------------------------------------------------------------------------------------------ plans
+@dataclass
+class SeriesPlan:
+    info: dw.SeriesInfo
+    role: str
+    modality: str
+    transform: np.ndarray  # template physical LPS -> series physical LPS (4x4)
+    geometry: Geometry | None  # the volume grid (None: no volume)
+    images: list[Geometry] = field(default_factory=list)  # single images (localizer planes, scout)
+    seed: int = 0
+    thickness: float = 0.0
+    spacing_between: float | None = None
+    instances: str = "asc"  # "asc": InstanceNumber increases along the slice normal
+    tilt_deg: float = 0.0
+    quirks: list[str] = field(default_factory=list)
+    transfer_syntax: str | None = None
+    multiframe: bool = False
+    usable: bool = True
+    reason: str = ""
+
+
+@dataclass
+class StudyPlan:
+    info: dw.StudyInfo
+    date: dt.date
+    series: list[SeriesPlan]
+
+
+@dataclass
+class PatientPlan:
+    index: int
+    seed: int
+    scenario: str
+    info: dw.PatientInfo
+    studies: list[StudyPlan]
+
+
+def patient_seed(corpus_seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([int(corpus_seed), int(index), 7919]).generate_state(1)[0])
+
+
+def _rng(seed: int, *purpose: int) -> np.random.Generator:
+    return np.random.default_rng([int(seed), *[int(p) for p in purpose]])
+
+
+def _token(rng: np.random.Generator, n: int = 5) -> str:
+    return "".join(TOKEN_ALPHABET[i] for i in rng.integers(0, len(TOKEN_ALPHABET), size=n))
+
+
+def _study_dates(rng: np.random.Generator, scenario: str, occurrence: int) -> tuple[list[dt.date], list[dt.date]]:
+    """(MR dates, CT dates) for a scenario; ``occurrence`` counts earlier patients with the same scenario."""
+    base = dt.date(2005, 1, 3) + dt.timedelta(days=int(rng.integers(0, 14 * 365)))
+
+    def d(days: int) -> dt.date:
+        return base + dt.timedelta(days=int(days))
+
+    offset = int(rng.integers(3, 151)) * (1 if rng.random() < 0.6 else -1)
+    if scenario == "pair":
+        return [base], [d(offset)]
+    if scenario == "pair_edge":
+        return [base], [d(MAX_DAYS)]
+    if scenario == "two_ct":
+        return [base], [d(rng.integers(5, 60)), d(-rng.integers(95, 175))]
+    if scenario == "two_mr":
+        return [d(-rng.integers(5, 40)), d(rng.integers(90, 170))], [base]
+    if scenario == "too_far":
+        gap = MAX_DAYS + 1 if occurrence == 0 else int(rng.integers(200, 1500))
+        return [base], [d(gap if rng.random() < 0.5 or occurrence == 0 else -gap)]
+    if scenario == "mr_only":
+        return [base], []
+    if scenario == "ct_only":
+        return [], [base]
+    raise ValueError(scenario)
+
+
+def _pose(rng: np.random.Generator, center: np.ndarray) -> np.ndarray:
+    angles = rng.uniform(-12.0, 12.0, size=3)
+    shift = rng.uniform(-15.0, 15.0, size=3)
+    return affine_about(rotation_matrix(angles), center, shift)
+
+
+def _round(v: float, nd: int = 4) -> float:
+    return float(round(float(v), nd))
+
+
+def _axial_grid(points: np.ndarray, rng: np.random.Generator, fov: float, matrix: int, step: float,
+                margin: float = 3.0) -> Geometry:
+    """An axial grid centred in-plane on the head with its slices covering it (as a technologist plans it)."""
+    px = float(dw._fmt(fov / matrix))
+    lo, hi = points.min(0), points.max(0)
+    cx, cy = (lo[:2] + hi[:2]) / 2 + rng.uniform(-3.0, 3.0, size=2)
+    z0 = lo[2] - margin
+    n = int(math.ceil((hi[2] + margin - z0) / step)) + 1
+    origin = np.array([_round(cx - (matrix - 1) / 2 * px), _round(cy - (matrix - 1) / 2 * px), _round(z0)])
+    return Geometry(size=(matrix, matrix, n), spacing=(px, px, float(step)), origin=origin, axes=np.eye(3))
+
+
+def _plane_geometry(center: np.ndarray, row, col, fov: float, matrix: int, thickness: float) -> Geometry:
+    row, col = np.asarray(row, float), np.asarray(col, float)
+    px = float(dw._fmt(fov / matrix))
+    origin = center - (row + col) * (matrix - 1) / 2 * px
+    origin = np.array([_round(v) for v in origin])
+    return Geometry(size=(matrix, matrix, 1), spacing=(px, px, thickness), origin=origin,
+                    axes=np.stack([row, col, np.cross(row, col)], axis=1))
+
+
+def _series_seed(pseed: int, modality: str, study_ordinal: int, role: str) -> int:
+    return int(np.random.SeedSequence([pseed, 1 if modality == "MR" else 2, study_ordinal,
+                                       zlib_crc(role)]).generate_state(1)[0])
+
+
+def zlib_crc(text: str) -> int:
+    import zlib
+
+    return zlib.crc32(text.encode())
+
+
+def plan_patient(pseed: int, scenario: str, index: int, model: TissueModel, occurrence: int = 0,
+                 corpus_seed: int = 0, taken: set[str] | None = None) -> PatientPlan:
+    """Identities, dates, poses and grids of one patient's studies (no voxels yet)."""
+    taken = taken if taken is not None else set()
+    rid = _rng(pseed, 1)
+
+    def token() -> str:
+        while True:
+            t = _token(rid)
+            if t not in taken:
+                taken.add(t)
+                return t
+
+    sex = "F" if rid.random() < 0.5 else "M"
+    name = f"{LAST[rid.integers(len(LAST))]}^{FIRST[sex][rid.integers(8)]}^{token()}"
+    pid = f"SYN-{index:04d}-{token()}"
+    birth = dt.date(1938, 1, 1) + dt.timedelta(days=int(rid.integers(0, 50 * 365)))
+    patient = dw.PatientInfo(patient_id=pid, name=name, birth_date=birth.strftime("%Y%m%d"), sex=sex)
+    mr_dates, ct_dates = _study_dates(_rng(pseed, 2), scenario, occurrence)
+    anat = _rng(pseed, 0)  # also consumed by make_patient: keep the order fixed
+    scale = anat.uniform(0.92, 1.08, size=3)
+    scaling = affine_about(np.diag(scale), model.center)
+    studies: list[StudyPlan] = []
+    for modality, dates in (("MR", mr_dates), ("CT", ct_dates)):
+        for ordinal, date in enumerate(dates):
+            rs = _rng(pseed, 3, 1 if modality == "MR" else 2, ordinal)
+            maker, mdl = SCANNERS[modality][int(rs.integers(len(SCANNERS[modality])))]
+            hour = int(rs.integers(7, 19))
+            start = dt.datetime.combine(date, dt.time(hour, int(rs.integers(0, 60)), int(rs.integers(0, 60))))
+            age = (date - birth).days // 365
+            uid_parts = (corpus_seed, pseed, modality, ordinal)
+            study = dw.StudyInfo(
+                uid=str(dw.make_uid(*uid_parts, "study")), modality=modality, date=date.strftime("%Y%m%d"),
+                time=start.strftime("%H%M%S"), accession=f"A{token()}{int(rs.integers(1000, 9999))}",
+                description="MRI BRAIN WWO CONTRAST" if modality == "MR" else "CT HEAD WO CONTRAST",
+                study_id=str(int(rs.integers(1000, 99999))),
+                institution=f"{TOWNS[int(rs.integers(len(TOWNS)))]} Medical Center {token()}",
+                referring=f"{LAST[int(rs.integers(len(LAST)))]}^{FIRST['M' if rs.random() < .5 else 'F'][int(rs.integers(8))]}^{token()}^DR",
+                manufacturer=maker, model=mdl, station=f"{modality}{int(rs.integers(1, 9))}OC{int(rs.integers(10, 99))}",
+                frame_uid=str(dw.make_uid(*uid_parts, "frame")), age=f"{age:03d}Y")
+            series = []
+            order = MR_ORDER if modality == "MR" else CT_ORDER
+            for n, role in enumerate(order):
+                sseed = _series_seed(pseed, modality, ordinal, role)
+                series.append(_plan_series(role, modality, sseed, start + dt.timedelta(minutes=3 + 6 * n),
+                                           scaling, model, uid_parts))
+            studies.append(StudyPlan(info=study, date=date, series=series))
+    studies.sort(key=lambda s: (s.date, s.info.modality))
+    return PatientPlan(index=index, seed=pseed, scenario=scenario, info=patient, studies=studies)
+
+
+def _plan_series(role: str, modality: str, sseed: int, when: dt.datetime, scaling: np.ndarray,
+                 model: TissueModel, uid_parts: tuple) -> SeriesPlan:
+    proto = dict((MR_PROTOCOLS if modality == "MR" else CT_PROTOCOLS)[role])
+    rng = _rng(sseed, 0)
+    transform = _pose(rng, model.center) @ scaling
+    head = model.head_points @ transform[:3, :3].T + transform[:3, 3]
+    center = transform[:3, :3] @ model.center + transform[:3, 3]
+    info = dw.SeriesInfo(uid=str(dw.make_uid(*uid_parts, role, "series")), number=proto["number"],
+                         description=proto["description"], role=role, time=when.strftime("%H%M%S"),
+                         image_type=list(proto.get("image_type", [])), protocol=proto)
+    plan = SeriesPlan(info=info, role=role, modality=modality, transform=transform, geometry=None, seed=sseed)
+    if role in ("t1c", "t2", "flair", "ct"):
+        plan.geometry = _axial_grid(head, rng, proto["fov"] + rng.choice([-10.0, 0.0, 10.0]), proto["matrix"],
+                                    proto["step"])
+        plan.thickness = proto["thickness"]
+        plan.spacing_between = proto["step"]
+        plan.instances = proto["instances"]
+        if modality == "CT":
+            plan.info.protocol["recon_diameter"] = plan.geometry.spacing[0] * plan.geometry.size[0]
+    elif role == "localizer":
+        c = np.array([_round(v, 1) for v in center])
+        planes = [((1, 0, 0), (0, 1, 0)), ((0, 1, 0), (0, 0, -1)), ((1, 0, 0), (0, 0, -1))]
+        plan.images = [_plane_geometry(c, r, cl, proto["fov"], proto["matrix"], proto["thickness"]) for r, cl in planes]
+        plan.usable, plan.reason = False, "localizer"
+    elif role == "scout":
+        c = np.array([_round(v, 1) for v in center])
+        plan.images = [_plane_geometry(c, (0, 1, 0), (0, 0, -1), proto["fov"], proto["matrix"], 1.0)]
+        plan.info.protocol["recon_diameter"] = proto["fov"]
+        plan.usable, plan.reason = False, "scout"
+    elif role == "sr":
+        plan.usable, plan.reason = False, "not an image"
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+def patient_anatomy(plan: PatientPlan, model: TissueModel) -> PatientAnatomy:
+    return make_patient(_rng(plan.seed, 0), model)
+
+
+def _window(arr: np.ndarray, lo_q=1.0, hi_q=99.5) -> tuple[float, float]:
+    sample = arr[::4, ::8, ::8]
+    sample = sample[sample > 0]
+    if sample.size == 0:
+        return 500.0, 1000.0
+    lo, hi = np.percentile(sample, [lo_q, hi_q])
+    return float(round((lo + hi) / 2)), float(max(round(hi - lo), 1))
+
+
+def render_series(plan: SeriesPlan, anatomy: PatientAnatomy) -> list[np.ndarray]:
+    """The series' stored pixel values: one (k, j, i) array for a volume, or one 2D array per single image.
+
+    MR: uint16 magnitude. CT: int16 stored values (HU - intercept), padding outside the reconstruction circle.
+    """
+    rng = _rng(plan.seed, 1)
+    deform = anatomy.deformation()
+    if plan.role in ("t1c", "t2", "flair", "localizer"):
+        contrast = "t1c" if plan.role == "localizer" else plan.role
+        img = anatomy.contrast(contrast)
+        geoms = [plan.geometry] if plan.geometry is not None else plan.images
+        out = []
+        for g in geoms:
+            signal = render(img, g, plan.transform, deform, AIR[contrast])
+            gain = np.float32(rng.uniform(0.9, 1.4))
+            signal *= bias_field(signal.shape, rng) * gain
+            sigma = 12.0 if plan.role != "localizer" else 25.0
+            values = rician(signal, sigma, rng)
+            out.append(np.clip(np.rint(values), 0, 4095).astype(np.uint16))
+        return out if plan.geometry is None else out[:1]
+    if plan.role == "ct":
+        hu = _render_fine(anatomy.contrast("ct"), plan.geometry, plan.transform, deform, AIR["ct"])
+        hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(5.0)
+        _add_couch(hu, plan.geometry, rng)
+        stored = np.clip(np.rint(hu - CT_INTERCEPT), -1024, 4095).astype(np.int16)
+        stored[:, ~_recon_circle(plan.geometry)] = CT_PADDING_STORED
+        return [stored]
+    if plan.role == "scout":
+        return [_scout(plan, anatomy)]
+    return []
+
+
+def _render_fine(image: sitk.Image, g: Geometry, transform: np.ndarray, deform, default: float) -> np.ndarray:
+    """Render a fine in-plane grid (finer than the 1 mm anatomy) at half resolution, then upsample linearly.
+
+    The anatomy has no detail below 1 mm, so this changes nothing that matters and saves most of the time.
+    """
+    ni, nj, nk = g.size
+    if ni % 2 or nj % 2:
+        return render(image, g, transform, deform, default)
+    px, py = g.spacing[0], g.spacing[1]
+    coarse = Geometry(size=(ni // 2, nj // 2, nk), spacing=(2 * px, 2 * py, g.spacing[2]),
+                      origin=g.origin + g.axes[:, 0] * px / 2 + g.axes[:, 1] * py / 2, axes=g.axes)
+    low = sitk.GetImageFromArray(render(image, coarse, transform, deform, default))
+    low.SetSpacing((2.0, 2.0, 1.0))
+    low.SetOrigin((0.5, 0.5, 0.0))  # index space of the fine grid
+    ref = sitk.Image([ni, nj, nk], sitk.sitkFloat32)
+    f = sitk.ResampleImageFilter()
+    f.SetReferenceImage(ref)
+    f.SetInterpolator(sitk.sitkLinear)
+    f.SetUseNearestNeighborExtrapolator(True)
+    fine = f.Execute(low)
+    return sitk.GetArrayFromImage(fine)
+
+
+def _inplane_xy(g: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    m = g.index_matrix
+    if abs(m[0, 2]) > 1e-9 or abs(m[1, 2]) > 1e-9:
+        raise ValueError("in-plane coordinates need slices stepping along z")
+    i = np.arange(g.size[0])[None, :]
+    j = np.arange(g.size[1])[:, None]
+    x = g.origin[0] + m[0, 0] * i + m[0, 1] * j
+    y = g.origin[1] + m[1, 0] * i + m[1, 1] * j
+    return x, y
+
+
+def _recon_circle(g: Geometry) -> np.ndarray:
+    n = g.size[0]
+    i = np.arange(n)[None, :] - (n - 1) / 2
+    j = np.arange(g.size[1])[:, None] - (g.size[1] - 1) / 2
+    return i * i + j * j <= (n / 2) ** 2
+
+
+def _add_couch(hu: np.ndarray, g: Geometry, rng: np.random.Generator) -> None:
+    """A curved headrest plate behind the occiput, fixed in the scanner frame, never touching the head."""
+    from scipy import ndimage
+
+    x, y = _inplane_xy(g)
+    head = (hu > -500).any(axis=0)
+    if not head.any():
+        return
+    px = float(min(g.spacing[0], g.spacing[1]))
+    dist = ndimage.distance_transform_edt(~head) * px  # mm from the head (in-plane projection over all slices)
+    cx = float(x[head].mean())
+    y_back = float(y[head].max())
+    radius = float(rng.uniform(80.0, 110.0))
+    gap = float(rng.uniform(6.0, 10.0))
+    plate = np.zeros_like(head)
+    for _ in range(20):  # push the plate back until it clears the head everywhere
+        cy = y_back + gap - radius
+        r = np.hypot(x - cx, y - cy)
+        plate = (r >= radius) & (r <= radius + 6.0) & (y > cy + 0.5 * radius)
+        if not plate.any() or dist[plate].min() >= 5.0:
+            break
+        gap += 2.0
+    hu[:, plate] = np.float32(rng.uniform(250.0, 450.0)) + \
+        rng.standard_normal((hu.shape[0], int(plate.sum())), dtype=np.float32) * np.float32(5.0)
+
+
+def _scout(plan: SeriesPlan, anatomy: PatientAnatomy) -> np.ndarray:
+    """A lateral projection radiograph through the head (line integral of attenuation)."""
+    g = plan.images[0]
+    vol_g = Geometry(size=(g.size[0], g.size[1], 64), spacing=(g.spacing[0], g.spacing[1], 4.0),
+                     origin=g.origin - g.axes[:, 2] * 32 * 4.0, axes=g.axes)
+    hu = render(anatomy.contrast("ct"), vol_g, plan.transform, None, AIR["ct"])
+    mu = np.clip(hu + 1000.0, 0.0, None) / 1000.0 * 0.02  # 1/mm, water ~0.02
+    line = mu.sum(axis=0) * 4.0
+    img = 3000.0 * (1.0 - np.exp(-line / 2.0))
+    return np.clip(np.rint(img), 0, 4095).astype(np.int16)
+
+
+# ------------------------------------------------------------------------------------------------ in memory
+@dataclass
+class SimPatient:
+    """One synthetic patient in memory (no DICOM): what registration tests need."""
+
+    seed: int
+    mr: sitk.Image  # T1 post-contrast, float32 scanner-like intensities, in its series geometry
+    ct: sitk.Image  # HU float32 (padding outside the reconstruction circle is -3024)
+    mr_transform: np.ndarray  # template physical LPS mm -> MR series physical LPS mm
+    ct_transform: np.ndarray
+    lesion: dict
+    scale: np.ndarray
+    plan: PatientPlan
+
+    @property
+    def ct_to_mr(self) -> np.ndarray:
+        """4x4 rigid: CT series physical -> MR series physical."""
+        return self.mr_transform @ np.linalg.inv(self.ct_transform)
+
+
+def to_image(arr: np.ndarray, g: Geometry) -> sitk.Image:
+    img = sitk.GetImageFromArray(arr)
+    img.SetOrigin([float(v) for v in g.origin])
+    img.SetSpacing([float(v) for v in g.spacing])
+    img.SetDirection([float(v) for v in g.axes.ravel()])
+    return img
+
+
+def simulate_patient(seed: int, template: Template | None = None) -> SimPatient:
+    """A paired patient (scenario "pair") in memory: the T1c and the CT of its first MR and CT studies.
+
+    ``seed`` is a patient seed: a corpus patient with manifest ``sim_seed`` S gives the same anatomy,
+    transforms and voxels for its first MR study's T1c and first CT study's CT as ``simulate_patient(S)``.
+    """
+    model = tissue_model(template)
+    plan = plan_patient(int(seed), "pair", 0, model)
+    anatomy = patient_anatomy(plan, model)
+    mr = next(s for st in plan.studies if st.info.modality == "MR" for s in st.series if s.role == "t1c")
+    ct = next(s for st in plan.studies if st.info.modality == "CT" for s in st.series if s.role == "ct")
+    mr_img = to_image(render_series(mr, anatomy)[0].astype(np.float32), mr.geometry)
+    ct_img = to_image(render_series(ct, anatomy)[0].astype(np.float32) + np.float32(CT_INTERCEPT), ct.geometry)
+    return SimPatient(seed=int(seed), mr=mr_img, ct=ct_img, mr_transform=mr.transform, ct_transform=ct.transform,
+                      lesion=anatomy.lesion.as_dict(), scale=anatomy.scale, plan=plan)
+
+
+# ------------------------------------------------------------------------------------------------ corpus
+@dataclass
+class SynthSummary:
+    manifest: dict
+    n_files: int
+    n_bytes: int
+    seconds: float
+    out_url: str = ""
+    manifest_url: str = ""
+
+    def describe(self) -> str:
+        m = self.manifest
+        n_series = sum(len(st["series"]) for p in m["patients"] for st in p["studies"])
+        n_studies = sum(len(p["studies"]) for p in m["patients"])
+        quirks = ", ".join(m["generator"]["quirks"]) or "none"
+        lines = [
+            f"wrote {self.n_files} files ({self.n_bytes / 1e6:.1f} MB) in {self.seconds:.1f} s to {self.out_url}",
+            f"  {len(m['patients'])} patients, {n_studies} studies, {n_series} series; quirks: {quirks}",
+            f"  expected pairs: {len(m['expected_pairs'])}; expected exclusions: {len(m['expected_exclusions'])}",
+            f"  ground-truth manifest: {self.manifest_url}",
+        ]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Out:
+    """Collects files for one series and writes them in one batch (concurrent on object storage)."""
+
+    fs: Any
+    root: str
+    local: bool
+    files: list[dict] = field(default_factory=list)
+    n_bytes: int = 0
+    pending: dict[str, bytes] = field(default_factory=dict)
+
+    def add(self, rel: str, data: bytes, kind: str, series_uid: str | None, sop_uid: str | None,
+            duplicate_of: str | None = None) -> None:
+        self.pending[rel] = data
+        self.files.append({"path": rel, "kind": kind, "series_uid": series_uid, "sop_uid": sop_uid,
+                           "duplicate_of": duplicate_of})
+        self.n_bytes += len(data)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        full = {f"{self.root}/{rel}": data for rel, data in self.pending.items()}
+        if self.local:
+            for d in sorted({p.rsplit("/", 1)[0] for p in full}):
+                self.fs.makedirs(d, exist_ok=True)
+        self.fs.pipe(full)
+        self.pending = {}
+
+
+def _scenario(index: int) -> str:
+    return SCENARIOS[index % len(SCENARIOS)]
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in " .-_" else "_" for c in text)
+
+
+def _study_folder(study: StudyPlan, rng: np.random.Generator) -> str:
+    return f"{study.date.strftime('%m-%d-%Y')}-NA-{_safe(study.info.description)}-{int(rng.integers(10000, 99999))}"
+
+
+def _series_folder(series: SeriesPlan, rng: np.random.Generator) -> str:
+    return f"{series.info.number}.000000-{_safe(series.info.description)}-{int(rng.integers(10000, 99999))}"
+
+
+def _series_datasets(plan: SeriesPlan, patient: PatientPlan, study: StudyPlan,
+                     pixels: list[np.ndarray], uid_parts: tuple) -> list[tuple[int, int, Any]]:
+    """(spatial index k, InstanceNumber, dataset) for each file of the series."""
+    out = []
+    pinfo, sinfo, info = patient.info, study.info, plan.info
+    if plan.role in ("t1c", "t2", "flair", "ct"):
+        vol = pixels[0]
+        g = plan.geometry
+        n = g.size[2]
+        window = (40.0, 80.0) if plan.role == "ct" else _window(vol)
+        row, col = g.axes[:, 0], g.axes[:, 1]
+        geo = dict(rows_cols=vol.shape[-2:], row=row, col=col, pixel_spacing=(g.spacing[1], g.spacing[0]),
+                   thickness=plan.thickness, window=window, spacing_between=plan.spacing_between)
+        if plan.modality == "MR":
+            header = dw.mr_header(pinfo, sinfo, info, **geo)
+        else:
+            header = dw.ct_header(pinfo, sinfo, info, intercept=CT_INTERCEPT, padding=CT_PADDING_STORED,
+                                  tilt=plan.tilt_deg, **geo)
+        for k in range(n):
+            instance = k + 1 if plan.instances == "asc" else n - k
+            sop = str(dw.make_uid(*uid_parts, info.uid, k, "sop"))
+            ds = dw.slice_dataset(header, sop_uid=sop, instance=instance, position=g.physical([0, 0, k]),
+                                  pixels=vol[k])
+            out.append((k, instance, ds))
+    elif plan.role in ("localizer", "scout"):
+        for k, (g, img) in enumerate(zip(plan.images, pixels)):
+            sop = str(dw.make_uid(*uid_parts, info.uid, k, "sop"))
+            common = dict(sop_uid=sop, instance=k + 1, pixels=img, row=g.axes[:, 0], col=g.axes[:, 1],
+                          position=g.origin, pixel_spacing=(g.spacing[1], g.spacing[0]), thickness=g.spacing[2],
+                          window=_window(img[None]))
+            if plan.modality == "MR":
+                ds = dw.mr_image(pinfo, sinfo, info, spacing_between=None, **common)
+            else:
+                ds = dw.ct_image(pinfo, sinfo, info, intercept=0.0, padding=None, **common)
+            out.append((k, k + 1, ds))
+    elif plan.role == "sr":
+        sop = str(dw.make_uid(*uid_parts, info.uid, 0, "sop"))
+        text = (f"CT head without contrast. CTDIvol 52.3 mGy, DLP 915 mGy*cm. Referring: {sinfo.referring}. "
+                f"Institution: {sinfo.institution}.")
+        out.append((0, 1, dw.text_sr(pinfo, sinfo, info, sop_uid=sop, text=text)))
+    return out
+
+
+def _series_manifest(plan: SeriesPlan, files: list[str]) -> dict:
+    entry = {
+        "series_uid": plan.info.uid, "series_number": plan.info.number, "description": plan.info.description,
+        "role": plan.role, "modality": plan.modality, "files": files, "usable": plan.usable, "reason": plan.reason,
+        "geometry": plan.geometry.as_dict() if plan.geometry is not None else None,
+        "transform": [[float(v) for v in row] for row in plan.transform],
+        "rescale": {"slope": 1, "intercept": CT_INTERCEPT, "padding_value": CT_PADDING_STORED}
+        if plan.modality == "CT" and plan.role != "sr" else None,
+        "quirks": list(plan.quirks),
+    }
+    if plan.images:
+        entry["images"] = [g.as_dict() for g in plan.images]
+    if plan.tilt_deg:
+        entry["tilt_deg"] = plan.tilt_deg
+    return entry
+
+
+def _expected(patients: list[PatientPlan]) -> tuple[list[dict], list[dict]]:
+    pairs, exclusions = [], []
+    for p in patients:
+        mrs = [s for s in p.studies if s.info.modality == "MR"]
+        cts = [s for s in p.studies if s.info.modality == "CT"]
+
+        def chosen(study: StudyPlan, role: str) -> SeriesPlan | None:
+            return next((s for s in study.series if s.role == role and s.usable), None)
+
+        reason = ""
+        if not mrs:
+            reason = "no MR study"
+        elif not cts:
+            reason = "no CT study"
+        else:
+            mr_ok = [(s, chosen(s, "t1c")) for s in mrs if chosen(s, "t1c")]
+            ct_ok = [(s, chosen(s, "ct")) for s in cts if chosen(s, "ct")]
+            if not mr_ok:
+                reason = "no usable MR series"
+            elif not ct_ok:
+                reason = "no usable CT series"
+            else:
+                cands = sorted(((abs((c.date - m.date).days), m, ms, c, cs) for m, ms in mr_ok for c, cs in ct_ok),
+                               key=lambda t: t[0])
+                best = cands[0]
+                if best[0] > MAX_DAYS:
+                    reason = f"too far apart (closest MR/CT studies {best[0]} days apart > {MAX_DAYS})"
+                else:
+                    _, m, ms, c, cs = best
+                    pairs.append({"patient_id": p.info.patient_id, "mr_study_uid": m.info.uid,
+                                  "ct_study_uid": c.info.uid, "mr_series_uid": ms.info.uid,
+                                  "ct_series_uid": cs.info.uid, "days_apart": (c.date - m.date).days})
+        if reason:
+            exclusions.append({"patient_id": p.info.patient_id, "reason": reason})
+    return pairs, exclusions
+
+
+def _phi(patients: list[PatientPlan]) -> dict:
+    phi: dict[str, list[str]] = {k: [] for k in ("patient_names", "patient_ids", "birth_dates", "accession_numbers",
+                                                 "institutions", "referring_physicians", "study_dates", "uids")}
+    for p in patients:
+        phi["patient_names"].append(p.info.name)
+        phi["patient_ids"].append(p.info.patient_id)
+        phi["birth_dates"].append(p.info.birth_date)
+        for st in p.studies:
+            phi["accession_numbers"].append(st.info.accession)
+            phi["institutions"].append(st.info.institution)
+            phi["referring_physicians"].append(st.info.referring)
+            phi["study_dates"].append(st.info.date)
+            phi["uids"].append(st.info.uid)
+            phi["uids"].extend(s.info.uid for s in st.series)
+    return {k: sorted(set(v)) for k, v in phi.items()}
+
+
+def _template_sha(template: Template | None) -> str:
+    return (template or load_template()).sha256
+
+
+def generate_corpus(out_url: str, patients: int = 3, seed: int = 0, quirks: Sequence[str] = (), layout: str = "tcia",
+                    manifest_url: str | None = None, storage_options: dict | None = None,
+                    progress: bool = False, template: Template | None = None) -> SynthSummary:
+    """Write a synthetic DICOM corpus to ``out_url`` (any fsspec URL) and its ground-truth manifest beside it."""
+    from ..io import get_fs, write_bytes
+
+    t0 = time.perf_counter()
+    quirks = tuple(quirks)
+    bad = [q for q in quirks if q not in QUIRKS]
+    if bad:
+        raise ConfigError(f"unknown quirk(s) {', '.join(bad)}; choose from {', '.join(QUIRKS)}")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    if patients < 1:
+        raise ConfigError("--patients must be at least 1")
+    fs, root = get_fs(out_url, storage_options)
+    root = root.rstrip("/")
+    if fs.exists(root) and fs.ls(root):
+        raise ConfigError(f"{out_url} is not empty: choose a new location for the corpus")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    out = _Out(fs=fs, root=root, local=protocol in ("file", "local"))
+    manifest_url = manifest_url or out_url.rstrip("/") + ".manifest.json"
+
+    model = tissue_model(template)
+    taken: set[str] = set()
+    counts: dict[str, int] = {}
+    plans = []
+    for i in range(patients):
+        sc = _scenario(i)
+        plans.append(plan_patient(patient_seed(seed, i), sc, i, model, counts.get(sc, 0), seed, taken))
+        counts[sc] = counts.get(sc, 0) + 1
+
+    bar = _progress(progress, patients)
+    patient_entries = []
+    for plan in plans:
+        patient_entries.append(_write_patient(plan, model, out, seed))
+        bar(1)
+    bar(None)
+
+    pairs, exclusions = _expected(plans)
+    phi = _phi(plans)
+    manifest = {
+        "format": 1,
+        "generator": {"version": GENERATOR_VERSION, "seed": int(seed), "patients": int(patients),
+                      "quirks": list(quirks), "layout": layout, "template_sha256": model.template_sha256},
+        "n_files": len(out.files), "n_bytes": int(out.n_bytes),
+        "files": out.files,
+        "patients": patient_entries,
+        "expected_pairs": pairs,
+        "expected_exclusions": exclusions,
+        "phi": phi,
+        "phi_strings": sorted({s for v in phi.values() for s in v}),
+    }
+    write_bytes(manifest_url, json.dumps(manifest, indent=1).encode(), storage_options)
+    seconds = time.perf_counter() - t0
+    log.info("synthetic corpus: %d files, %d bytes, %.1f s", len(out.files), out.n_bytes, seconds)
+    return SynthSummary(manifest=manifest, n_files=len(out.files), n_bytes=int(out.n_bytes), seconds=seconds,
+                        out_url=out_url, manifest_url=manifest_url)
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return lambda n: None
+    from rich.progress import Progress
+
+    prog = Progress(transient=True)
+    prog.start()
+    task = prog.add_task("synth patients", total=total)
+
+    def step(n):
+        if n is None:
+            prog.stop()
+        else:
+            prog.advance(task, n)
+
+    return step
+
+
+def _write_patient(plan: PatientPlan, model: TissueModel, out: _Out, corpus_seed: int) -> dict:
+    anatomy = patient_anatomy(plan, model)
+    rfold = _rng(plan.seed, 4)
+    entry = {"patient_id": plan.info.patient_id, "patient_name": plan.info.name, "birth_date": plan.info.birth_date,
+             "sex": plan.info.sex, "scenario": plan.scenario, "sim_seed": plan.seed,
+             "lesion": anatomy.lesion.as_dict(), "scale": [float(v) for v in anatomy.scale], "studies": []}
+    for study in plan.studies:
+        sfold = _study_folder(study, rfold)
+        st_entry = {"study_uid": study.info.uid, "modality": study.info.modality, "study_date": study.info.date,
+                    "accession_number": study.info.accession, "description": study.info.description,
+                    "frame_of_reference_uid": study.info.frame_uid, "series": []}
+        for series in study.series:
+            pixels = render_series(series, anatomy)
+            dsets = _series_datasets(series, plan, study, pixels, (corpus_seed, plan.seed))
+            folder = f"{plan.info.patient_id}/{sfold}/{_series_folder(series, rfold)}"
+            by_k: dict[int, str] = {}
+            for k, instance, ds in dsets:
+                rel = f"{folder}/1-{instance:03d}.dcm"
+                out.add(rel, dw.encode(ds), "dicom", series.info.uid, str(ds.SOPInstanceUID))
+                by_k[k] = rel
+            out.flush()
+            st_entry["series"].append(_series_manifest(series, [by_k[k] for k in sorted(by_k)]))
+        entry["studies"].append(st_entry)
+    return entry
+
+
+def tree_digest(paths_and_bytes: dict[str, bytes]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(paths_and_bytes):
+        h.update(k.encode())
+        h.update(hashlib.sha256(paths_and_bytes[k]).digest())
+    return h.hexdigest()

@@ -1,0 +1,312 @@
+"""DICOM objects as a scanner writes them: MR and CT image storage, enhanced MR, a basic text SR.
+
+Everything here is pure: plain values in, ``pydicom.Dataset`` / bytes out. Deterministic given its inputs
+(no clocks, no random UIDs), so the same seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
+
+MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4")
+ENHANCED_MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4.1")
+CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
+BASIC_TEXT_SR_STORAGE = UID("1.2.840.10008.5.1.4.1.1.88.11")
+IMPLEMENTATION_UID = UID("1.2.826.0.1.3680043.8.498.1")  # pydicom's root: a writer's implementation class
+IMPLEMENTATION_VERSION = "MRICT_SYNTH_1"
+
+
+def make_uid(*parts: Any) -> UID:
+    """A valid, deterministic UID from the given parts (the same parts always give the same UID)."""
+    return generate_uid(entropy_srcs=["mrict-dask-synth", *[str(p) for p in parts]])
+
+
+@dataclass
+class PatientInfo:
+    patient_id: str
+    name: str
+    birth_date: str
+    sex: str
+
+
+@dataclass
+class StudyInfo:
+    uid: str
+    modality: str
+    date: str  # YYYYMMDD
+    time: str  # HHMMSS
+    accession: str
+    description: str
+    study_id: str
+    institution: str
+    referring: str
+    manufacturer: str
+    model: str
+    station: str
+    frame_uid: str
+    age: str  # e.g. "063Y"
+
+
+@dataclass
+class SeriesInfo:
+    uid: str
+    number: int
+    description: str
+    role: str
+    time: str
+    image_type: list[str]
+    protocol: dict = field(default_factory=dict)  # acquisition parameters (TR, TE, kernel, ...)
+
+
+def _fmt(v: float) -> str:
+    """A DS value within 16 characters, without float noise."""
+    s = f"{v:.6f}".rstrip("0").rstrip(".")
+    if s in ("-0", ""):
+        s = "0"
+    return s[:16]
+
+
+def _ds_list(values) -> list[str]:
+    return [_fmt(float(v)) for v in values]
+
+
+def _common(ds: Dataset, patient: PatientInfo, study: StudyInfo, series: SeriesInfo, modality: str) -> None:
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.StudyDate = study.date
+    ds.SeriesDate = study.date
+    ds.AcquisitionDate = study.date
+    ds.ContentDate = study.date
+    ds.StudyTime = study.time
+    ds.SeriesTime = series.time
+    ds.AcquisitionTime = series.time
+    ds.ContentTime = series.time
+    ds.AccessionNumber = study.accession
+    ds.Modality = modality
+    ds.Manufacturer = study.manufacturer
+    ds.InstitutionName = study.institution
+    ds.ReferringPhysicianName = study.referring
+    ds.StationName = study.station
+    ds.StudyDescription = study.description
+    ds.SeriesDescription = series.description
+    ds.ManufacturerModelName = study.model
+    ds.PatientName = patient.name
+    ds.PatientID = patient.patient_id
+    ds.PatientBirthDate = patient.birth_date
+    ds.PatientSex = patient.sex
+    ds.PatientAge = study.age
+    ds.StudyInstanceUID = study.uid
+    ds.SeriesInstanceUID = series.uid
+    ds.StudyID = study.study_id
+    ds.SeriesNumber = series.number
+
+
+def _file_meta(ds: Dataset, transfer_syntax: UID) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = transfer_syntax
+    meta.ImplementationClassUID = IMPLEMENTATION_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    ds.file_meta = meta
+
+
+def _pixel_format(ds: Dataset, rows_cols: tuple[int, int], signed: bool, bits_stored: int) -> None:
+    rows, cols = rows_cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = int(rows)
+    ds.Columns = int(cols)
+    ds.BitsAllocated = 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 1 if signed else 0
+
+
+def _plane(ds: Dataset, row: np.ndarray, col: np.ndarray, pixel_spacing: tuple[float, float],
+           thickness: float) -> None:
+    ds.ImageOrientationPatient = _ds_list(list(row) + list(col))
+    ds.PixelSpacing = _ds_list(pixel_spacing)  # (row spacing = between rows, column spacing)
+    ds.SliceThickness = _fmt(thickness)
+
+
+PER_SLICE = ("SOPInstanceUID", "InstanceNumber", "ImagePositionPatient", "SliceLocation", "PixelData")
+
+
+def slice_dataset(header: Dataset, *, sop_uid: str, instance: int, position: np.ndarray,
+                  pixels: np.ndarray, transfer_syntax: UID = ExplicitVRLittleEndian) -> Dataset:
+    """One image of a series: the series header plus what differs per slice (the header is not modified)."""
+    ds = Dataset(dict(header._dict))
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceNumber = instance
+    ds.ImagePositionPatient = _ds_list(position)
+    row = np.array([float(v) for v in header.ImageOrientationPatient[:3]])
+    col = np.array([float(v) for v in header.ImageOrientationPatient[3:]])
+    ds.SliceLocation = _fmt(float(np.dot(position, np.cross(row, col))))
+    signed = header.PixelRepresentation == 1
+    ds.PixelData = np.ascontiguousarray(pixels.astype("<i2" if signed else "<u2")).tobytes()
+    _file_meta(ds, transfer_syntax)
+    return ds
+
+
+def mr_image(patient: PatientInfo, study: StudyInfo, series: SeriesInfo, *, sop_uid: str, instance: int,
+             pixels: np.ndarray, row: np.ndarray, col: np.ndarray, position: np.ndarray,
+             pixel_spacing: tuple[float, float], thickness: float, spacing_between: float | None,
+             window: tuple[float, float]) -> Dataset:
+    header = mr_header(patient, study, series, rows_cols=pixels.shape[-2:], row=row, col=col,
+                       pixel_spacing=pixel_spacing, thickness=thickness, spacing_between=spacing_between,
+                       window=window)
+    return slice_dataset(header, sop_uid=sop_uid, instance=instance, position=position, pixels=pixels)
+
+
+def mr_header(patient: PatientInfo, study: StudyInfo, series: SeriesInfo, *, rows_cols: tuple[int, int],
+              row: np.ndarray, col: np.ndarray, pixel_spacing: tuple[float, float], thickness: float,
+              spacing_between: float | None, window: tuple[float, float]) -> Dataset:
+    """Everything of an MR Image Storage object that is the same for each slice of the series."""
+    p = series.protocol
+    ds = Dataset()
+    _common(ds, patient, study, series, "MR")
+    ds.SOPClassUID = MR_IMAGE_STORAGE
+    ds.ImageType = series.image_type
+    ds.AcquisitionNumber = 1
+    ds.FrameOfReferenceUID = study.frame_uid
+    ds.PositionReferenceIndicator = ""
+    ds.PatientPosition = "HFS"
+    ds.BodyPartExamined = "HEAD"
+    ds.ScanningSequence = p["scanning_sequence"]
+    ds.SequenceVariant = p["sequence_variant"]
+    ds.ScanOptions = p.get("scan_options", "")
+    ds.MRAcquisitionType = p["acquisition_type"]
+    ds.SequenceName = p.get("sequence_name", "")
+    ds.RepetitionTime = _fmt(p["tr"])
+    ds.EchoTime = _fmt(p["te"])
+    if "ti" in p:
+        ds.InversionTime = _fmt(p["ti"])
+    ds.EchoTrainLength = p.get("etl", 1)
+    ds.NumberOfAverages = "1"
+    ds.ImagingFrequency = "63.87"
+    ds.ImagedNucleus = "1H"
+    ds.MagneticFieldStrength = "1.5"
+    ds.FlipAngle = _fmt(p.get("flip", 90))
+    ds.PixelBandwidth = "244.14"
+    ds.ReceiveCoilName = "HEAD"
+    ds.AcquisitionMatrix = [0, 256, 224, 0]
+    ds.InPlanePhaseEncodingDirection = "ROW"
+    if spacing_between is not None:
+        ds.SpacingBetweenSlices = _fmt(spacing_between)
+    if p.get("contrast"):
+        ds.ContrastBolusAgent = p["contrast"]
+        ds.ContrastBolusRoute = "IV"
+    _plane(ds, row, col, pixel_spacing, thickness)
+    _pixel_format(ds, rows_cols, signed=False, bits_stored=12)
+    ds.WindowCenter = _fmt(window[0])
+    ds.WindowWidth = _fmt(window[1])
+    return ds
+
+
+def ct_image(patient: PatientInfo, study: StudyInfo, series: SeriesInfo, *, sop_uid: str, instance: int,
+             pixels: np.ndarray, row: np.ndarray, col: np.ndarray, position: np.ndarray,
+             pixel_spacing: tuple[float, float], thickness: float, window: tuple[float, float],
+             intercept: float, padding: int | None, tilt: float = 0.0) -> Dataset:
+    header = ct_header(patient, study, series, rows_cols=pixels.shape[-2:], row=row, col=col,
+                       pixel_spacing=pixel_spacing, thickness=thickness, window=window, intercept=intercept,
+                       padding=padding, tilt=tilt)
+    return slice_dataset(header, sop_uid=sop_uid, instance=instance, position=position, pixels=pixels)
+
+
+def ct_header(patient: PatientInfo, study: StudyInfo, series: SeriesInfo, *, rows_cols: tuple[int, int],
+              row: np.ndarray, col: np.ndarray, pixel_spacing: tuple[float, float], thickness: float,
+              window: tuple[float, float], intercept: float, padding: int | None, tilt: float = 0.0,
+              spacing_between: float | None = None) -> Dataset:
+    """Everything of a CT Image Storage object that is the same for each slice of the series."""
+    p = series.protocol
+    ds = Dataset()
+    _common(ds, patient, study, series, "CT")
+    ds.SOPClassUID = CT_IMAGE_STORAGE
+    ds.ImageType = series.image_type
+    ds.AcquisitionNumber = 1
+    ds.FrameOfReferenceUID = study.frame_uid
+    ds.PositionReferenceIndicator = ""
+    ds.PatientPosition = "HFS"
+    ds.BodyPartExamined = "HEAD"
+    ds.KVP = _fmt(p.get("kvp", 120))
+    ds.DataCollectionDiameter = "500"
+    ds.ReconstructionDiameter = _fmt(p["recon_diameter"])
+    ds.GantryDetectorTilt = _fmt(tilt)
+    ds.TableHeight = "160"
+    ds.RotationDirection = "CW"
+    ds.ExposureTime = "1000"
+    ds.XRayTubeCurrent = "250"
+    ds.ConvolutionKernel = p.get("kernel", "STANDARD")
+    ds.FilterType = "HEAD FILTER"
+    if spacing_between is not None:
+        ds.SpacingBetweenSlices = _fmt(spacing_between)
+    _plane(ds, row, col, pixel_spacing, thickness)
+    _pixel_format(ds, rows_cols, signed=True, bits_stored=16)
+    if padding is not None:
+        ds.PixelPaddingValue = int(padding)
+    ds.RescaleIntercept = _fmt(intercept)
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "HU"
+    ds.WindowCenter = _fmt(window[0])
+    ds.WindowWidth = _fmt(window[1])
+    return ds
+
+
+def encode(ds: Dataset, transfer_syntax: UID | None = None) -> bytes:
+    """The DICOM Part 10 file bytes; optionally re-encoded to a lossless compressed transfer syntax."""
+    if transfer_syntax is not None and transfer_syntax != ds.file_meta.TransferSyntaxUID:
+        if transfer_syntax in (RLELossless, JPEG2000Lossless):
+            ds.compress(transfer_syntax, encoding_plugin="pylibjpeg" if transfer_syntax == JPEG2000Lossless else "")
+        else:  # pragma: no cover - programming error
+            raise ValueError(f"unsupported transfer syntax {transfer_syntax}")
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def text_sr(patient: PatientInfo, study: StudyInfo, series: SeriesInfo, *, sop_uid: str, text: str) -> Dataset:
+    """A minimal Basic Text SR (e.g. a dose summary) in the CT study: a non-image object."""
+    ds = Dataset()
+    _common(ds, patient, study, series, "SR")
+    ds.SOPClassUID = BASIC_TEXT_SR_STORAGE
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceNumber = 1
+    ds.ValueType = "CONTAINER"
+    ds.ContinuityOfContent = "SEPARATE"
+    ds.CompletionFlag = "COMPLETE"
+    ds.VerificationFlag = "UNVERIFIED"
+    title = Dataset()
+    title.CodeValue = "121118"
+    title.CodingSchemeDesignator = "DCM"
+    title.CodeMeaning = "Patient History"
+    ds.ConceptNameCodeSequence = DicomSequence([title])
+    item = Dataset()
+    item.RelationshipType = "CONTAINS"
+    item.ValueType = "TEXT"
+    name = Dataset()
+    name.CodeValue = "121106"
+    name.CodingSchemeDesignator = "DCM"
+    name.CodeMeaning = "Comment"
+    item.ConceptNameCodeSequence = DicomSequence([name])
+    item.TextValue = text
+    ds.ContentSequence = DicomSequence([item])
+    ds.PerformedProcedureCodeSequence = DicomSequence([])
+    ds.ReferencedPerformedProcedureStepSequence = DicomSequence([])
+    ds.CurrentRequestedProcedureEvidenceSequence = DicomSequence([])
+    ds.PertinentOtherEvidenceSequence = DicomSequence([])
+    del ds.SeriesDate, ds.AcquisitionDate, ds.AcquisitionTime
+    _file_meta(ds, ExplicitVRLittleEndian)
+    return ds
