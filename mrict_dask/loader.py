@@ -4,10 +4,11 @@ Never imports torch: :class:`SlicePairs` and :class:`VolumePairs` have ``__len__
 work as a PyTorch map-style ``Dataset`` directly, and they pickle without their store handles (each DataLoader
 worker process opens its own; a forked worker notices the new process id and reopens too).
 
-Random slice reads skip zarr's per-call machinery: the store's layout is fixed by the contract (one axial slice
-per inner chunk, one volume per shard, ``bytes`` + ``zstd`` inside a ``sharding_indexed`` codec with its index
-at the end), so a slice is one ranged read of a shard plus one zstd decode. The shard index (crc32c-checked) is
-cached per shard. Any array whose metadata is not exactly that layout is read through zarr instead.
+Random slice reads skip zarr's per-call machinery (~3 ms a call): the store's layout is fixed by the contract
+(one axial slice per inner chunk, one volume per shard, ``bytes`` + ``blosc``/``zstd`` inside a
+``sharding_indexed`` codec with its index at the end), so a slice is one ranged read of a shard plus one
+decompression. The shard index (crc32c-checked) is cached per shard; on object storage the MR and CT reads of a
+sample go out concurrently. An array whose metadata is not exactly that layout is read through zarr instead.
 """
 
 from __future__ import annotations
@@ -20,18 +21,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .normalize import ct_to_hu  # noqa: F401  (re-exported: training code maps CT back to HU from here)
+
 log = logging.getLogger(__name__)
 
 _EMPTY = 2**64 - 1  # sharding index entry of a chunk that was never written (reads as the fill value)
 _DTYPES = {"float32": np.dtype("<f4"), "bool": np.dtype("bool")}
-
-
-def ct_to_hu(ct: np.ndarray, ct_lo: float | np.ndarray, ct_hi: float | np.ndarray) -> np.ndarray:
-    """Map normalized CT ([0, 1]) back to Hounsfield units: ``hu = ct * (ct_hi - ct_lo) + ct_lo`` (float32)."""
-    ct = np.asarray(ct, dtype=np.float64)
-    lo = np.asarray(ct_lo, dtype=np.float64)
-    hi = np.asarray(ct_hi, dtype=np.float64)
-    return (ct * (hi - lo) + lo).astype(np.float32)
 
 
 def _fill(meta: dict) -> Any:
@@ -41,8 +36,8 @@ def _fill(meta: dict) -> Any:
     return v
 
 
-def _fast_layout(meta: dict) -> tuple[int, ...] | None:
-    """The inner chunk shape if ``meta`` is the contract's layout this reader decodes itself, else None."""
+def _decompressor(meta: dict) -> Callable | None:
+    """``decompress(src, dest)`` for one inner chunk if ``meta`` is the contract's layout, else None (use zarr)."""
     try:
         if meta.get("data_type") not in _DTYPES or meta["chunk_key_encoding"] != {
                 "name": "default", "configuration": {"separator": "/"}}:
@@ -52,7 +47,8 @@ def _fast_layout(meta: dict) -> tuple[int, ...] | None:
             return None
         cfg = codec["configuration"]
         inner = [c["name"] for c in cfg["codecs"]]
-        if inner != ["bytes", "zstd"] or cfg["codecs"][0].get("configuration", {}).get("endian", "little") != "little":
+        if len(inner) != 2 or inner[0] != "bytes" or \
+                cfg["codecs"][0].get("configuration", {}).get("endian", "little") != "little":
             return None
         if [c["name"] for c in cfg["index_codecs"]] != ["bytes", "crc32c"] or cfg.get("index_location", "end") != "end":
             return None
@@ -61,7 +57,17 @@ def _fast_layout(meta: dict) -> tuple[int, ...] | None:
         chunk = cfg["chunk_shape"]
         if len(shape) != 4 or shard != [1, *shape[1:]] or chunk != [1, 1, *shape[2:]]:
             return None
-        return tuple(chunk)
+        if inner[1] == "zstd":
+            import numcodecs.zstd
+
+            return numcodecs.zstd.decompress
+        if inner[1] == "blosc":  # self-describing frames: shuffle and cname are read from each chunk's header
+            import numcodecs.blosc
+
+            # blosc's own threads only oversubscribe: DataLoader worker processes are the parallelism
+            numcodecs.blosc.use_threads = False
+            return numcodecs.blosc.decompress
+        return None
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -75,7 +81,8 @@ class _VolumeArray:
         self.shape = tuple(meta["shape"])
         self.dtype = _DTYPES.get(meta.get("data_type"), None)
         self.fill = _fill(meta)
-        self.fast = _fast_layout(meta) is not None
+        self._decompress = _decompressor(meta)
+        self.fast = self._decompress is not None
         self._zarr_factory = zarr_array_factory
         self._zarr = None
         self._index: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -107,6 +114,9 @@ class _VolumeArray:
             tail = self._read(self._path(p), -self._nidx, self._nidx)
         except FileNotFoundError:
             return None  # shard never written: all fill
+        return self._set_index(p, tail)
+
+    def _set_index(self, p: int, tail: bytes) -> np.ndarray:
         import google_crc32c
 
         if len(tail) != self._nidx or np.uint32(google_crc32c.value(tail[:-4])).tobytes() != tail[-4:]:
@@ -125,22 +135,27 @@ class _VolumeArray:
     def slice(self, p: int, z: int) -> np.ndarray:
         if not self.fast:
             return np.array(self._zarr_array()[p, z], dtype=self.dtype)
-        out = np.empty(self.shape[2:], dtype=self.dtype)
+        loc = self.locate(p, z)
+        return self.decode(self._read(self._path(p), *loc) if loc else None)
+
+    def locate(self, p: int, z: int) -> tuple[int, int] | None:
+        """(offset, nbytes) of slice z of pair p inside its shard, None if never written (fill value)."""
         idx = self._shard_index(p)
         if idx is None or int(idx[z, 0]) == _EMPTY:
-            out.fill(self.fill)
-            return out
-        import numcodecs.zstd
+            return None
+        return int(idx[z, 0]), int(idx[z, 1])
 
-        off, nbytes = int(idx[z, 0]), int(idx[z, 1])
-        numcodecs.zstd.decompress(self._read(self._path(p), off, nbytes), out)
+    def decode(self, blob) -> np.ndarray:
+        out = np.empty(self.shape[2:], dtype=self.dtype)
+        if blob is None:
+            out.fill(self.fill)
+        else:
+            self._decompress(blob, out)
         return out
 
     def volume(self, p: int) -> np.ndarray:
         if not self.fast:
             return np.array(self._zarr_array()[p], dtype=self.dtype)
-        import numcodecs.zstd
-
         out = np.empty(self.shape[1:], dtype=self.dtype)
         try:
             if self.local:
@@ -163,7 +178,7 @@ class _VolumeArray:
             if off == _EMPTY:
                 out[z].fill(self.fill)
             else:
-                numcodecs.zstd.decompress(view[off:off + nbytes], out[z])
+                self._decompress(view[off:off + nbytes], out[z])
         return out
 
 
@@ -213,6 +228,28 @@ class _Store:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return zarr.open_array(zarr_store(self.url, self.storage_options, read_only=True), path=name, mode="r")
+
+    def slices(self, names: tuple[str, ...], p: int, z: int) -> list[np.ndarray]:
+        """Slice z of pair p of several arrays; on object storage the ranged reads go out concurrently."""
+        arrays = [self.array(n) for n in names]
+        if self.local or not all(a.fast for a in arrays):
+            return [a.slice(p, z) for a in arrays]
+        missing = [a for a in arrays if p not in a._index]
+        if len(missing) > 1:  # fetch uncached shard indexes together
+            tails = self.fs.cat_ranges([a._path(p) for a in missing], [-a._nidx for a in missing],
+                                       [None] * len(missing), on_error="return")
+            for a, tail in zip(missing, tails):
+                if isinstance(tail, FileNotFoundError):
+                    continue  # never written: reads as the fill value
+                if isinstance(tail, Exception):
+                    raise tail
+                a._set_index(p, tail)
+        locs = [a.locate(p, z) for a in arrays]
+        want = [(a, loc) for a, loc in zip(arrays, locs) if loc]
+        blobs = self.fs.cat_ranges([a._path(p) for a, _ in want], [off for _, (off, _) in want],
+                                   [off + nb for _, (off, nb) in want]) if want else []
+        got = {id(a): b for (a, _), b in zip(want, blobs)}
+        return [a.decode(got.get(id(a))) for a in arrays]
 
     def array(self, name: str) -> _VolumeArray:
         a = self._arrays.get(name)
@@ -307,11 +344,10 @@ class SlicePairs(_PairsBase):
     def __getitem__(self, i: int):
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range for {len(self)} slice pairs")
-        p, z = self.index[i]
+        p, z = (int(v) for v in self.index[i])
         h = self._handle()
-        sample = [h.array("mr").slice(int(p), int(z)), h.array("ct").slice(int(p), int(z))]
-        if self.with_valid:
-            sample.append(h.array("valid").slice(int(p), int(z)))
+        names = ("mr", "ct", "valid") if self.with_valid else ("mr", "ct")
+        sample = h.slices(names, p, z)
         return self.transform(*sample) if self.transform is not None else tuple(sample)
 
 

@@ -107,8 +107,9 @@ def test_layout_matches_contract(tmp_path):
         assert a.shards == (1, z, y, x), name  # shard: one volume
         assert a.metadata.dimension_names == ("pair", "z", "y", "x")
         meta = a.metadata.to_dict()
-        inner = [c["name"] for c in meta["codecs"][0]["configuration"]["codecs"]]
-        assert meta["codecs"][0]["name"] == "sharding_indexed" and "zstd" in inner
+        inner = meta["codecs"][0]["configuration"]["codecs"]
+        assert meta["codecs"][0]["name"] == "sharding_indexed"
+        assert inner[-1]["name"] == "blosc" and inner[-1]["configuration"]["cname"] == "zstd"  # zstd, byte-shuffled
     assert g["slice_ok"].shape == (4, z) and g["slice_ok"].chunks == (1, z) and g["slice_ok"].dtype == bool
     for name in ("mr_lo", "mr_hi", "ct_lo", "ct_hi", *QA_KEYS):
         assert g[name].shape == (4,) and g[name].dtype == np.float32, name
