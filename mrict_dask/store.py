@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import warnings
 from collections import Counter
@@ -295,6 +296,11 @@ class _Handle:
     keys: dict  # name -> function(index) -> object key relative to the store root
 
 
+def _key_fn(name: str, array):
+    """index -> key (relative to the store root) of the one object holding that pair's region of ``array``."""
+    return lambda i: f"{name}/" + array.metadata.encode_chunk_key((i,) + (0,) * (array.ndim - 1))
+
+
 _handles: dict[tuple, _Handle] = {}
 _handles_lock = threading.Lock()
 
@@ -314,8 +320,7 @@ def _handle(url: str, storage_options: dict | None) -> _Handle:
             arrays = {name: g[name].with_config({"write_empty_chunks": True}) for name in PAIR_VARS}
             ids = g["pair"]
             pair_ids = [str(v) for v in ids[:]] if ids.shape[0] else []
-        keys = {name: (lambda i, a=a, name=name: f"{name}/" + a.metadata.encode_chunk_key((i,) + (0,) * (a.ndim - 1)))
-                for name, a in arrays.items()}
+        keys = {name: _key_fn(name, a) for name, a in arrays.items()}
         h = _Handle(attrs["fingerprint"], int(attrs["n_pairs"]), pair_ids, arrays, keys)
         _handles[key] = h
         return h
@@ -361,6 +366,24 @@ def _check_result(result: PairResult, shape: tuple[int, int, int]) -> dict[str, 
     return out
 
 
+_UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
+_DATE = re.compile(r"\b(?:19|20)\d{2}-?(?:0[1-9]|1[0-2])-?(?:0[1-9]|[12]\d|3[01])\b")
+
+
+def clean_status(status: str) -> str:
+    """The status as stored: one line, DICOM UIDs and dates masked (failure reasons may quote them)."""
+    text = " ".join(str(status).split())
+    return _DATE.sub("<date>", _UID.sub("<uid>", text))
+
+
+def _remove(fs, path: str) -> None:
+    """Delete one object if present (no existence check first: listings may be cached, deletes are not)."""
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def write_pair(url: str, index: int, result: PairResult, storage_options: dict | None = None) -> dict:
     """Write one pair (worker side): its shard of mr/ct/valid and its slice_ok chunk, then LAST its marker.
 
@@ -375,10 +398,9 @@ def write_pair(url: str, index: int, result: PairResult, storage_options: dict |
     fs, path = get_fs(url, storage_options)
     mpath = _marker_path(path, index)
     # an old marker must not vouch for a half-rewritten pair
-    if fs.exists(mpath):
-        fs.rm_file(mpath)
+    _remove(fs, mpath)
     marker: dict[str, Any] = {
-        "format": STORE_FORMAT, "index": index, "pair_id": result.pair_id, "status": result.status,
+        "format": STORE_FORMAT, "index": index, "pair_id": result.pair_id, "status": clean_status(result.status),
         "fingerprint": h.fingerprint,
         **{k: _json_float(getattr(result, k)) for k in CLIP_VARS},
         **{k: [[_json_float(v) for v in row] for row in np.asarray(getattr(result, k), float).reshape(4, 4)]
@@ -397,9 +419,7 @@ def write_pair(url: str, index: int, result: PairResult, storage_options: dict |
                              for name in PAIR_VARS}
     else:
         for name in PAIR_VARS:
-            obj = join(path, h.keys[name](index))
-            if fs.exists(obj):
-                fs.rm_file(obj)
+            _remove(fs, join(path, h.keys[name](index)))
     if result.figure_png:
         write_bytes(join(url, MARKER_DIR, f"{index}.png"), bytes(result.figure_png), storage_options)
         marker["figure"] = f"{MARKER_DIR}/{index}.png"
@@ -560,8 +580,7 @@ def verify_store(url: str, storage_options: dict | None = None) -> VerifyReport:
         arrays = {name: g[name] for name in PAIR_VARS}
         pair_ids = [str(v) for v in g["pair"][:]] if n else []
         status = [str(v) for v in g["status"][:]] if n else []
-    keys = {name: (lambda i, a=a, name=name: f"{name}/" + a.metadata.encode_chunk_key((i,) + (0,) * (a.ndim - 1)))
-            for name, a in arrays.items()}
+    keys = {name: _key_fn(name, a) for name, a in arrays.items()}
     unfinalized = 0
     for i in range(n):
         if i in bad_idx:

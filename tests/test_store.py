@@ -237,13 +237,16 @@ def test_failed_pair_leaves_fill_values_and_clears_an_earlier_write(tmp_path):
     pairs = make_pairs(2)
     store.open_or_create_store(url, pairs, t, Config())
     store.write_pair(url, 0, make_result(pairs[0], t.shape_zyx))
-    marker = store.write_pair(url, 0, make_result(pairs[0], t.shape_zyx, status="failed: CT series has a gap"))
-    assert marker["status"] == "failed: CT series has a gap" and "checksum" not in marker
+    reason = "failed: CT series 1.2.840.113619.2.55.3.604688119 has a gap\n  (acquired 20190312)"
+    marker = store.write_pair(url, 0, make_result(pairs[0], t.shape_zyx, status=reason))
+    # the output store is PHI-free: a reason quoting a UID or a date is masked, and kept on one line
+    assert marker["status"] == "failed: CT series <uid> has a gap (acquired <date>)" and "checksum" not in marker
     g = zarr.open_group(url, mode="r")
     assert np.isnan(g["mr"][0]).all() and np.isnan(g["ct"][0]).all() and not g["valid"][0].any()
     assert not g["slice_ok"][0].any()
     assert store.completed_pairs(url)[0]["status"].startswith("failed")
     store.finalize_store(url)
+    assert str(zarr.open_group(url, mode="r")["status"][0]) == "failed: CT series <uid> has a gap (acquired <date>)"
     report = store.verify_store(url)
     assert report.torn == [] and report.missing == [1] and not report.ok
 
