@@ -17,6 +17,11 @@ log = logging.getLogger("mrict_dask")
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
+    # distributed configures its own loggers (INFO) when imported, later and in every worker process: tell it
+    # through its config, which the environment carries to the LocalCluster's workers too.
+    import os
+
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # Third-party loggers stay at WARNING at every verbosity: botocore/s3fs debug output carries request
