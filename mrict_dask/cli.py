@@ -22,7 +22,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     import os
 
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    level = logging.DEBUG if verbose > 1 else (logging.INFO if verbose == 1 and not quiet else logging.WARNING)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # Third-party loggers stay at WARNING at every verbosity: botocore/s3fs debug output carries request
     # headers (access key ids), and distributed's carries task arguments (file URLs that may name patients).
