@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import struct
 import time
 import warnings
@@ -52,14 +53,16 @@ _LIST_COLS = ("image_position", "image_orientation", "pixel_spacing")
 _BOOL_COLS = ("is_dicomdir", "pixel_data_ok")
 _NESTED_COLS = ("frame_positions",)
 
-# Remote reads: enough for a typical scanner header in one request, small next to an image's pixel data.
-HEAD_BYTES_REMOTE = 8 * 1024
-# Local reads cost no transfer; one larger read saves a second pass for long headers.
-HEAD_BYTES_LOCAL = 64 * 1024
+# Remote reads start small (object storage bills and waits by the byte); pilot files then size the rest.
+HEAD_BYTES_REMOTE = 4 * 1024
+_PILOTS = 4
+# Local reads cost no transfer, but copying more than a typical header costs time on every file.
+HEAD_BYTES_LOCAL = 16 * 1024
 # A header (everything before the pixel data) longer than this is refused rather than fetched.
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 
-_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+_HAS_PREAD = hasattr(os, "pread")
+_PIXEL_TAGS = frozenset((0x7FE00010, 0x7FE00008, 0x7FE00009))
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 _DICOMDIR_TAGS = (0x00041130, 0x00041200, 0x00041202, 0x00041212, 0x00041220)
 _DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -311,7 +314,10 @@ def _text(raw: Any, ds: Any) -> str | None:
                     text = value.decode("latin-1")
             else:
                 text = value.decode("latin-1")
-    text = "\\".join(p.strip(" \x00") for p in text.split("\\")).strip("\\")
+    if "\\" in text:
+        text = "\\".join(p.strip(" \x00") for p in text.split("\\")).strip("\\")
+    else:
+        text = text.strip(" \x00")
     return text or None
 
 
@@ -325,7 +331,7 @@ def _numbers(raw: Any, ds: Any, tag: int) -> list[float] | None:
         if vr in (None, "UN"):
             vr = _BINARY_VR.get(tag)
         if vr == "US or SS":
-            pr = ds.get_item(_PIXEL_REPRESENTATION) if _PIXEL_REPRESENTATION in ds else None
+            pr = _elements(ds).get(_PIXEL_REPRESENTATION)
             signed = False
             if pr is not None:
                 nums = _numbers(pr, ds, _PIXEL_REPRESENTATION)
@@ -352,6 +358,12 @@ def _numbers(raw: Any, ds: Any, tag: int) -> list[float] | None:
 
 
 def _convert(raw: Any, ds: Any, tag: int, kind: str) -> Any:
+    value = raw.value
+    if kind == "str" and type(value) is bytes and b"\x1b" not in value and b"\\" not in value:
+        try:  # the common case, kept short: one plain ASCII value
+            return value.decode("ascii").strip(" \x00") or None
+        except UnicodeDecodeError:
+            pass
     if kind == "str" or kind == "mstr":
         text = _text(raw, ds)
         if text is not None and kind == "str" and "\\" in text and raw.VR in ("UI", None):
@@ -369,12 +381,23 @@ def _convert(raw: Any, ds: Any, tag: int, kind: str) -> Any:
     return [float(v) for v in nums] if len(nums) == n else None
 
 
+def _elements(ds: Any) -> dict[int, Any]:
+    """Top-level elements by integer tag, unconverted (cached on the data set: it is looked up often)."""
+    els = getattr(ds, "_scan_elements", None)
+    if els is None:
+        els = {int(t): e for t, e in ds.items()}
+        object.__setattr__(ds, "_scan_elements", els)
+    return els
+
+
 def _fill_fields(row: dict, ds: Any) -> None:
+    els = _elements(ds)
     for col, tag, kind in _FIELDS:
-        if tag not in ds:
+        raw = els.get(tag)
+        if raw is None:
             continue
         try:
-            row[col] = _convert(ds.get_item(tag), ds, tag, kind)
+            row[col] = _convert(raw, ds, tag, kind)
         except Exception:  # one malformed value leaves its column empty, never the whole row
             row[col] = None
     meta = getattr(ds, "file_meta", None)
@@ -386,7 +409,7 @@ def _fill_fields(row: dict, ds: Any) -> None:
         row["transfer_syntax_uid"] = _meta_str(meta, 0x00020010)
     if row["transfer_syntax_uid"] is None:
         row["transfer_syntax_uid"] = _NO_META_TS.get(tuple(ds.original_encoding))
-    if _PER_FRAME_FG in ds or _SHARED_FG in ds:
+    if _PER_FRAME_FG in els or _SHARED_FG in els:
         try:
             _fill_functional_groups(row, ds)
         except Exception:
@@ -394,13 +417,14 @@ def _fill_fields(row: dict, ds: Any) -> None:
 
 
 def _meta_str(meta: Any, tag: int) -> str | None:
+    raw = _elements(meta).get(tag)
+    if raw is None:
+        return None
     try:
-        if tag in meta:
-            value = meta[tag].value
-            return str(value).strip(" \x00") or None
+        text = _text(raw, meta)
     except Exception:
         return None
-    return None
+    return text.split("\\")[0] if text else None
 
 
 def _fg_value(item: Any, seq_tag: int, tag: int) -> Any:
@@ -464,7 +488,8 @@ def _is_dicomdir(ds: Any) -> bool:
     meta = getattr(ds, "file_meta", None)
     if meta is not None and _meta_str(meta, 0x00020002) == _DICOMDIR_SOP_CLASS:
         return True
-    return any(t in ds for t in _DICOMDIR_TAGS)
+    els = _elements(ds)
+    return any(t in els for t in _DICOMDIR_TAGS)
 
 
 def _expected_pixel_bytes(row: dict) -> int | None:
@@ -552,10 +577,17 @@ def _cut_element(row: dict, pos: int, size: int) -> None:
     return None
 
 
-def _dcmread(fp: Any, force: bool) -> Any:
-    import pydicom
+def _at_pixel_data(tag: int, vr: Any, length: int) -> bool:
+    return tag in _PIXEL_TAGS
 
-    return pydicom.dcmread(fp, stop_before_pixels=True, force=force, specific_tags=_SPECIFIC_TAGS)
+
+def _dcmread(fp: Any, force: bool) -> Any:
+    """``dcmread(fp, stop_before_pixels=True, force=force, specific_tags=...)``, minus its per-call tag
+    conversion (``read_partial`` is what ``dcmread`` calls)."""
+    from pydicom.filereader import read_partial
+
+    # plain ints, not pydicom Tags: pydicom tests every element against this set, and int == int is cheap
+    return read_partial(fp, stop_when=_at_pixel_data, force=force, specific_tags=_SPECIFIC_TAGS)
 
 
 def _unreadable(exc: BaseException) -> str:
@@ -714,10 +746,16 @@ class _Reader:
             out: list[bytes | BaseException] = []
             for path, start, end in reqs:
                 try:
-                    with open(path, "rb") as fh:
-                        if start:
+                    if _HAS_PREAD:
+                        fd = os.open(path, os.O_RDONLY)
+                        try:
+                            out.append(os.pread(fd, end - start, start))
+                        finally:
+                            os.close(fd)
+                    else:
+                        with open(path, "rb", buffering=0) as fh:
                             fh.seek(start)
-                        out.append(fh.read(end - start))
+                            out.append(fh.read(end - start))
                 except Exception as exc:
                     out.append(exc)
             return out
@@ -737,17 +775,39 @@ class _Reader:
 
 
 def _read_many(items: list[tuple[str, int]], reader: _Reader) -> list[dict]:
-    """Rows for ``items`` in order; bytes fetched in rounds until every header is complete."""
+    """Rows for ``items`` in order; bytes fetched in rounds until every header is complete.
+
+    On object storage a few pilot files, spread over the batch, are read first; the rest of the batch then
+    starts with a read sized to the longest pilot header (files of one collection have similar headers),
+    so long-header collections need one round and short-header ones fetch little.
+    """
     rows: list[dict | None] = [None] * len(items)
-    bufs: dict[int, bytes] = {}
-    want: dict[int, int] = {}
+    todo = []
     for i, (url, size) in enumerate(items):
         if size <= 0:
             rows[i] = _empty_row(url, 0)
             rows[i]["read_error"] = "not DICOM: empty file (0 bytes)"
         else:
-            bufs[i] = b""
-            want[i] = min(size, reader.head)
+            todo.append(i)
+    if reader.local or len(todo) < 4 * _PILOTS:
+        _fetch_rounds(items, todo, reader.head, reader, rows)
+        return rows  # type: ignore[return-value]
+    step = len(todo) // _PILOTS
+    pilots = [todo[k * step] for k in range(_PILOTS)]
+    _fetch_rounds(items, pilots, reader.head, reader, rows)
+    ends = [r["pixel_data_offset"] for r in (rows[i] for i in pilots) if r and r["pixel_data_offset"]]
+    first = reader.head
+    if ends:
+        first = max(first, -(-(max(ends) * 9 // 8 + 64) // 1024) * 1024)
+    chosen = set(pilots)
+    _fetch_rounds(items, [i for i in todo if i not in chosen], first, reader, rows)
+    return rows  # type: ignore[return-value]
+
+
+def _fetch_rounds(items: list[tuple[str, int]], idx: list[int], first: int, reader: _Reader,
+                  rows: list[dict | None]) -> None:
+    bufs: dict[int, bytes] = {i: b"" for i in idx}
+    want: dict[int, int] = {i: min(items[i][1], first) for i in idx}
     while want:
         order = sorted(want)
         got = reader.fetch([(reader.path(items[i][0]), len(bufs[i]), want[i]) for i in order])
@@ -789,7 +849,6 @@ def _read_many(items: list[tuple[str, int]], reader: _Reader) -> list[dict]:
         for i in list(bufs):
             if rows[i] is not None:
                 del bufs[i]
-    return rows  # type: ignore[return-value]
 
 
 class _Quiet:

@@ -440,8 +440,28 @@ def test_s3_same_catalog_as_local_with_ranged_reads(written, s3, caplog):
     assert big["bytes_read"] <= HEAD_BYTES_REMOTE < big["size"] / 50
     long = rows["long header/IM1"]
     assert HEAD_BYTES_REMOTE < long["pixel_data_offset"] <= long["bytes_read"] < long["size"]
+    # one batch of all files (pilot reads first) gives the same catalog as small batches
+    whole = catalog_frame(list(rows.values()))
+    pd.testing.assert_frame_equal(whole[cols], remote[cols])
     text = caplog.text + remote.to_string()
     assert "scan-secret-never-logged-42" not in text and "AKIASCANTESTKEY0001" not in text
+
+
+def test_s3_long_headers_read_in_few_bytes(s3, tmp_path):
+    """A collection whose headers are all longer than the first read: little fetched beyond each header."""
+    from conftest import upload_tree
+
+    for i in range(40):
+        ds = _image("MR", 50, i + 1, rows=256, cols=256)
+        ds.add_new(0x00290010, "LO", "ACME CSA")
+        ds.add_new(0x00291010, "OB", bytes(10_000 + 37 * i))
+        _save(ds, tmp_path / "long" / f"{i:03d}")
+    url = upload_tree(str(tmp_path / "long"), s3, "long")
+    rows = scan_batch(list_files(url, s3.storage_options), s3.storage_options)
+    for r in rows:
+        assert r["read_error"] == "" and r["pixel_data_ok"]
+        assert HEAD_BYTES_REMOTE < r["pixel_data_offset"] < r["bytes_read"]
+        assert r["bytes_read"] <= 1.25 * r["pixel_data_offset"] + 2048, r["bytes_read"]
 
 
 def test_s3_single_file_and_missing(written, s3):
@@ -515,6 +535,21 @@ def _manifest_files(corpus) -> list[dict]:
     return corpus.manifest["files"]
 
 
+def _check_geometry(rows: pd.DataFrame, geo: dict) -> None:
+    """Catalog geometry of a series against the generator's grid (SimpleITK convention: direction columns)."""
+    d = np.array(geo["direction"], float).reshape(3, 3)
+    sx, sy, sz = geo["spacing"]
+    for iop in rows["image_orientation"]:
+        np.testing.assert_allclose(iop, [*d[:, 0], *d[:, 1]], atol=1e-4)
+    for ps in rows["pixel_spacing"]:
+        np.testing.assert_allclose(ps, [sy, sx], atol=1e-4)
+    assert set(rows["rows"]) == {geo["size"][1]} and set(rows["columns"]) == {geo["size"][0]}
+    pos = np.array(list(rows["image_position"]), float)
+    pos = pos[np.argsort(pos @ d[:, 2])]
+    want = np.array(geo["origin"]) + np.arange(geo["size"][2])[:, None] * sz * d[:, 2]
+    np.testing.assert_allclose(pos, want, atol=1e-3)
+
+
 def test_clean_corpus_rows_match_manifest(corpus):
     df = scan(corpus.url)
     files = _manifest_files(corpus)
@@ -528,8 +563,82 @@ def test_clean_corpus_rows_match_manifest(corpus):
     truth = {s["series_uid"]: s for p in corpus.manifest["patients"] for st in p["studies"] for s in st["series"]}
     assert set(ok["series_uid"]) == set(truth)
     for uid, g in ok.groupby("series_uid"):
-        assert len(g) == len(truth[uid]["files"])
-        assert set(g["modality"]) == {truth[uid]["modality"]}
-        assert set(g["series_number"]) == {truth[uid]["series_number"]}
+        t = truth[uid]
+        assert len(g) == len(t["files"])
+        assert set(g["series_number"]) == {t["series_number"]}
+        assert set(g["series_description"]) == {t["description"]}
+        if t["role"] == "sr":  # a report in the CT study: no pixel data, nothing to check it against
+            assert not g["pixel_data_ok"].any()
+            continue
+        assert set(g["modality"]) == {t["modality"]}
+        assert g["pixel_data_ok"].all()
+        if t["role"] == "ct":  # (the manifest's rescale entry does not describe the scout)
+            assert (g["rescale_intercept"] == t["rescale"]["intercept"]).all()
+            assert (g["pixel_padding_value"] == t["rescale"]["padding_value"]).all()
+        geo = t["geometry"]
+        if geo and not t["quirks"] and t["role"] in ("t1c", "t2", "flair", "ct"):
+            _check_geometry(g, geo)
     assert set(ok["patient_id"]) == {p["patient_id"] for p in corpus.manifest["patients"]}
-    assert ok["pixel_data_ok"].all()
+    study_of = {s["series_uid"]: st for p in corpus.manifest["patients"] for st in p["studies"] for s in st["series"]}
+    for uid, g in ok.groupby("series_uid"):
+        st = study_of[uid]
+        assert set(g["study_uid"]) == {st["study_uid"]}
+        if truth[uid]["role"] != "sr":  # a report has no frame of reference
+            assert set(g["frame_of_reference_uid"]) == {st["frame_of_reference_uid"]}
+        assert set(g["study_date"]) == {st["study_date"].replace("-", "")}
+
+
+def test_quirky_corpus_rows_match_manifest(quirky_corpus):
+    m = quirky_corpus.manifest
+    root = quirky_corpus.url
+    df = scan(root)
+    listed = sum(len(f) for _, _, f in os.walk(root))
+    assert len(df) == listed == len(m["files"]) == m["n_files"]
+    by = df.set_index("url")
+    kinds = set()
+    for f in m["files"]:
+        row = by.loc[os.path.join(root, f["path"])]
+        kinds.add(f["kind"])
+        if f["kind"] == "non_dicom":
+            assert row["read_error"].startswith("not DICOM"), (f["path"], row["read_error"])
+            assert row["series_uid"] is None
+            continue
+        assert row["series_uid"] == f["series_uid"] and row["sop_instance_uid"] == f["sop_uid"], f["path"]
+        if f["kind"] == "truncated":
+            assert row["read_error"].startswith("truncated: pixel data has"), (f["path"], row["read_error"])
+            assert not row["pixel_data_ok"]
+        else:
+            assert row["read_error"] == "", (f["path"], row["read_error"])
+        if f["duplicate_of"]:
+            orig = by.loc[os.path.join(root, f["duplicate_of"])]
+            assert orig["sop_instance_uid"] == row["sop_instance_uid"] and orig["read_error"] == ""
+    assert {"dicom", "truncated", "non_dicom"} <= kinds
+    assert any(f["duplicate_of"] for f in m["files"])
+
+    series = {s["series_uid"]: s for p in m["patients"] for st in p["studies"] for s in st["series"]}
+    seen = set()
+    for uid, s in series.items():
+        g = df[df["series_uid"] == uid]
+        for q in s["quirks"]:
+            seen.add(q)
+        if "missing_slice" in s["quirks"]:
+            assert os.path.join(root, s["missing"]["path"]) not in set(df["url"])
+        if "compressed" in s["quirks"]:
+            ok = g[g["read_error"] == ""]
+            assert len(ok) and ok["pixel_data_ok"].all()
+            assert not set(ok["transfer_syntax_uid"]) & {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+        if "gantry_tilt" in s["quirks"]:
+            assert np.allclose(g["gantry_tilt"].abs(), abs(s["tilt_deg"]))
+        if "multiframe_mr" in s["quirks"]:
+            assert len(g) == 1
+            row = g.iloc[0]
+            geo = s["geometry"]
+            assert row["number_of_frames"] == geo["size"][2] == len(row["frame_positions"])
+            d = np.array(geo["direction"], float).reshape(3, 3)
+            pos = np.array(row["frame_positions"], float)
+            pos = pos[np.argsort(pos @ d[:, 2])]
+            want = np.array(geo["origin"]) + np.arange(geo["size"][2])[:, None] * geo["spacing"][2] * d[:, 2]
+            np.testing.assert_allclose(pos, want, atol=1e-3)
+            np.testing.assert_allclose(row["image_orientation"], [*d[:, 0], *d[:, 1]], atol=1e-4)
+    for q in ("missing_slice", "compressed", "gantry_tilt", "multiframe_mr"):
+        assert q in seen, q
