@@ -12,11 +12,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import importlib.util
 import json
 import logging
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -327,18 +329,23 @@ def test_autoscaler_minimum_above_maximum_is_refused(chart):
 
 
 def test_schema_config_section_matches_the_config_dataclasses(chart):
-    from mrict_dask.config import Config
-
     import jsonschema
+
+    from mrict_dask.config import Config
 
     schema = chart.schema["properties"]["config"]
     defaults = Config()
     for section in dataclasses.fields(Config):
         declared = set(schema["properties"][section.name]["properties"])
         actual = {f.name for f in dataclasses.fields(getattr(defaults, section.name))}
-        assert declared == actual, f"values.schema.json config.{section.name} differs from mrict_dask/config.py"
+        assert declared == actual, (f"values.schema.json config.{section.name} differs from mrict_dask/config.py: "
+                                    "run `python deploy/gen_values_schema.py`")
     assert set(schema["properties"]) == {f.name for f in dataclasses.fields(Config)}
     jsonschema.validate(defaults.to_dict(), schema)  # every default has a type the schema allows
+    spec = importlib.util.spec_from_file_location("gen_values_schema", ROOT / "deploy" / "gen_values_schema.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert schema == gen.config_schema(), "types differ: run `python deploy/gen_values_schema.py`"
 
 
 # -------------------------------------------------------------------------------------------- [manifests]
@@ -505,7 +512,27 @@ def test_default_job_command_parses(default_render):
     assert p["config_url"] == "/etc/mrict-dask/pipeline.yaml"
     assert p["work_url"] is None and p["limit"] is None and p["max_days"] is None
     assert p["storage_options"] is None and p["pseudonym_key"] is None
-    assert ctx.params == {"verbose": 0, "quiet": False}
+    assert ctx.params == {"verbose": 1, "quiet": False}
+
+
+def test_log_level_value_sets_the_clis_log_level(chart):
+    """run.logLevel means what the CLI makes of the flags it renders to (checked in a fresh interpreter)."""
+    levels = ("warning", "info", "debug")
+    params = []
+    for level in levels:
+        docs, _ = render(chart, _merge(REQUIRED, {"run": {"logLevel": level}}))
+        params.append(_parse_run(_container(docs["DaskJob"]["spec"]["job"]["spec"], "job")["args"])[0].params)
+    code = ("import json, logging, sys\n"
+            "from mrict_dask.cli import _setup_logging\n"
+            "out = []\n"
+            "for p in json.loads(sys.argv[1]):\n"
+            "    logging.root.handlers.clear()\n"
+            "    _setup_logging(**p)\n"
+            "    out.append(logging.getLevelName(logging.root.level).lower())\n"
+            "print(json.dumps(out))\n")
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(params)], capture_output=True, text=True,
+                            timeout=60, check=True)
+    assert json.loads(result.stdout) == list(levels)
 
 
 def test_full_job_command_parses(full_render, full_values):
