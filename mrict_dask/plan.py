@@ -192,12 +192,15 @@ def _evaluate_mr(st: Stack, cfg: PlanConfig) -> _Candidate:
     cov = _coverage(st)
     if cov:
         return _Candidate(st, "MR", False, cov)
-    cls = next((i for i, pat in enumerate(_as_patterns(cfg.mr_prefer)) if re.search(pat, text, re.I)), None)
+    prefer = _as_patterns(cfg.mr_prefer)
+    plain = " ".join(x for x in (info.get("description"), info.get("sequence_name")) if x)
+    by_desc = next((i for i, pat in enumerate(prefer) if re.search(pat, plain, re.I)), None)
+    cls = next((i for i, pat in enumerate(prefer) if re.search(pat, text, re.I)), None)
     if cls is None:
         return _Candidate(st, "MR", False, "not T1-weighted by the selection rules (description and sequence tags)")
     g = st.geometry
-    what = f"rule {cls + 1} of {len(_as_patterns(cfg.mr_prefer))}" + (" (weighting from tags)" if tags else "") + \
-        f", {g.spacing[2]:.2f} mm slices"
+    from_tags = " (weighting/contrast from sequence tags)" if by_desc != cls else ""
+    what = f"rule {cls + 1} of {len(prefer)}{from_tags}, {g.spacing[2]:.2f} mm slices"
     rank = (cls, round(g.spacing[2], 3), -g.size[2], info.get("series_number") or 0, st.key)
     return _Candidate(st, "MR", True, what, rank)
 

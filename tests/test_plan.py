@@ -102,7 +102,7 @@ def test_mr_weighting_and_contrast_from_sequence_tags():
     plan = make_plan(cat, Config(), KEY)
     chosen = [s for s in plan.series if s["decision"] == "chosen" and s["modality"] == "MR"]
     assert [s["series_number"] for s in chosen] == [9]  # post-contrast by tag outranks thinner pre-contrast
-    assert "weighting from tags" in chosen[0]["reason"]
+    assert "from sequence tags" in chosen[0]["reason"]
     se = next(s for s in plan.series if s["series_number"] == 4)
     assert se["reason"].startswith("not T1-weighted")
 
@@ -286,3 +286,89 @@ def test_cli_plan_missing_catalog_is_one_clear_error(tmp_path):
 
     res = CliRunner().invoke(main, ["plan", str(tmp_path / "nope.parquet"), "--out", str(tmp_path / "p.json")])
     assert res.exit_code == 2 and "catalog not found" in res.output and "Traceback" not in res.output
+
+
+# --------------------------------------------------------------------------------------------- synthetic corpus
+# the generator's words for why a series is unusable -> how our reasons begin
+MANIFEST_REASONS = {
+    "localizer": ("localizer/scout",),
+    "scout": ("localizer/scout",),
+    "not an image": ("not a CT/MR image", "no image pixels"),
+    "missing slice": ("missing slice",),
+}
+
+
+@pytest.fixture(scope="module")
+def clean_plan(corpus):
+    from mrict_dask.scan import scan
+
+    cat = scan(corpus.url)
+    return corpus, cat, make_plan(cat, Config(), KEY)
+
+
+@pytest.fixture(scope="module")
+def quirky_plan(quirky_corpus):
+    from mrict_dask.scan import scan
+
+    cat = scan(quirky_corpus.url)
+    return quirky_corpus, cat, make_plan(cat, Config(), KEY)
+
+
+def _check_against_manifest(c, cat, plan) -> None:
+    m = c.manifest
+    to_pid = plan.patients
+    got_pairs = sorted((to_pid[p.patient], p.mr_series_uid, p.ct_series_uid, p.days_apart) for p in plan.pairs)
+    want_pairs = sorted((p["patient_id"], p["mr_series_uid"], p["ct_series_uid"], p["days_apart"])
+                        for p in m["expected_pairs"])
+    assert got_pairs == want_pairs
+    got_exc = sorted((to_pid[e["patient"]], e["reason"].split(":")[0]) for e in plan.exclusions)
+    want_exc = sorted((e["patient_id"], next(r for r in EXCLUSION_REASONS if e["reason"].startswith(r)))
+                      for e in m["expected_exclusions"])
+    assert got_exc == want_exc
+    # the chosen stacks hold exactly the manifest's files, in its true spatial order
+    series = {s["series_uid"]: s for p in m["patients"] for st in p["studies"] for s in st["series"]}
+    for p in plan.pairs:
+        for uid, files in ((p.mr_series_uid, p.mr_files), (p.ct_series_uid, p.ct_files)):
+            assert [os.path.relpath(f, c.url) for f in files] == series[uid]["files"]
+    # every series the generator calls unusable is refused or passed over, with a reason of the same kind
+    decided = {}
+    for s in plan.series:
+        decided.setdefault(s["series_uid"], []).append(s)
+    for uid, s in series.items():
+        entries = decided[uid]
+        assert all(e["reason"] for e in entries)
+        if s["usable"]:
+            assert any(e["decision"] != "refused" for e in entries), (s["description"], entries)
+        else:
+            assert all(e["decision"] == "refused" for e in entries), (s["description"], entries)
+            kind = next(k for k in MANIFEST_REASONS if s["reason"].startswith(k))
+            assert all(e["reason"].startswith(MANIFEST_REASONS[kind]) for e in entries), (s["reason"], entries)
+    # every file that is not usable DICOM is reported, and no reported file is in a pair
+    bad = {os.path.join(c.url, f["path"]) for f in m["files"] if f["kind"] != "dicom"}
+    reported = {f["url"] for f in plan.files_with_errors}
+    assert bad <= reported
+    used = {f for p in plan.pairs for f in p.mr_files + p.ct_files}
+    assert not used & reported
+
+
+def test_clean_corpus_plan_equals_manifest(clean_plan):
+    _check_against_manifest(*clean_plan)
+
+
+def test_quirky_corpus_plan_equals_manifest(quirky_plan):
+    _check_against_manifest(*quirky_plan)
+
+
+def test_plan_json_from_corpus_is_private_and_summary_is_not(clean_plan, tmp_path):
+    c, cat, _ = clean_plan
+    cat_url = str(tmp_path / "catalog.parquet")
+    cat.to_parquet(cat_url)
+    summary = plan_to_json(cat_url, str(tmp_path / "plan.json"), Config(), pseudonym_key="k")
+    text = summary.describe()
+    phi = c.manifest["phi"]
+    for k in ("patient_names", "patient_ids", "birth_dates", "accession_numbers", "institutions",
+              "referring_physicians", "study_dates", "uids"):
+        for v in phi.get(k, []):
+            assert str(v) not in text, k
+    data = json.loads(open(tmp_path / "plan.json").read())
+    assert {p["patient_id"] for p in c.manifest["expected_pairs"]} <= set(data["patients"].values())
