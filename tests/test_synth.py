@@ -206,3 +206,212 @@ def test_simulate_patient_matches_its_corpus_twin(corpus):
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(sim.mr), sitk.GetArrayViewFromImage(img))
     r = sim.ct_to_mr[:3, :3]
     np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-9)  # CT -> MR is rigid
+
+
+# ------------------------------------------------------------------------------------------------ dciodvfy
+def _dciodvfy_errors(path: str) -> list[str]:
+    exe = shutil.which("dciodvfy")
+    assert exe, "dciodvfy (Debian package dicom3tools) is required for this test"
+    proc = subprocess.run([exe, path], capture_output=True, text=True, timeout=120)
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.parametrize("role", ["t1c", "t2", "flair", "localizer", "ct", "scout", "sr"])
+def test_dciodvfy_finds_no_errors(corpus, role):
+    _, _, s = next(_series(corpus.manifest, role))
+    assert _dciodvfy_errors(os.path.join(corpus.url, s["files"][len(s["files"]) // 2])) == []
+
+
+# ------------------------------------------------------------------------------------------------ quirks
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """One clean patient; every single-quirk corpus below uses the same seed and differs only by its quirk."""
+    root = tmp_path_factory.mktemp("baseline")
+    summary = generate_corpus(str(root / "dicom"), patients=1, seed=5, manifest_url=str(root / "m.json"))
+    return str(root / "dicom"), summary.manifest
+
+
+def _single_quirk(tmp_path, quirk):
+    summary = generate_corpus(str(tmp_path / "dicom"), patients=1, seed=5, quirks=(quirk,),
+                              manifest_url=str(tmp_path / "m.json"))
+    return str(tmp_path / "dicom"), summary.manifest
+
+
+def _pixels(path: str) -> np.ndarray:
+    return pydicom.dcmread(path).pixel_array
+
+
+@pytest.mark.parametrize("quirk", QUIRKS)
+def test_each_quirk_alone_changes_only_what_it_says(baseline, tmp_path, quirk):
+    base_root, base_m = baseline
+    root, m = _single_quirk(tmp_path, quirk)
+    (entry, *more) = m["quirks"]
+    assert entry["quirk"] == quirk and all(e["quirk"] == quirk for e in more)
+    base = _tree_digest(base_root)
+    now = _tree_digest(root)
+    touched_series = {e["series_uid"] for e in m["quirks"] if "series_uid" in e}
+    base_files_of = {s["series_uid"]: s["files"] for _, _, s in _series(base_m)}
+    # outside the touched series, the corpus is byte-identical to the clean one
+    untouched = {p for uid, files in base_files_of.items() if uid not in touched_series for p in files}
+    assert all(now.get(p) == base[p] for p in untouched)
+    assert m["expected_pairs"] == base_m["expected_pairs"]
+    series_now = {s["series_uid"]: s for _, _, s in _series(m)}
+
+    if quirk == "missing_slice":
+        s = series_now[entry["series_uid"]]
+        assert set(base) - set(now) == {entry["missing_path"]} and set(now) <= set(base)
+        assert not s["usable"] and "missing slice" in s["reason"]
+        assert len(s["files"]) == s["geometry"]["size"][2] - 1
+    elif quirk == "duplicate_instance":
+        (dup,), (orig,) = entry["files"], entry["duplicate_of"]
+        assert set(now) - set(base) == {dup} and now[dup] == now[orig] == base[orig]
+        assert series_now[entry["series_uid"]]["usable"]
+        assert {f["path"]: f["duplicate_of"] for f in m["files"]}[dup] == orig
+    elif quirk == "truncated_file":
+        (bad,) = entry["files"]
+        assert set(now) == set(base) and {p for p in now if now[p] != base[p]} == {bad}
+        data = open(os.path.join(root, bad), "rb").read()
+        assert open(os.path.join(base_root, bad), "rb").read().startswith(data)
+        ds = pydicom.dcmread(os.path.join(root, bad))  # the header is intact; the pixel data is cut short
+        with pytest.raises(Exception):
+            ds.pixel_array
+        assert not series_now[entry["series_uid"]]["usable"]
+        assert {f["path"]: f["kind"] for f in m["files"]}[bad] == "truncated"
+    elif quirk == "non_dicom_file":
+        assert set(now) - set(base) == set(entry["files"]) and set(base) <= set(now)
+        for p in entry["files"]:
+            with pytest.raises(pydicom.errors.InvalidDicomError):
+                pydicom.dcmread(os.path.join(root, p))
+        assert {f["path"]: f["kind"] for f in m["files"]}.keys() >= set(entry["files"])
+    elif quirk == "gantry_tilt":
+        _check_tilt(root, series_now[entry["series_uid"]], base_root, base_files_of[entry["series_uid"]],
+                    entry["tilt_deg"])
+    elif quirk == "compressed":
+        syntaxes = {e["transfer_syntax"] for e in m["quirks"]}
+        assert str(pydicom.uid.RLELossless) in syntaxes
+        for e in m["quirks"]:
+            for p in series_now[e["series_uid"]]["files"]:
+                ds = pydicom.dcmread(os.path.join(root, p))
+                assert ds.file_meta.TransferSyntaxUID == e["transfer_syntax"]
+                np.testing.assert_array_equal(ds.pixel_array, _pixels(os.path.join(base_root, p)))
+    elif quirk == "shuffled_instance_numbers":
+        s = series_now[entry["series_uid"]]
+        headers = [pydicom.dcmread(os.path.join(root, p), stop_before_pixels=True) for p in s["files"]]
+        numbers = [int(h.InstanceNumber) for h in headers]
+        assert sorted(numbers) == list(range(1, len(numbers) + 1)) and numbers != sorted(numbers)
+        assert numbers != sorted(numbers, reverse=True)
+        z = [float(h.ImagePositionPatient[2]) for h in headers]
+        assert z == sorted(z)  # the manifest lists files in true spatial order
+        img, names = _read_series(root, s)
+        assert names == s["files"] and s["usable"]
+    elif quirk == "multiframe_mr":
+        s = series_now[entry["series_uid"]]
+        (path,) = s["files"]
+        ds = pydicom.dcmread(os.path.join(root, path))
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4.1" and int(ds.NumberOfFrames) == len(
+            base_files_of[s["series_uid"]])
+        frames = ds.pixel_array
+        for k, p in enumerate(base_files_of[s["series_uid"]]):
+            b = pydicom.dcmread(os.path.join(base_root, p))
+            pos = ds.PerFrameFunctionalGroupsSequence[k].PlanePositionSequence[0].ImagePositionPatient
+            np.testing.assert_allclose([float(v) for v in pos], [float(v) for v in b.ImagePositionPatient])
+            np.testing.assert_array_equal(frames[k], b.pixel_array)
+        img = sitk.ReadImage(os.path.join(root, path))
+        np.testing.assert_allclose(img.GetOrigin(), s["geometry"]["origin"], atol=0.01)
+        np.testing.assert_allclose(img.GetSpacing(), s["geometry"]["spacing"], atol=0.01)
+        assert _dciodvfy_errors(os.path.join(root, path)) == []
+
+
+def _check_tilt(root, s, base_root, base_files, tilt_deg):
+    """Tilted slices, placed by their own IPP/IOP/PixelSpacing, sample the same anatomy as the untilted CT."""
+    from scipy import ndimage
+
+    assert s["usable"] and s["tilt_deg"] == tilt_deg and 14 <= abs(tilt_deg) <= 21
+    headers = [pydicom.dcmread(os.path.join(root, p)) for p in s["files"]]
+    iop = np.array([float(v) for v in headers[0].ImageOrientationPatient])
+    row, col = iop[:3], iop[3:]
+    assert np.degrees(np.arccos(abs(np.cross(row, col)[2]))) == pytest.approx(abs(tilt_deg), abs=0.01)
+    assert float(headers[0].GantryDetectorTilt) == pytest.approx(tilt_deg)
+    ipp = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+    assert np.allclose(ipp[:, :2], ipp[0, :2]) and np.all(np.diff(ipp[:, 2]) > 0)  # slices step along z only
+    ref, _ = _read_series(base_root, {"files": base_files, "series_uid": headers[0].SeriesInstanceUID})
+    ref_arr = sitk.GetArrayFromImage(ref).astype(np.float32)
+    ref_origin, ref_sp = np.array(ref.GetOrigin()), np.array(ref.GetSpacing())
+    ref_dir = np.array(ref.GetDirection()).reshape(3, 3)
+
+    def agreement(positions, row, col):
+        ours, theirs = [], []
+        for h, pos in list(zip(headers, positions))[5:-5:3]:
+            dr, dc = (float(v) for v in h.PixelSpacing)
+            j, i = np.mgrid[0:int(h.Rows):8, 0:int(h.Columns):8]
+            pts = pos + i[..., None] * dc * row + j[..., None] * dr * col
+            idx = np.linalg.solve(ref_dir * ref_sp, (pts - ref_origin).reshape(-1, 3).T)  # continuous x, y, z
+            sampled = ndimage.map_coordinates(ref_arr, idx[::-1], order=1, cval=-1000.0)
+            hu = h.pixel_array[::8, ::8].astype(np.float32).ravel() * float(h.RescaleSlope) + float(h.RescaleIntercept)
+            keep = (hu > -1100) & (sampled > -1100)
+            ours.append(hu[keep])
+            theirs.append(sampled[keep])
+        return float(np.corrcoef(np.concatenate(ours), np.concatenate(theirs))[0, 1])
+
+    good = agreement(ipp, row, col)
+    ignoring_tilt = agreement(ipp, row, np.array([0.0, 1.0, 0.0]))
+    assert good > 0.85 and ignoring_tilt < good - 0.2  # good is limited by the 2.5 mm slices of the reference
+
+
+def test_quirky_corpus_records_every_quirk_and_keeps_pairs(quirky_corpus):
+    m = quirky_corpus.manifest
+    assert {e["quirk"] for e in m["quirks"]} == set(QUIRKS)
+    assert len(m["expected_pairs"]) >= 2
+    kinds = {f["path"]: f["kind"] for f in m["files"]}
+    assert set(_tree_digest(quirky_corpus.url)) == set(kinds)
+    quirked = [s for _, _, s in _series(m) if s["quirks"]]
+    assert all(len(s["quirks"]) == 1 for s in quirked)  # spread out: one quirk per series
+    pair_series = {p["mr_series_uid"] for p in m["expected_pairs"]} | {p["ct_series_uid"] for p in m["expected_pairs"]}
+    for _, _, s in _series(m):
+        if s["series_uid"] in pair_series:
+            assert s["usable"]
+    for e in m["quirks"]:
+        assert e["expected"] and e["files"]
+
+
+# ------------------------------------------------------------------------------------------------ determinism
+def test_same_seed_same_bytes_other_seed_other_bytes(baseline, tmp_path):
+    base_root, base_m = baseline
+    again = generate_corpus(str(tmp_path / "a"), patients=1, seed=5, manifest_url=str(tmp_path / "a.json"))
+    assert _tree_digest(str(tmp_path / "a")) == _tree_digest(base_root)
+    assert json.dumps(again.manifest, sort_keys=True) == json.dumps(base_m, sort_keys=True)
+    other = generate_corpus(str(tmp_path / "b"), patients=1, seed=6, manifest_url=str(tmp_path / "b.json"))
+    digests = set(_tree_digest(str(tmp_path / "b")).values())
+    assert not digests & set(_tree_digest(base_root).values())
+    assert other.manifest["phi_strings"] != base_m["phi_strings"]
+
+
+def test_refuses_a_non_empty_target(baseline):
+    with pytest.raises(ConfigError, match="not empty"):
+        generate_corpus(baseline[0], patients=1)
+
+
+# ------------------------------------------------------------------------------------------------ CLI + S3
+def test_cli_writes_a_flat_corpus_to_s3(s3):
+    from click.testing import CliRunner
+
+    from mrict_dask.cli import main
+
+    url = s3.url("corpus")
+    result = CliRunner().invoke(main, ["synth", url, "--patients", "1", "--seed", "3", "--layout", "flat",
+                                       "--quirks", "non_dicom_file",
+                                       "--storage-options", json.dumps(s3.storage_options)])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "manifest" in result.output
+    fs = s3.fs()
+    manifest = json.loads(fs.cat(url + ".manifest.json"))
+    keys = fs.find(url)
+    names = [k.rsplit("/", 1)[1] for k in keys]
+    assert len(keys) == manifest["n_files"] and sorted(names) == sorted(f["path"] for f in manifest["files"])
+    assert all("/" not in f["path"] and "." not in f["path"] for f in manifest["files"])  # one folder, no extensions
+    assert sum(fs.size(k) for k in keys) == manifest["n_bytes"]
+    # the flat names do not follow the series order
+    _, _, s = next(_series(manifest, "t1c"))
+    assert s["files"] != sorted(s["files"])
+    ds = pydicom.dcmread(fs.open(url + "/" + s["files"][0]))
+    assert ds.SeriesInstanceUID == s["series_uid"]

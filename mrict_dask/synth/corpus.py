@@ -120,6 +120,11 @@ class SeriesPlan:
     multiframe: bool = False
     usable: bool = True
     reason: str = ""
+    missing_k: int | None = None  # quirk: this slice's file is not written
+    truncated_k: int | None = None  # quirk: this slice's file is cut inside its pixel data
+    duplicate_k: int | None = None  # quirk: this slice's file is written twice
+    shuffled: bool = False  # quirk: InstanceNumber does not follow the slice order
+    missing_path: str = ""
 
 
 @dataclass
@@ -284,7 +289,7 @@ def _plan_series(role: str, modality: str, sseed: int, when: dt.datetime, scalin
         plan.geometry = _axial_grid(head, rng, proto["fov"] + rng.choice([-10.0, 0.0, 10.0]), proto["matrix"],
                                     proto["step"])
         plan.thickness = proto["thickness"]
-        plan.spacing_between = proto["step"]
+        plan.spacing_between = proto["step"] if modality == "MR" else None
         plan.instances = proto["instances"]
         if modality == "CT":
             plan.info.protocol["recon_diameter"] = plan.geometry.spacing[0] * plan.geometry.size[0]
@@ -301,6 +306,118 @@ def _plan_series(role: str, modality: str, sseed: int, when: dt.datetime, scalin
     elif role == "sr":
         plan.usable, plan.reason = False, "not an image"
     return plan
+
+
+# ------------------------------------------------------------------------------------------------ quirks
+# Where each quirk lands: (preferred patient index, candidate roles). With 4 patients (scenarios pair, two_ct,
+# too_far, mr_only) both pairs survive with every quirk on, and no series carries two quirks.
+QUIRK_TARGETS: dict[str, tuple[int, tuple[str, ...]]] = {
+    "multiframe_mr": (2, ("t1c", "t2", "flair")),
+    "compressed": (1, ("t1c", "t2", "flair")),  # RLE; a CT series in JPEG 2000 is placed separately
+    "gantry_tilt": (1, ("ct",)),
+    "missing_slice": (0, ("flair", "t2")),
+    "truncated_file": (1, ("t2", "flair")),
+    "duplicate_instance": (0, ("t1c", "t2", "flair", "ct")),
+    "shuffled_instance_numbers": (3, ("t1c", "t2", "flair", "ct")),
+}
+J2K_TARGET = (0, ("ct",))
+TILT_CHOICES = (15.0, 18.0, 20.0)
+
+
+def _candidates(plans: list[PatientPlan], start: int, roles: tuple[str, ...]):
+    """Series with one of ``roles``, patients from ``start`` on (wrapping), the most pair-relevant study first."""
+    n = len(plans)
+    for off in range(n):
+        p = plans[(start + off) % n]
+        for role in roles:
+            studies = [st for st in p.studies if any(s.role == role for s in st.series)]
+            others = [st.date for st in p.studies if st.info.modality != (studies[0].info.modality if studies else "")]
+            studies.sort(key=lambda st: min((abs((st.date - d).days) for d in others), default=0))
+            for st in studies:
+                for s in st.series:
+                    if s.role == role:
+                        yield p, st, s
+
+
+def _pick(plans, start, roles, allow_shared: bool):
+    cands = list(_candidates(plans, start, roles))
+    free = [c for c in cands if not c[2].quirks]
+    if free:
+        return free[0]
+    shared = [c for c in cands if allow_shared and not c[2].multiframe and c[2].usable]
+    return shared[0] if shared else None
+
+
+def assign_quirks(plans: list[PatientPlan], quirks: Sequence[str], model: TissueModel,
+                  corpus_seed: int) -> list[dict]:
+    """Mark the series each quirk hits; returns the quirk log (what, where, and what a correct tool concludes)."""
+    log_entries: list[dict] = []
+    for name in QUIRKS:
+        if name not in quirks or name == "non_dicom_file":
+            continue
+        rng = _rng(corpus_seed, 99, QUIRKS.index(name))
+        targets = [QUIRK_TARGETS[name]] + ([J2K_TARGET] if name == "compressed" else [])
+        for t_index, (start, roles) in enumerate(targets):
+            hit = _pick(plans, start, roles, allow_shared=name != "multiframe_mr")
+            if hit is None:
+                log.warning("quirk %s: no series to apply it to in this corpus", name)
+                continue
+            p, st, s = hit
+            s.quirks.append(name)
+            entry = {"quirk": name, "patient_id": p.info.patient_id, "study_uid": st.info.uid,
+                     "series_uid": s.info.uid, "role": s.role}
+            n = s.geometry.size[2]
+            if name == "missing_slice":
+                s.missing_k = int(rng.integers(2, n - 2))
+                s.usable, s.reason = False, f"missing slice (slice {s.missing_k} of {n} absent)"
+                entry["expected"] = "series refused: missing slice"
+            elif name == "truncated_file":
+                s.truncated_k = int(rng.integers(2, n - 2))
+                s.usable, s.reason = False, f"missing slice (slice {s.truncated_k} of {n} is a truncated file)"
+                entry["expected"] = "the truncated file is unreadable; the series is refused: missing slice"
+            elif name == "duplicate_instance":
+                s.duplicate_k = int(rng.integers(0, n))
+                entry["expected"] = "series usable after dropping the duplicate (same SOPInstanceUID)"
+            elif name == "shuffled_instance_numbers":
+                s.shuffled = True
+                entry["expected"] = "series usable: slices ordered by position, not InstanceNumber"
+            elif name == "compressed":
+                s.transfer_syntax = str(dw.RLELossless if t_index == 0 else dw.JPEG2000Lossless)
+                entry["transfer_syntax"] = s.transfer_syntax
+                entry["expected"] = "series usable: voxels identical to the uncompressed values after decoding"
+            elif name == "multiframe_mr":
+                s.multiframe = True
+                entry["expected"] = "series usable: one Enhanced MR file, frames placed by PlanePositionSequence"
+            elif name == "gantry_tilt":
+                s.tilt_deg = float(TILT_CHOICES[int(rng.integers(len(TILT_CHOICES)))])
+                head = model.head_points @ s.transform[:3, :3].T + s.transform[:3, 3]
+                proto = s.info.protocol
+                s.geometry = _tilted_grid(head, s.geometry, s.tilt_deg, proto["step"])
+                entry["tilt_deg"] = s.tilt_deg
+                entry["expected"] = ("series usable: resample the sheared slices onto an orthogonal grid; "
+                                     "the manifest transform stays exact")
+            log_entries.append(entry)
+    return log_entries
+
+
+def _tilted_grid(points: np.ndarray, axial: Geometry, tilt_deg: float, step: float, margin: float = 3.0) -> Geometry:
+    """The same in-plane grid with its column direction tilted about x; slices still advance along z only."""
+    t = np.deg2rad(tilt_deg)
+    row = np.array([1.0, 0.0, 0.0])
+    col = np.array([0.0, float(dw._fmt(np.cos(t))), float(dw._fmt(-np.sin(t)))])
+    axes = np.stack([row, col, np.array([0.0, 0.0, 1.0])], axis=1)
+    px, py = axial.spacing[0], axial.spacing[1]
+    ni, nj = axial.size[0], axial.size[1]
+    centre = axial.origin + np.array([(ni - 1) / 2 * px, (nj - 1) / 2 * py, 0.0])
+    # k of each head point in the sheared basis decides how many slices cover the head
+    m = axes * np.array([px, py, step])[None, :]
+    base = centre - m[:, 0] * (ni - 1) / 2 - m[:, 1] * (nj - 1) / 2
+    ks = np.linalg.solve(m, (points - base).T)[2]
+    k0 = math.floor(ks.min() - margin / step)
+    n = int(math.ceil(ks.max() + margin / step)) - k0 + 1
+    origin = base + m[:, 2] * k0
+    origin = np.array([_round(v) for v in origin])
+    return Geometry(size=(ni, nj, n), spacing=(px, py, float(step)), origin=origin, axes=axes)
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -543,8 +660,8 @@ def _series_folder(series: SeriesPlan, rng: np.random.Generator) -> str:
 
 
 def _series_datasets(plan: SeriesPlan, patient: PatientPlan, study: StudyPlan,
-                     pixels: list[np.ndarray], uid_parts: tuple) -> list[tuple[int, int, Any]]:
-    """(spatial index k, InstanceNumber, dataset) for each file of the series."""
+                     pixels: list[np.ndarray], uid_parts: tuple) -> list[tuple[int, int, Any, Any]]:
+    """(spatial index k, InstanceNumber, dataset, shared header or None) for each file of the series."""
     out = []
     pinfo, sinfo, info = patient.info, study.info, plan.info
     if plan.role in ("t1c", "t2", "flair", "ct"):
@@ -560,12 +677,13 @@ def _series_datasets(plan: SeriesPlan, patient: PatientPlan, study: StudyPlan,
         else:
             header = dw.ct_header(pinfo, sinfo, info, intercept=CT_INTERCEPT, padding=CT_PADDING_STORED,
                                   tilt=plan.tilt_deg, **geo)
+        numbers = _instance_numbers(plan)
         for k in range(n):
-            instance = k + 1 if plan.instances == "asc" else n - k
+            instance = numbers[k]
             sop = str(dw.make_uid(*uid_parts, info.uid, k, "sop"))
             ds = dw.slice_dataset(header, sop_uid=sop, instance=instance, position=g.physical([0, 0, k]),
                                   pixels=vol[k])
-            out.append((k, instance, ds))
+            out.append((k, instance, ds, header))
     elif plan.role in ("localizer", "scout"):
         for k, (g, img) in enumerate(zip(plan.images, pixels)):
             sop = str(dw.make_uid(*uid_parts, info.uid, k, "sop"))
@@ -576,13 +694,23 @@ def _series_datasets(plan: SeriesPlan, patient: PatientPlan, study: StudyPlan,
                 ds = dw.mr_image(pinfo, sinfo, info, spacing_between=None, **common)
             else:
                 ds = dw.ct_image(pinfo, sinfo, info, intercept=0.0, padding=None, **common)
-            out.append((k, k + 1, ds))
+            out.append((k, k + 1, ds, None))
     elif plan.role == "sr":
         sop = str(dw.make_uid(*uid_parts, info.uid, 0, "sop"))
         text = (f"CT head without contrast. CTDIvol 52.3 mGy, DLP 915 mGy*cm. Referring: {sinfo.referring}. "
                 f"Institution: {sinfo.institution}.")
-        out.append((0, 1, dw.text_sr(pinfo, sinfo, info, sop_uid=sop, text=text)))
+        out.append((0, 1, dw.text_sr(pinfo, sinfo, info, sop_uid=sop, text=text), None))
     return out
+
+
+def _instance_numbers(plan: SeriesPlan) -> list[int]:
+    n = plan.geometry.size[2]
+    if plan.shuffled:
+        perm = _rng(plan.seed, 5).permutation(n)
+        while n > 2 and (np.all(np.diff(perm) > 0) or np.all(np.diff(perm) < 0)):
+            perm = _rng(plan.seed, 6).permutation(n)
+        return [int(v) + 1 for v in perm]
+    return [k + 1 if plan.instances == "asc" else n - k for k in range(n)]
 
 
 def _series_manifest(plan: SeriesPlan, files: list[str]) -> dict:
@@ -599,6 +727,12 @@ def _series_manifest(plan: SeriesPlan, files: list[str]) -> dict:
         entry["images"] = [g.as_dict() for g in plan.images]
     if plan.tilt_deg:
         entry["tilt_deg"] = plan.tilt_deg
+    if plan.transfer_syntax:
+        entry["transfer_syntax"] = plan.transfer_syntax
+    if plan.missing_k is not None:
+        entry["missing"] = {"k": plan.missing_k, "path": plan.missing_path}
+    if plan.multiframe:
+        entry["sop_class_uid"] = str(dw.ENHANCED_MR_IMAGE_STORAGE)
     return entry
 
 
@@ -692,12 +826,17 @@ def generate_corpus(out_url: str, patients: int = 3, seed: int = 0, quirks: Sequ
         plans.append(plan_patient(patient_seed(seed, i), sc, i, model, counts.get(sc, 0), seed, taken))
         counts[sc] = counts.get(sc, 0) + 1
 
+    quirk_log = assign_quirks(plans, quirks, model, seed)
+    namer = _Namer(layout, seed)
     bar = _progress(progress, patients)
     patient_entries = []
     for plan in plans:
-        patient_entries.append(_write_patient(plan, model, out, seed))
+        patient_entries.append(_write_patient(plan, model, out, seed, namer))
         bar(1)
     bar(None)
+    if "non_dicom_file" in quirks:
+        quirk_log += _write_non_dicom(patient_entries, out, seed, namer)
+    _add_quirk_files(quirk_log, patient_entries, out)
 
     pairs, exclusions = _expected(plans)
     phi = _phi(plans)
@@ -710,6 +849,7 @@ def generate_corpus(out_url: str, patients: int = 3, seed: int = 0, quirks: Sequ
         "patients": patient_entries,
         "expected_pairs": pairs,
         "expected_exclusions": exclusions,
+        "quirks": quirk_log,
         "phi": phi,
         "phi_strings": sorted({s for v in phi.values() for s in v}),
     }
@@ -718,6 +858,30 @@ def generate_corpus(out_url: str, patients: int = 3, seed: int = 0, quirks: Sequ
     log.info("synthetic corpus: %d files, %d bytes, %.1f s", len(out.files), out.n_bytes, seconds)
     return SynthSummary(manifest=manifest, n_files=len(out.files), n_bytes=int(out.n_bytes), seconds=seconds,
                         out_url=out_url, manifest_url=manifest_url)
+
+
+def _add_quirk_files(quirk_log: list[dict], patient_entries: list[dict], out: _Out) -> None:
+    """Name the files each quirk touched in its log entry."""
+    by_series: dict[str, list[dict]] = {}
+    for f in out.files:
+        if f["series_uid"]:
+            by_series.setdefault(f["series_uid"], []).append(f)
+    series = {s["series_uid"]: s for p in patient_entries for st in p["studies"] for s in st["series"]}
+    for e in quirk_log:
+        if "series_uid" not in e:
+            continue
+        files = by_series.get(e["series_uid"], [])
+        q = e["quirk"]
+        if q == "missing_slice":
+            e["files"] = list(series[e["series_uid"]]["files"])
+            e["missing_path"] = series[e["series_uid"]]["missing"]["path"]
+        elif q == "truncated_file":
+            e["files"] = [f["path"] for f in files if f["kind"] == "truncated"]
+        elif q == "duplicate_instance":
+            e["files"] = [f["path"] for f in files if f["duplicate_of"]]
+            e["duplicate_of"] = [f["duplicate_of"] for f in files if f["duplicate_of"]]
+        else:
+            e["files"] = list(series[e["series_uid"]]["files"])
 
 
 def _progress(enabled: bool, total: int):
@@ -738,7 +902,19 @@ def _progress(enabled: bool, total: int):
     return step
 
 
-def _write_patient(plan: PatientPlan, model: TissueModel, out: _Out, corpus_seed: int) -> dict:
+class _Namer:
+    """File names: the TCIA layout as is, or flat (one folder, extension-less names from a keyed hash)."""
+
+    def __init__(self, layout: str, seed: int):
+        self.layout, self.seed = layout, seed
+
+    def __call__(self, rel: str) -> str:
+        if self.layout == "tcia":
+            return rel
+        return hashlib.sha256(f"{self.seed}/{rel}".encode()).hexdigest()[:20]
+
+
+def _write_patient(plan: PatientPlan, model: TissueModel, out: _Out, corpus_seed: int, namer: _Namer) -> dict:
     anatomy = patient_anatomy(plan, model)
     rfold = _rng(plan.seed, 4)
     entry = {"patient_id": plan.info.patient_id, "patient_name": plan.info.name, "birth_date": plan.info.birth_date,
@@ -750,18 +926,73 @@ def _write_patient(plan: PatientPlan, model: TissueModel, out: _Out, corpus_seed
                     "accession_number": study.info.accession, "description": study.info.description,
                     "frame_of_reference_uid": study.info.frame_uid, "series": []}
         for series in study.series:
-            pixels = render_series(series, anatomy)
-            dsets = _series_datasets(series, plan, study, pixels, (corpus_seed, plan.seed))
             folder = f"{plan.info.patient_id}/{sfold}/{_series_folder(series, rfold)}"
-            by_k: dict[int, str] = {}
-            for k, instance, ds in dsets:
-                rel = f"{folder}/1-{instance:03d}.dcm"
-                out.add(rel, dw.encode(ds), "dicom", series.info.uid, str(ds.SOPInstanceUID))
-                by_k[k] = rel
-            out.flush()
-            st_entry["series"].append(_series_manifest(series, [by_k[k] for k in sorted(by_k)]))
+            files = _write_series(series, plan, study, anatomy, folder, out, corpus_seed, namer)
+            st_entry["series"].append(_series_manifest(series, files))
         entry["studies"].append(st_entry)
     return entry
+
+
+def _write_series(series: SeriesPlan, plan: PatientPlan, study: StudyPlan, anatomy: PatientAnatomy, folder: str,
+                  out: _Out, corpus_seed: int, namer: _Namer) -> list[str]:
+    """Render and write one series (quirks included); returns its files in true spatial order."""
+    pixels = render_series(series, anatomy)
+    uid_parts = (corpus_seed, plan.seed)
+    ts = dw.UID(series.transfer_syntax) if series.transfer_syntax else None
+    if series.multiframe:
+        sop = str(dw.make_uid(*uid_parts, series.info.uid, "enhanced", "sop"))
+        ds = dw.enhanced_mr(plan.info, study.info, series.info, sop_uid=sop, volume=pixels[0],
+                            geometry=series.geometry, thickness=series.thickness,
+                            spacing_between=series.spacing_between, window=_window(pixels[0]))
+        rel = namer(f"{folder}/1-1.dcm")
+        out.add(rel, dw.encode(ds, ts), "dicom", series.info.uid, sop)
+        out.flush()
+        return [rel]
+    by_k: dict[int, str] = {}
+    encoder = None
+    for k, instance, ds, header in _series_datasets(series, plan, study, pixels, uid_parts):
+        rel = namer(f"{folder}/1-{instance:03d}.dcm")
+        if k == series.missing_k:
+            series.missing_path = rel
+            continue
+        if header is not None and ts is None:
+            encoder = encoder or dw.SeriesEncoder(header)
+            data = encoder.encode(ds)
+        else:
+            data = dw.encode(ds, ts)
+        sop = str(ds.SOPInstanceUID)
+        if k == series.truncated_k:
+            cut = len(data) - len(ds.PixelData) // 2  # inside the pixel data
+            out.add(rel, data[:cut], "truncated", series.info.uid, sop)
+        else:
+            out.add(rel, data, "dicom", series.info.uid, sop)
+        if k == series.duplicate_k:
+            out.add(namer(f"{folder}/copy_of_1-{instance:03d}.dcm"), data, "dicom", series.info.uid, sop,
+                    duplicate_of=rel)
+        by_k[k] = rel
+    out.flush()
+    return [by_k[k] for k in sorted(by_k)]
+
+
+def _write_non_dicom(manifest_patients: list[dict], out: _Out, corpus_seed: int, namer: _Namer) -> list[dict]:
+    """A TCIA-style metadata.csv at the root and a stray binary (a macOS '._' resource file) in a series folder."""
+    rows = ["Series UID,Subject ID,Study Description,Series Description,Modality,Number of Images,File Location"]
+    first_folder = ""
+    for p in manifest_patients:
+        for st in p["studies"]:
+            for s in st["series"]:
+                folder = s["files"][0].rsplit("/", 1)[0] if "/" in s["files"][0] else "."
+                first_folder = first_folder or folder
+                rows.append(f"{s['series_uid']},{p['patient_id']},{st['description']},{s['description']},"
+                            f"{st['modality']},{len(s['files'])},./{folder}")
+    csv_rel = namer("metadata.csv")
+    out.add(csv_rel, ("\n".join(rows) + "\n").encode(), "non_dicom", None, None)
+    blob = _rng(corpus_seed, 98).integers(0, 256, size=4096, dtype=np.uint8).tobytes()
+    blob_rel = namer(f"{first_folder}/._1-001.dcm") if first_folder != "." else namer("._1-001.dcm")
+    out.add(blob_rel, b"\x00\x05\x16\x07" + blob, "non_dicom", None, None)
+    out.flush()
+    expected = "not DICOM: catalogued with a read error, never part of a series"
+    return [{"quirk": "non_dicom_file", "files": [csv_rel, blob_rel], "expected": expected}]
 
 
 def tree_digest(paths_and_bytes: dict[str, bytes]) -> str:

@@ -156,7 +156,7 @@ def slice_dataset(header: Dataset, *, sop_uid: str, instance: int, position: np.
     col = np.array([float(v) for v in header.ImageOrientationPatient[3:]])
     ds.SliceLocation = _fmt(float(np.dot(position, np.cross(row, col))))
     signed = header.PixelRepresentation == 1
-    ds.PixelData = np.ascontiguousarray(pixels.astype("<i2" if signed else "<u2")).tobytes()
+    ds.add_new(0x7FE00010, "OW", np.ascontiguousarray(pixels.astype("<i2" if signed else "<u2")).tobytes())
     _file_meta(ds, transfer_syntax)
     return ds
 
@@ -265,11 +265,57 @@ def ct_header(patient: PatientInfo, study: StudyInfo, series: SeriesInfo, *, row
     return ds
 
 
+class SeriesEncoder:
+    """Fast Part 10 bytes for the slices of one series: the shared header is encoded once, in the segments
+    between the per-slice elements, so a slice costs only its own few elements. Output equals ``encode(ds)``."""
+
+    def __init__(self, header: Dataset):
+        from pydicom.filewriter import write_dataset
+        from pydicom.tag import Tag
+
+        self._tags = sorted(Tag(kw) for kw in PER_SLICE)
+        edges = [-1, *self._tags, 0x100000000]
+        self._segments = []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            sub = Dataset({t: e for t, e in header._dict.items() if lo < t < hi})
+            fp = _buffer()
+            write_dataset(fp, sub, parent_encoding=_charset(header))
+            self._segments.append(fp.getvalue())
+        self._charset = _charset(header)
+
+    def encode(self, ds: Dataset) -> bytes:
+        from pydicom.filewriter import write_data_element, write_file_meta_info
+
+        fp = _buffer()
+        fp.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(fp, ds.file_meta, enforce_standard=True)
+        for segment, tag in zip(self._segments, self._tags):
+            fp.write(segment)
+            write_data_element(fp, ds[tag], self._charset)
+        fp.write(self._segments[-1])
+        return fp.getvalue()
+
+
+def _buffer():
+    from pydicom.filebase import DicomBytesIO
+
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = False
+    return fp
+
+
+def _charset(ds: Dataset):
+    from pydicom.charset import convert_encodings
+
+    return convert_encodings(ds.get("SpecificCharacterSet", "ISO_IR 6"))
+
+
 def encode(ds: Dataset, transfer_syntax: UID | None = None) -> bytes:
     """The DICOM Part 10 file bytes; optionally re-encoded to a lossless compressed transfer syntax."""
     if transfer_syntax is not None and transfer_syntax != ds.file_meta.TransferSyntaxUID:
         if transfer_syntax in (RLELossless, JPEG2000Lossless):
-            ds.compress(transfer_syntax, encoding_plugin="pylibjpeg" if transfer_syntax == JPEG2000Lossless else "")
+            ds.compress(transfer_syntax, encoding_plugin="pylibjpeg")
         else:  # pragma: no cover - programming error
             raise ValueError(f"unsupported transfer syntax {transfer_syntax}")
     buf = io.BytesIO()
@@ -305,8 +351,155 @@ def text_sr(patient: PatientInfo, study: StudyInfo, series: SeriesInfo, *, sop_u
     ds.ContentSequence = DicomSequence([item])
     ds.PerformedProcedureCodeSequence = DicomSequence([])
     ds.ReferencedPerformedProcedureStepSequence = DicomSequence([])
-    ds.CurrentRequestedProcedureEvidenceSequence = DicomSequence([])
-    ds.PertinentOtherEvidenceSequence = DicomSequence([])
     del ds.SeriesDate, ds.AcquisitionDate, ds.AcquisitionTime
+    _file_meta(ds, ExplicitVRLittleEndian)
+    return ds
+
+
+def _item(**kw) -> Dataset:
+    ds = Dataset()
+    for k, v in kw.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
+
+
+def enhanced_mr(patient: PatientInfo, study: StudyInfo, series: SeriesInfo, *, sop_uid: str, volume: np.ndarray,
+                geometry, thickness: float, spacing_between: float | None, window: tuple[float, float]) -> Dataset:
+    """A whole MR volume as one Enhanced MR Image Storage object (multi-frame, functional groups)."""
+    p = series.protocol
+    n, rows, cols = volume.shape
+    row, col = geometry.axes[:, 0], geometry.axes[:, 1]
+    ds = Dataset()
+    _common(ds, patient, study, series, "MR")
+    for kw in ("AcquisitionDate", "AcquisitionTime", "SeriesDate"):
+        delattr(ds, kw)
+    ds.SOPClassUID = ENHANCED_MR_IMAGE_STORAGE
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceNumber = 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    ds.FrameOfReferenceUID = study.frame_uid
+    ds.PositionReferenceIndicator = ""
+    ds.PatientPosition = "HFS"
+    ds.BodyPartExamined = "HEAD"
+    ds.DeviceSerialNumber = "SN" + study.station
+    ds.SoftwareVersions = "synth-1"
+    ds.AcquisitionDateTime = study.date + series.time
+    ds.AcquisitionDuration = 312.0
+    ds.ContentQualification = "PRODUCT"
+    ds.ResonantNucleus = "1H"
+    ds.KSpaceFiltering = "NONE"
+    ds.MagneticFieldStrength = "1.5"
+    ds.ApplicableSafetyStandardAgency = "IEC"
+    ds.ImageComments = ""
+    ds.PixelPresentation = "MONOCHROME"
+    ds.VolumetricProperties = "VOLUME"
+    ds.VolumeBasedCalculationTechnique = "NONE"
+    ds.ComplexImageComponent = "MAGNITUDE"
+    ds.AcquisitionContrast = "T1"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.AcquisitionContextSequence = DicomSequence([])
+    # MR Pulse Sequence module
+    ds.PulseSequenceName = p.get("sequence_name", "")
+    ds.MRAcquisitionType = p["acquisition_type"]
+    ds.EchoPulseSequence = "GRADIENT" if "GR" in p["scanning_sequence"] else "SPIN"
+    if ds.EchoPulseSequence != "GRADIENT":
+        ds.MultipleSpinEcho = "NO"
+    ds.MultiPlanarExcitation = "NO"
+    ds.PhaseContrast = "NO"
+    ds.TimeOfFlightContrast = "NO"
+    ds.SteadyStatePulseSequence = "NONE"
+    ds.EchoPlanarPulseSequence = "NO"
+    ds.SaturationRecovery = "NO"
+    ds.SpectrallySelectedSuppression = "NONE"
+    ds.OversamplingPhase = "NONE"
+    ds.GeometryOfKSpaceTraversal = "RECTILINEAR"
+    ds.RectilinearPhaseEncodeReordering = "LINEAR"
+    ds.SegmentedKSpaceTraversal = "SINGLE"
+    ds.CoverageOfKSpace = "FULL"
+    ds.NumberOfKSpaceTrajectories = 1
+    if p.get("contrast"):
+        agent = _code("C-17800", "SRT", "Gadolinium")
+        for kw, v in dict(ContrastBolusAgentNumber=1, ContrastBolusVolume=15.0,
+                          ContrastBolusIngredientConcentration=0.5).items():
+            setattr(agent, kw, v)
+        agent.ContrastBolusAdministrationRouteSequence = DicomSequence([_code("G-D101", "SRT", "Intravenous route")])
+        agent.ContrastBolusIngredientCodeSequence = DicomSequence([_code("C-17800", "SRT", "Gadolinium")])
+        ds.ContrastBolusAgentSequence = DicomSequence([agent])
+    _pixel_format(ds, (rows, cols), signed=False, bits_stored=12)
+    ds.NumberOfFrames = n
+    ds.ContentDate = study.date
+    ds.ContentTime = series.time
+    dim_uid = make_uid(sop_uid, "dimension")
+    ds.DimensionOrganizationSequence = DicomSequence([_item(DimensionOrganizationUID=dim_uid)])
+    ds.DimensionOrganizationType = "3D"
+    ds.DimensionIndexSequence = DicomSequence([
+        _item(DimensionOrganizationUID=dim_uid, DimensionIndexPointer=0x00209056,
+              FunctionalGroupPointer=0x00209111, DimensionDescriptionLabel="Stack ID"),
+        _item(DimensionOrganizationUID=dim_uid, DimensionIndexPointer=0x00209057,
+              FunctionalGroupPointer=0x00209111, DimensionDescriptionLabel="In-Stack Position Number"),
+    ])
+    measures = _item(PixelSpacing=_ds_list((geometry.spacing[1], geometry.spacing[0])), SliceThickness=_fmt(thickness))
+    if spacing_between is not None:
+        measures.SpacingBetweenSlices = _fmt(spacing_between)
+    shared = Dataset()
+    shared.PixelMeasuresSequence = DicomSequence([measures])
+    shared.PlaneOrientationSequence = DicomSequence([_item(ImageOrientationPatient=_ds_list(list(row) + list(col)))])
+    shared.FrameVOILUTSequence = DicomSequence([_item(WindowCenter=_fmt(window[0]), WindowWidth=_fmt(window[1]))])
+    shared.MRImageFrameTypeSequence = DicomSequence([_item(
+        FrameType=["ORIGINAL", "PRIMARY", "VOLUME", "NONE"], PixelPresentation="MONOCHROME",
+        VolumetricProperties="VOLUME", VolumeBasedCalculationTechnique="NONE", ComplexImageComponent="MAGNITUDE",
+        AcquisitionContrast="T1")])
+    shared.MRTimingAndRelatedParametersSequence = DicomSequence([_item(
+        RepetitionTime=float(p["tr"]), FlipAngle=float(p.get("flip", 90)), EchoTrainLength=int(p.get("etl", 1)),
+        RFEchoTrainLength=int(p.get("etl", 1)), GradientEchoTrainLength=0,
+        GradientOutputType="DB_DT", GradientOutput=0.0,
+        SpecificAbsorptionRateSequence=DicomSequence([_item(SpecificAbsorptionRateDefinition="IEC_WHOLE_BODY",
+                                                            SpecificAbsorptionRateValue=0.5)]),
+        OperatingModeSequence=DicomSequence([_item(OperatingModeType="STATIC FIELD", OperatingMode="IEC_NORMAL")]))])
+    shared.MRFOVGeometrySequence = DicomSequence([_item(
+        InPlanePhaseEncodingDirection="ROW", MRAcquisitionFrequencyEncodingSteps=cols,
+        MRAcquisitionPhaseEncodingStepsInPlane=rows, MRAcquisitionPhaseEncodingStepsOutOfPlane=n,
+        PercentSampling=100.0, PercentPhaseFieldOfView=100.0)])
+    shared.MREchoSequence = DicomSequence([_item(EffectiveEchoTime=float(p["te"]))])
+    modifier = _item(InversionRecovery="YES" if "ti" in p else "NO", FlowCompensation="NONE", T2Preparation="NO",
+                     SpectrallySelectedExcitation="NONE", SpatialPresaturation="NONE", PartialFourier="NO",
+                     ParallelAcquisition="NO")
+    if "ti" in p:
+        modifier.InversionTimes = [float(p["ti"])]
+    shared.MRModifierSequence = DicomSequence([modifier])
+    shared.MRImagingModifierSequence = DicomSequence([_item(
+        PixelBandwidth=244.14, TransmitterFrequency=63.87, MagnetizationTransfer="NONE", BloodSignalNulling="NO",
+        Tagging="NONE")])
+    shared.MRReceiveCoilSequence = DicomSequence([_item(ReceiveCoilName="HEAD", ReceiveCoilManufacturerName=study.manufacturer,
+                                                        ReceiveCoilType="VOLUME", QuadratureReceiveCoil="YES")])
+    shared.PixelValueTransformationSequence = DicomSequence([_item(RescaleIntercept="0", RescaleSlope="1",
+                                                                   RescaleType="US")])
+    if p.get("contrast"):
+        shared.ContrastBolusUsageSequence = DicomSequence([_item(
+            ContrastBolusAgentNumber=1, ContrastBolusAgentAdministered="YES", ContrastBolusAgentDetected="NO")])
+    shared.MRTransmitCoilSequence = DicomSequence([_item(TransmitCoilName="BODY", TransmitCoilManufacturerName=study.manufacturer,
+                                                         TransmitCoilType="BODY")])
+    shared.MRAveragesSequence = DicomSequence([_item(NumberOfAverages=1.0)])
+    shared.FrameAnatomySequence = DicomSequence([_item(
+        FrameLaterality="B", AnatomicRegionSequence=DicomSequence([_code("T-A0100", "SRT", "Brain")]))])
+    ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    frames = []
+    for k in range(n):
+        pos = geometry.physical([0, 0, k])
+        f = Dataset()
+        f.FrameContentSequence = DicomSequence([_item(
+            StackID="1", InStackPositionNumber=k + 1, DimensionIndexValues=[1, k + 1],
+            FrameAcquisitionDateTime=study.date + series.time, FrameReferenceDateTime=study.date + series.time,
+            FrameAcquisitionDuration=1000.0)])
+        f.PlanePositionSequence = DicomSequence([_item(ImagePositionPatient=_ds_list(pos))])
+        frames.append(f)
+    ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
+    ds.PixelData = np.ascontiguousarray(volume.astype("<u2")).tobytes()
     _file_meta(ds, ExplicitVRLittleEndian)
     return ds
