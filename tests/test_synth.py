@@ -57,6 +57,11 @@ def _ncc_in_template(img: sitk.Image, transform: np.ndarray, template) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def days(a: str, b: str) -> int:
+    """b - a in days, for DICOM dates."""
+    return int((np.datetime64(f"{b[:4]}-{b[4:6]}-{b[6:]}") - np.datetime64(f"{a[:4]}-{a[4:6]}-{a[6:]}")).astype(int))
+
+
 def _tree_digest(root: str) -> dict[str, str]:
     out = {}
     for dirpath, _, files in os.walk(root):
@@ -100,7 +105,6 @@ def test_scenarios_give_pairs_exclusions_and_a_second_candidate(corpus):
         p = by_id[pair["patient_id"]]
         studies = {st["study_uid"]: st for st in p["studies"]}
         mr, ct = studies[pair["mr_study_uid"]], studies[pair["ct_study_uid"]]
-        days = lambda a, b: (np.datetime64(f"{b[:4]}-{b[4:6]}-{b[6:]}") - np.datetime64(f"{a[:4]}-{a[4:6]}-{a[6:]}")).astype(int)  # noqa: E731
         assert days(mr["study_date"], ct["study_date"]) == pair["days_apart"]
         assert abs(pair["days_apart"]) <= 183
         # closest wins: no other MR/CT combination of this patient is closer

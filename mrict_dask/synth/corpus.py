@@ -223,6 +223,11 @@ def zlib_crc(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
+def _person(rng: np.random.Generator, token: str) -> str:
+    first = FIRST["M" if rng.random() < 0.5 else "F"][int(rng.integers(8))]
+    return f"{LAST[int(rng.integers(len(LAST)))]}^{first}^{token}"
+
+
 def plan_patient(pseed: int, scenario: str, index: int, model: TissueModel, occurrence: int = 0,
                  corpus_seed: int = 0, taken: set[str] | None = None) -> PatientPlan:
     """Identities, dates, poses and grids of one patient's studies (no voxels yet)."""
@@ -260,8 +265,9 @@ def plan_patient(pseed: int, scenario: str, index: int, model: TissueModel, occu
                 description="MRI BRAIN WWO CONTRAST" if modality == "MR" else "CT HEAD WO CONTRAST",
                 study_id=str(int(rs.integers(1000, 99999))),
                 institution=f"{TOWNS[int(rs.integers(len(TOWNS)))]} Medical Center {token()}",
-                referring=f"{LAST[int(rs.integers(len(LAST)))]}^{FIRST['M' if rs.random() < .5 else 'F'][int(rs.integers(8))]}^{token()}^DR",
-                manufacturer=maker, model=mdl, station=f"{modality}{int(rs.integers(1, 9))}OC{int(rs.integers(10, 99))}",
+                referring=_person(rs, token()) + "^DR",
+                manufacturer=maker, model=mdl,
+                station=f"{modality}{int(rs.integers(1, 9))}OC{int(rs.integers(10, 99))}",
                 frame_uid=str(dw.make_uid(*uid_parts, "frame")), age=f"{age:03d}Y")
             series = []
             order = MR_ORDER if modality == "MR" else CT_ORDER

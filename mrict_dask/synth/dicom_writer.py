@@ -476,15 +476,16 @@ def enhanced_mr(patient: PatientInfo, study: StudyInfo, series: SeriesInfo, *, s
     shared.MRImagingModifierSequence = DicomSequence([_item(
         PixelBandwidth=244.14, TransmitterFrequency=63.87, MagnetizationTransfer="NONE", BloodSignalNulling="NO",
         Tagging="NONE")])
-    shared.MRReceiveCoilSequence = DicomSequence([_item(ReceiveCoilName="HEAD", ReceiveCoilManufacturerName=study.manufacturer,
-                                                        ReceiveCoilType="VOLUME", QuadratureReceiveCoil="YES")])
+    shared.MRReceiveCoilSequence = DicomSequence([_item(
+        ReceiveCoilName="HEAD", ReceiveCoilManufacturerName=study.manufacturer, ReceiveCoilType="VOLUME",
+        QuadratureReceiveCoil="YES")])
     shared.PixelValueTransformationSequence = DicomSequence([_item(RescaleIntercept="0", RescaleSlope="1",
                                                                    RescaleType="US")])
     if p.get("contrast"):
         shared.ContrastBolusUsageSequence = DicomSequence([_item(
             ContrastBolusAgentNumber=1, ContrastBolusAgentAdministered="YES", ContrastBolusAgentDetected="NO")])
-    shared.MRTransmitCoilSequence = DicomSequence([_item(TransmitCoilName="BODY", TransmitCoilManufacturerName=study.manufacturer,
-                                                         TransmitCoilType="BODY")])
+    shared.MRTransmitCoilSequence = DicomSequence([_item(
+        TransmitCoilName="BODY", TransmitCoilManufacturerName=study.manufacturer, TransmitCoilType="BODY")])
     shared.MRAveragesSequence = DicomSequence([_item(NumberOfAverages=1.0)])
     shared.FrameAnatomySequence = DicomSequence([_item(
         FrameLaterality="B", AnatomicRegionSequence=DicomSequence([_code("T-A0100", "SRT", "Brain")]))])
