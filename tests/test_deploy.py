@@ -328,6 +328,13 @@ def test_autoscaler_minimum_above_maximum_is_refused(chart):
         chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
 
 
+def test_release_name_that_cannot_name_a_service_is_refused(chart):
+    with pytest.raises(helm.HelmRenderError, match="fullnameOverride"):
+        chart.render(REQUIRED, name="2024-run", namespace=NAMESPACE, is_install=True)
+    docs, _ = render(chart, _merge(REQUIRED, {"fullnameOverride": "run-2024"}))
+    assert docs["DaskJob"]["metadata"]["name"] == "run-2024"
+
+
 def test_schema_config_section_matches_the_config_dataclasses(chart):
     import jsonschema
 
