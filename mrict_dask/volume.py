@@ -647,7 +647,7 @@ def _native_dtype(ds: Any) -> np.dtype | None:
 
 def _stored_pixels(ds: Any, label: str, where: str) -> np.ndarray:
     """Stored values of all frames, (frames, rows, columns); raises VolumeError for unreadable pixel data."""
-    if "PixelData" not in ds:
+    if "PixelData" not in ds or ds.PixelData is None:
         raise VolumeError(f"{label}: {where} has no pixel data")
     rows, cols = int(ds.Rows), int(ds.Columns)
     nf = int(_num(ds, "NumberOfFrames", 1) or 1)
@@ -735,19 +735,23 @@ def _slice_of(ds: Any, label: str) -> _Slice:
         raise VolumeError(f"{label}: instance {inst} has malformed geometry tags ({exc})") from None
 
 
-def _values(s: _Slice, fill: float) -> np.ndarray:
-    """Rescaled float32 values of one slice, padding replaced by ``fill``."""
+def _values(s: _Slice, fill: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Rescaled float32 values of one slice (into ``out`` when given), padding replaced by ``fill``."""
     raw = s.raw()
     if raw.shape != (s.rows, s.columns):
         raise VolumeError(f"pixel data of instance {s.instance} does not match its Rows/Columns")
-    out = raw.astype(np.float32)
+    if not (math.isfinite(s.slope) and math.isfinite(s.intercept)):
+        raise VolumeError(f"instance {s.instance} has a non-finite RescaleSlope/RescaleIntercept")
+    if out is None:
+        out = np.empty(raw.shape, dtype=np.float32)
+    np.copyto(out, raw, casting="unsafe")
     if s.slope != 1.0:
         out *= np.float32(s.slope)
     if s.intercept != 0.0:
         out += np.float32(s.intercept)
     if s.padding is not None:
         lo, hi = s.padding
-        out[(raw >= lo) & (raw <= hi)] = np.float32(fill)
+        np.putmask(out, (raw == lo) if lo == hi else ((raw >= lo) & (raw <= hi)), np.float32(fill))
     return out
 
 
@@ -757,8 +761,6 @@ def read_volume(urls: Sequence[str], storage_options: dict | None = None, config
     ``config`` is a :class:`PlanConfig` (or a whole Config). Raises :class:`VolumeError` with a reason naming
     the series (description and number) for anything that would make the volume untrustworthy.
     """
-    import SimpleITK as sitk
-
     cfg = _plan_config(config)
     urls = list(urls)
     if not urls:
@@ -774,10 +776,24 @@ def read_volume(urls: Sequence[str], storage_options: dict | None = None, config
             datasets.append(_parse(b))
         except Exception as exc:
             problems.append(f"file {k + 1} of {len(urls)} is not readable DICOM ({type(exc).__name__})")
-    label = next((series_label(d.get("SeriesDescription"), d.get("SeriesNumber")) for d in datasets),
-                 "series (unreadable)")
+    try:
+        label = next((series_label(d.get("SeriesDescription"), d.get("SeriesNumber")) for d in datasets),
+                     "series (unreadable)")
+    except Exception:  # pydicom converts values lazily: a malformed one raises on first access
+        label = "series (malformed description)"
     if problems:
         raise VolumeError(f"{label}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    try:
+        return _assemble(datasets, label, cfg)
+    except VolumeError:
+        raise
+    except Exception as exc:  # a malformed value anywhere (bad VR, wrong length, missing tag) refuses the series
+        msg = str(exc).splitlines()[0][:160] if str(exc) else ""
+        raise VolumeError(f"{label}: malformed DICOM ({type(exc).__name__}: {msg})") from None
+
+
+def _assemble(datasets: list[Any], label: str, cfg: PlanConfig) -> "sitk.Image":  # noqa: F821
+    import SimpleITK as sitk
 
     modality = str(datasets[0].get("Modality", "")).upper()
     fill = CT_FILL if modality == "CT" else MR_FILL
@@ -831,15 +847,15 @@ def read_volume(urls: Sequence[str], storage_options: dict | None = None, config
 
     try:
         vol = np.empty((len(slices), ref.rows, ref.columns), dtype=np.float32)
+        lo, hi = math.inf, -math.inf
         for k, i in enumerate(order):
-            vol[k] = _values(slices[i], fill)
+            _values(slices[i], fill, out=vol[k])
+            lo, hi = min(lo, float(vol[k].min())), max(hi, float(vol[k].max()))  # while the slice is in cache
     except VolumeError as err:
         msg = str(err)
         raise VolumeError(msg if msg.startswith(label) else f"{label}: {msg}") from None
-    if not np.isfinite(vol).all():
-        raise VolumeError(f"{label}: pixel values are not finite after rescaling")
-    if float(vol.max()) == float(vol.min()):
-        raise VolumeError(f"{label}: constant image (every voxel is {float(vol.min()):g})")
+    if lo == hi:
+        raise VolumeError(f"{label}: constant image (every voxel is {lo:g})")
     if geom.tilt_deg:
         vol = _untilt(vol, geom, fill)
         log.info("%s: gantry tilt %.2f degrees, resampled onto an orthogonal grid", label, geom.tilt_deg)
