@@ -86,21 +86,34 @@ class _VolumeArray:
         self._zarr_factory = zarr_array_factory
         self._zarr = None
         self._index: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._fds: OrderedDict[str, int] = OrderedDict()  # open shard files (local stores)
         self._index_cache = index_cache
         self._nidx = self.shape[1] * 16 + 4
 
     def _path(self, p: int) -> str:
         return f"{self.root}/{self.name}/c/{p}/0/0/0"
 
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = fd
+            if len(self._fds) > 64:
+                os.close(self._fds.popitem(last=False)[1])
+        else:
+            self._fds.move_to_end(path)
+        return fd
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
     def _read(self, path: str, start: int, length: int) -> bytes:
         if self.local:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                if start < 0:
-                    start = os.fstat(fd).st_size + start
-                return os.pread(fd, length, start)
-            finally:
-                os.close(fd)
+            fd = self._fd(path)
+            if start < 0:
+                start = os.fstat(fd).st_size + start
+            return os.pread(fd, length, start)
         if start < 0:
             return self.fs.cat_file(path, start=start)
         return self.fs.cat_file(path, start=start, end=start + length)
@@ -229,6 +242,10 @@ class _Store:
             warnings.simplefilter("ignore")
             return zarr.open_array(zarr_store(self.url, self.storage_options, read_only=True), path=name, mode="r")
 
+    def close(self) -> None:
+        for a in self._arrays.values():
+            a.close()
+
     def slices(self, names: tuple[str, ...], p: int, z: int) -> list[np.ndarray]:
         """Slice z of pair p of several arrays; on object storage the ranged reads go out concurrently."""
         arrays = [self.array(n) for n in names]
@@ -304,9 +321,16 @@ class _PairsBase:
         return out
 
     def _handle(self) -> _Store:
-        if self._store is None or self._store.pid != os.getpid():
-            self._store = _Store(self.url, self.storage_options)
-        return self._store
+        store = self._store
+        if store is None or store.pid != os.getpid():  # new, unpickled, or inherited through fork
+            store = self._store = _Store(self.url, self.storage_options)
+        return store
+
+    def close(self) -> None:
+        """Close open shard files (local stores); the dataset reopens them on the next read."""
+        if self._store is not None and self._store.pid == os.getpid():
+            self._store.close()
+        self._store = None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -321,6 +345,8 @@ class _PairsBase:
 
 class SlicePairs(_PairsBase):
     """Random-access (mr_slice, ct_slice) float32 (y, x) pairs over ``slice_ok`` slices of ok pairs of a split.
+
+    Meant for a finished store: the sample list and shard indexes are read once (``close()`` to drop them).
 
     ``with_valid=True`` adds the slice's ``valid`` mask as a third element. ``transform(mr, ct[, valid])``, if
     given, is applied to each sample and its result returned.
