@@ -21,8 +21,8 @@ class PlanConfig:
     # MR series selection: SeriesDescription regexes tried in order (first match class wins),
     # then thinner slices. Case-insensitive.
     mr_prefer: tuple[str, ...] = (r"t1.*(post|\+c|gd|contrast|ce\b|mprage.*post)", r"t1", r"mprage|spgr|bravo|tfe")
-    mr_reject: tuple[str, ...] = (r"loc|scout|survey|localizer|dwi|adc|perfusion|dti|swi")
-    ct_reject: tuple[str, ...] = (r"scout|topo|localizer|bone|lung|dose|mip")
+    mr_reject: tuple[str, ...] = (r"loc|scout|survey|localizer|dwi|adc|perfusion|dti|swi",)
+    ct_reject: tuple[str, ...] = (r"scout|topo|localizer|bone|lung|dose|mip",)
     gap_tolerance: float = 0.2  # relative deviation of slice spacing from its median that counts as a gap
     allow_gantry_tilt: bool = True  # tilted CT is resampled onto an orthogonal grid
 

@@ -66,7 +66,7 @@ config:
     max_days: 120
     pair_all: true
     split_ratios: [0.8, 0.1, 0.1]
-    mr_reject: "loc|scout|dwi|adc"
+    mr_reject: ["loc|scout|dwi|adc"]
   registration:
     iterations: 150
     shrink_factors: [8, 4, 2]
@@ -648,7 +648,7 @@ def test_full_configmap_loads_with_every_setting(full_render, full_values, tmp_p
                       storage_options=json.loads(run.params["storage_options"]))
     want = full_values["config"]
     assert cfg.plan.max_days == 120 and cfg.plan.pair_all is True
-    assert cfg.plan.split_ratios == (0.8, 0.1, 0.1) and cfg.plan.mr_reject == "loc|scout|dwi|adc"
+    assert cfg.plan.split_ratios == (0.8, 0.1, 0.1) and cfg.plan.mr_reject == ("loc|scout|dwi|adc",)
     assert cfg.registration.iterations == 150 and cfg.registration.shrink_factors == (8, 4, 2)
     assert cfg.registration.det_range == (0.5, 2.0)
     assert cfg.normalize.ct_mode == "percentile" and cfg.normalize.ct_window == (-1000, 2000)
