@@ -56,6 +56,10 @@ TILT_DRIFT_TOL_PX = 0.1
 tilt) and is resampled onto an orthogonal grid. Below it the drift is rounding noise and ignored; the tilt is
 measured from the positions, never from GantryDetectorTilt (a nominal value, vendor-specific sign)."""
 
+MAX_VOXELS = 1_000_000_000
+"""A stack declaring more voxels than this (4 GB as float32) is refused before any allocation: no head volume is
+that large, and declared sizes in damaged headers must not decide how much memory a worker takes."""
+
 CT_FILL = -1000.0
 """HU written for CT voxels that hold no tissue: pixel padding and space outside the acquired field of view."""
 
@@ -845,6 +849,9 @@ def _assemble(datasets: list[Any], label: str, cfg: PlanConfig) -> "sitk.Image":
     except _Refusal as err:
         raise VolumeError(f"{label}: {err}") from None
 
+    if len(slices) * ref.rows * ref.columns > MAX_VOXELS:
+        raise VolumeError(f"{label}: {len(slices)} x {ref.rows} x {ref.columns} voxels is larger than any head "
+                          f"volume ({MAX_VOXELS:.0e} at most)")
     try:
         vol = np.empty((len(slices), ref.rows, ref.columns), dtype=np.float32)
         lo, hi = math.inf, -math.inf

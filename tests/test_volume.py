@@ -692,7 +692,7 @@ def test_cli_export_series_scans_the_input(tmp_path):
 
 
 def test_read_volume_from_object_storage(tmp_path, s3):
-    from conftest import upload_tree
+    from .conftest import upload_tree
 
     w = write_series(tmp_path / "s", n=5, syntax="1.2.840.10008.1.2.5", rows=32, cols=32)
     base = upload_tree(str(tmp_path / "s"), s3, "series")
