@@ -22,7 +22,7 @@ import numpy as np
 from .config import Config, PlanConfig
 from .pseudonym import keyed_fraction, pseudonym, short_hash
 from .types import PairSpec
-from .volume import Stack, _isnan, _s, file_problem, stacks_from_catalog
+from .volume import Stack, _s, file_problem, stacks_from_catalog
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,8 @@ def _coverage(stack: Stack) -> str | None:
     g = stack.geometry
     extent = g.spacing[2] * (g.size[2] - 1)
     if extent < MIN_EXTENT_MM:
-        return f"too little coverage ({g.size[2]} slices over {extent:.0f} mm; a head volume needs {MIN_EXTENT_MM:.0f} mm)"
+        return (f"too little coverage ({g.size[2]} slices over {extent:.0f} mm; a head volume needs "
+                f"{MIN_EXTENT_MM:.0f} mm)")
     fov = min(g.spacing[0] * g.size[0], g.spacing[1] * g.size[1])
     if fov < MIN_FOV_MM:
         return f"field of view too small ({fov:.0f} mm; a head volume needs {MIN_FOV_MM:.0f} mm)"
@@ -181,7 +182,8 @@ def _mr_text(info: dict) -> tuple[str, str]:
 def _evaluate_mr(st: Stack, cfg: PlanConfig) -> _Candidate:
     info = st.info
     text, tags = _mr_text(info)
-    if info.get("contrast_agent") and re.search(r"t1", text, re.I) and not re.search(r"post|\+c|gd|contrast", text, re.I):
+    post = re.search(r"post|\+c|gd|contrast", text, re.I)
+    if info.get("contrast_agent") and re.search(r"t1", text, re.I) and not post:
         text += " post contrast"  # ContrastBolusAgent set on a T1: post-contrast whatever the description says
     for pat in _as_patterns(cfg.mr_reject):
         if re.search(pat, info.get("description") or "", re.I):

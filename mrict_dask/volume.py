@@ -759,7 +759,8 @@ def _values(s: _Slice, fill: float, out: np.ndarray | None = None) -> np.ndarray
     return out
 
 
-def read_volume(urls: Sequence[str], storage_options: dict | None = None, config: Any = None) -> "sitk.Image":  # noqa: F821
+def read_volume(urls: Sequence[str], storage_options: dict | None = None,
+                config: Any = None) -> "sitk.Image":  # noqa: F821
     """Read one stack of DICOM files into a float32 SimpleITK image in LPS (see the module docstring).
 
     ``config`` is a :class:`PlanConfig` (or a whole Config). Raises :class:`VolumeError` with a reason naming
@@ -1028,7 +1029,9 @@ def export_series_command(input_url: str, series_uid: str | None = None, out: st
             if not st.usable:
                 summary.refused.append((f"{st.info.get('modality', '')} {st.label}".strip(), str(st.refused)))
         for i, st in enumerate(usable):
-            what = f"{st.info.get('modality', '')} {st.label}".strip() + (f" ({'; '.join(st.notes)})" if st.notes else "")
+            what = f"{st.info.get('modality', '')} {st.label}".strip()
+            if st.notes:
+                what += f" ({'; '.join(st.notes)})"
             if series_uid:
                 target = out if i == 0 else _numbered(out, i + 1)
             else:

@@ -170,7 +170,8 @@ def header_catalog(paths) -> pd.DataFrame:
             "acquisition_number": num("AcquisitionNumber"), "echo_time": num("EchoTime"),
             "echo_numbers": str(ds.get("EchoNumbers", "")), "repetition_time": num("RepetitionTime"),
             "inversion_time": num("InversionTime"), "contrast_agent": str(ds.get("ContrastBolusAgent", "")),
-            "convolution_kernel": str(ds.get("ConvolutionKernel", "")), "body_part": str(ds.get("BodyPartExamined", "")),
+            "convolution_kernel": str(ds.get("ConvolutionKernel", "")),
+            "body_part": str(ds.get("BodyPartExamined", "")),
             "frame_positions": frame_positions,
         })
         rows.append(row)
@@ -702,6 +703,14 @@ def test_read_volume_from_object_storage(tmp_path, s3):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(img), w.truth)
     with pytest.raises(VolumeError, match="cannot be read"):
         read_volume(urls + [base + "/missing-file"], storage_options=s3.storage_options)
+    # export from object storage to object storage (the input is scanned there)
+    out = s3.url("exports", "t1.nii.gz")
+    export_series_command(base, series_uid=w.series_uid, out=out, storage_options=s3.storage_options)
+    local = str(tmp_path / "t1.nii.gz")
+    s3.fs().get(out, local)
+    back = sitk.ReadImage(local)
+    assert_geometry(back, w)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), w.truth)
 
 
 # --------------------------------------------------------------------------------------------- synthetic corpus
