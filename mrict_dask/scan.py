@@ -890,7 +890,13 @@ def scan_batch(items: list[tuple[str, int]], storage_options: dict | None) -> li
     """Catalog rows for a batch of (URL, size) on one filesystem; pure, for one task on a worker."""
     if not items:
         return []
-    fs, _ = get_fs(items[0][0], storage_options)
+    try:
+        fs, _ = get_fs(items[0][0], storage_options)
+    except Exception as exc:  # no filesystem for these URLs: every file still gets its row
+        rows = [_empty_row(url, size) for url, size in items]
+        for row in rows:
+            row["read_error"] = _unreadable(exc)
+        return rows
     with _Quiet():
         return _read_many(list(items), _Reader(fs))
 
@@ -982,12 +988,29 @@ def scan(url: str, storage_options: dict | None = None, client: Any = None, batc
 
 
 def _scan_distributed(client: Any, batches: list, so: dict, bar: Any) -> list[dict]:
+    """One task per batch, a bounded number in flight: the scheduler never holds a huge collection's list."""
+    import uuid
+
     from distributed import as_completed
 
-    futures = client.map(scan_batch, batches, storage_options=so, pure=False, retries=2)
-    batch_of = {f.key: b for f, b in zip(futures, batches)}
+    window = max(8, 4 * sum(client.nthreads().values()))
+    token = uuid.uuid4().hex[:12]
+    pending = iter(enumerate(batches))
+    batch_of: dict[str, list] = {}
+    ac = as_completed()
+
+    def submit_next() -> None:
+        nxt = next(pending, None)
+        if nxt is not None:
+            i, batch = nxt
+            fut = client.submit(scan_batch, batch, so, key=f"scan-batch-{token}-{i}", retries=2)
+            batch_of[fut.key] = batch
+            ac.add(fut)
+
+    for _ in range(window):
+        submit_next()
     rows: list[dict] = []
-    for fut in as_completed(futures):
+    for fut in ac:
         batch = batch_of.pop(fut.key)
         if fut.status == "finished":
             rows.extend(fut.result())
@@ -1000,6 +1023,7 @@ def _scan_distributed(client: Any, batches: list, so: dict, bar: Any) -> list[di
         fut.release()
         if bar:
             bar.advance(0, len(batch))
+        submit_next()
     return rows
 
 

@@ -350,6 +350,9 @@ def test_scan_batch_pure_and_ordered(written):
     rows = scan_batch(items, None)
     assert [r["url"] for r in rows] == [u for u, _ in items]
     assert scan_batch([], None) == []
+    lost = scan_batch([("nosuchproto://bucket/a", 10), ("nosuchproto://bucket/b", 0)], None)
+    assert [r["url"] for r in lost] == ["nosuchproto://bucket/a", "nosuchproto://bucket/b"]
+    assert all(r["read_error"].startswith("unreadable: ValueError") for r in lost)
     df = catalog_frame(rows)
     assert list(df["url"]) == sorted(u for u, _ in items)
     assert df.attrs["bytes_read"] == sum(r["bytes_read"] for r in rows)
@@ -419,7 +422,7 @@ def test_dicomdir_tree_series_found():
 
 # ------------------------------------------------------------------------------------------- S3
 def test_s3_same_catalog_as_local_with_ranged_reads(written, s3, caplog):
-    from conftest import upload_tree
+    from .conftest import upload_tree
 
     root, exp = written
     url = upload_tree(str(root), s3, "export")
@@ -449,7 +452,7 @@ def test_s3_same_catalog_as_local_with_ranged_reads(written, s3, caplog):
 
 def test_s3_long_headers_read_in_few_bytes(s3, tmp_path):
     """A collection whose headers are all longer than the first read: little fetched beyond each header."""
-    from conftest import upload_tree
+    from .conftest import upload_tree
 
     for i in range(40):
         ds = _image("MR", 50, i + 1, rows=256, cols=256)
@@ -465,7 +468,7 @@ def test_s3_long_headers_read_in_few_bytes(s3, tmp_path):
 
 
 def test_s3_single_file_and_missing(written, s3):
-    from conftest import upload_tree
+    from .conftest import upload_tree
 
     root, exp = written
     url = upload_tree(str(root / "long header"), s3, "one")
@@ -475,6 +478,9 @@ def test_s3_single_file_and_missing(written, s3):
     row = read_header(files[0][0], storage_options=so)
     _check_row(row, exp["long header/IM1"], "long header on S3")
     assert HEAD_BYTES_REMOTE < row["pixel_data_offset"] <= row["bytes_read"] < files[0][1]
+    # credentials from the usual AWS environment variables (set by the fixture), not the storage options
+    env_only = {"endpoint_url": s3.endpoint}
+    assert scan(url, storage_options=env_only)["read_error"].tolist() == [""]
     with pytest.raises(InputError, match="input not found"):
         scan(s3.url("nothing-here"), storage_options=so)
     # a key prefix is not a folder: "one" must not list "one-other"
@@ -497,7 +503,7 @@ def test_parquet_catalog_and_summary(written, tmp_path):
 
     root, _ = written
     out = tmp_path / "work" / "catalog.parquet"
-    summary = scan_to_parquet(str(root), str(out))
+    summary = scan_to_parquet(str(root), str(out), progress=True)
     table = pq.read_table(out)
     assert tuple(table.column_names) == CATALOG_COLUMNS
     back = table.to_pandas()
