@@ -1043,7 +1043,8 @@ class ScanSummary:
         rate = n / self.seconds if self.seconds > 0 else float("nan")
         lines = [f"scanned {n:,} files ({_human(total)}) in {self.seconds:.1f} s ({rate:,.0f} files/s)"]
         if self.bytes_read and total:
-            lines.append(f"  fetched {_human(self.bytes_read)} ({100 * self.bytes_read / total:.1f} % of the bytes)")
+            share = 100 * self.bytes_read / total
+            lines.append(f"  header bytes read: {_human(self.bytes_read)} ({share:.1f} % of the files)")
         lines.append(f"  readable DICOM objects: {len(ok):,} in {ok['series_uid'].nunique():,} series, "
                      f"{ok['study_uid'].nunique():,} studies, {ok['patient_id'].nunique():,} patients")
         bad = df[df["read_error"] != ""]

@@ -7,7 +7,6 @@ synthetic generator's manifest.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
