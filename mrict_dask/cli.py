@@ -48,6 +48,14 @@ class _Group(click.Group):
         except PermissionError as err:
             click.secho(f"error: permission denied: {err.filename or err}", fg="red", err=True)
             sys.exit(2)
+        except Exception as err:
+            # storage unreachable after the client's own retries: the user needs the reason, not a traceback
+            if not (isinstance(err, (ConnectionError, TimeoutError))
+                    or type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp")):
+                raise
+            reason = str(err).splitlines()[0][:300] if str(err) else ""
+            click.secho(f"error: storage not reachable: {type(err).__name__}: {reason}", fg="red", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -177,7 +185,7 @@ def export_series(ctx, input_url, series_uid, out, all_dir, catalog, storage_opt
 @click.option("--executor", type=click.Choice(["dask", "serial"]), default="dask", show_default=True,
               help="serial: a plain loop in this process (debugging, reference).")
 @click.option("--config", "config_url", default=None, help="Pipeline config (YAML/TOML).")
-@click.option("--limit", type=int, default=None, help="Process only the first N pairs (a cheap trial).")
+@click.option("--limit", type=click.IntRange(min=0), default=None, help="Process only the first N pairs (a cheap trial).")
 @click.option("--max-days", type=int, default=None, help="Largest MR/CT gap in days (default 183).")
 @click.option("--template", default=None, help="Template image path/URL (default: MNI152 from nilearn).")
 @click.option("--grid-spacing", type=float, default=None, help="Output grid spacing in mm (default: template's).")
@@ -193,6 +201,15 @@ def run(ctx, input_url, output_url, work_url, scheduler, workers, threads_per_wo
     from .orchestrate import run_pipeline
 
     so = parse_storage_options(storage_options)
+    if memory_limit != "auto":
+        from dask.utils import parse_bytes
+
+        from .errors import ConfigError
+
+        try:
+            parse_bytes(memory_limit)
+        except ValueError:
+            raise ConfigError(f"--memory-limit {memory_limit!r} is not a size (e.g. 4GiB, 500MB, or auto)") from None
     cfg = load_config(config_url, {"plan.max_days": max_days, "grid.template": template,
                                    "grid.spacing": grid_spacing}, storage_options=so)
     summary = run_pipeline(input_url, output_url, work_url=work_url, config=cfg, scheduler=scheduler,

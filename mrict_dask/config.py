@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +38,7 @@ class RegistrationConfig:
     shrink_factors: tuple[int, ...] = (4, 2, 1)  # of the working grid
     smoothing_sigmas_mm: tuple[float, ...] = (4.0, 2.0, 1.0)
     iterations: int = 200  # per level
-    learning_rate: float = 2.0  # regular-step gradient descent: first step, ~mm (scales from physical shift)
+    learning_rate: float = 1.0  # regular-step gradient descent (fine levels): first step, ~mm
     seed: int = 20240521
     threads: int = 1  # ITK threads per task; the Dask worker's threads are the parallelism
     min_brain_overlap: float = 0.80  # Dice of template brain mask vs MR head-derived check
@@ -99,15 +101,94 @@ def _coerce(cls: type, data: Any, where: str) -> Any:
         sub = f"{where}.{name}" if where else name
         if dataclasses.is_dataclass(default):
             kwargs[name] = _coerce(type(default), value, sub)
-        elif isinstance(default, tuple) and isinstance(value, list):
-            kwargs[name] = tuple(value)
         else:
-            kwargs[name] = value
+            kwargs[name] = _typed(sub, default, value)
     return cls(**kwargs)
 
 
+def _typed(where: str, default: Any, value: Any) -> Any:
+    """``value`` checked against the type of the field's default (a wrong type fails here, not mid-run)."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def bad(expected: str):
+        return ConfigError(f"config key '{where}' must be {expected}, got {value!r}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif isinstance(default, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad("an integer")
+    elif isinstance(default, float) or where == "grid.spacing":
+        if value is None and default is None:
+            return None
+        if not number(value):
+            raise bad("a number")
+        return float(value)
+    elif isinstance(default, str) or where.startswith("grid.template"):
+        if not (isinstance(value, str) or (value is None and default is None)):
+            raise bad("a string")
+    elif isinstance(default, tuple) or where == "grid.pad_to":
+        if value is None and default is None:
+            return None
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        value = tuple(value)
+        if default and all(isinstance(v, str) for v in default):
+            if not all(isinstance(v, str) for v in value):
+                raise bad("a list of strings")
+            for v in value:
+                try:
+                    re.compile(v)
+                except re.error as exc:
+                    raise bad(f"a list of regular expressions ({exc})") from None
+        elif not all(number(v) for v in value):
+            raise bad("a list of numbers")
+    return value
+
+
+# (key, test, what it must be): values of the right type that would still fail mid-run
+_RULES: tuple[tuple[str, Any, str], ...] = (
+    ("plan.max_days", lambda v: v >= 0, "at least 0"),
+    ("plan.split_ratios", lambda v: len(v) == 3 and min(v) >= 0 and sum(v) > 0, "three shares >= 0 (train, val, test)"),
+    ("plan.gap_tolerance", lambda v: v > 0, "> 0"),
+    ("registration.mr_bins", lambda v: v >= 2, "at least 2"),
+    ("registration.ct_bins", lambda v: v >= 2, "at least 2"),
+    ("registration.working_spacing_mm", lambda v: v > 0, "> 0"),
+    ("registration.sampling_fraction", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("registration.shrink_factors", lambda v: len(v) > 0 and all(int(f) == f >= 1 for f in v), "whole numbers >= 1"),
+    ("registration.smoothing_sigmas_mm", lambda v: all(s >= 0 for s in v), "numbers >= 0"),
+    ("registration.iterations", lambda v: v >= 1, "at least 1"),
+    ("registration.learning_rate", lambda v: v > 0, "> 0"),
+    ("registration.threads", lambda v: v >= 1, "at least 1"),
+    ("registration.min_brain_overlap", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("registration.det_range", lambda v: len(v) == 2 and 0 < v[0] < v[1], "two numbers 0 < low < high"),
+    ("normalize.mr_percentiles", lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 100, "two numbers 0 <= low < high <= 100"),
+    ("normalize.ct_mode", lambda v: v in ("window", "percentile"), "'window' or 'percentile'"),
+    ("normalize.ct_window", lambda v: len(v) == 2 and v[0] < v[1], "two numbers low < high (HU)"),
+    ("normalize.ct_percentiles", lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 100, "two numbers 0 <= low < high <= 100"),
+    ("normalize.min_brain_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("normalize.min_valid_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("grid.spacing", lambda v: v is None or v > 0, "> 0"),
+    ("grid.pad_to", lambda v: v is None or (len(v) == 2 and all(int(n) == n >= 1 for n in v)), "two whole numbers >= 1"),
+    ("run.window", lambda v: v >= 0, "at least 0"),
+    ("run.retries", lambda v: v >= 0, "at least 0"),
+    ("run.scan_batch", lambda v: v >= 1, "at least 1"),
+)
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
-    return _coerce(Config, data, "")
+    cfg = _coerce(Config, data, "")
+    for key, ok, what in _RULES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            raise ConfigError(f"config key '{key}' must be {what}, got {value!r}")
+    if len(cfg.registration.shrink_factors) != len(cfg.registration.smoothing_sigmas_mm):
+        raise ConfigError("config keys 'registration.shrink_factors' and 'registration.smoothing_sigmas_mm' "
+                          "must have the same length (one per level)")
+    return cfg
 
 
 def _parse_text(text: str, name: str) -> dict[str, Any]:
@@ -138,7 +219,7 @@ def load_config(url: str | None = None, overrides: dict[str, Any] | None = None,
         try:
             data = _parse_text(text, url)
         except Exception as exc:  # parse errors of three formats
-            raise ConfigError(f"cannot parse config {url}: {exc}") from exc
+            raise ConfigError(f"cannot parse config {url}: {' '.join(str(exc).split())[:300]}") from exc
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue

@@ -294,6 +294,10 @@ def run_pipeline(input_url: str, output_url: str, work_url: str | None = None, c
     from .template import template_from_config
 
     config = config or Config()
+    if limit is not None and limit < 0:
+        from .errors import ConfigError
+
+        raise ConfigError(f"limit must be at least 0, got {limit}")
     work_url = work_url or default_work_url(output_url)
     report_url = default_report_url(output_url)
     summary = RunSummary(output_url=output_url, report_url=report_url)

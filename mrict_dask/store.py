@@ -132,10 +132,11 @@ def store_fingerprint(pair_ids: Sequence[str], grid: dict, template_sha256: str,
 
 
 def _read_json(fs, path: str) -> dict | None:
+    # zarr.json and markers are rewritten in place: a cached listing's ETag would fail `open` (FileExpired)
+    fs.invalidate_cache(path)
     try:
-        with fs.open(path, "rb") as fh:
-            return json.loads(fh.read())
-    except FileNotFoundError:
+        return json.loads(fs.cat_file(path))
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: the URL names a file
         return None
 
 
