@@ -1,0 +1,86 @@
+"""Intensity normalization and slice selection on the template grid (pure numpy).
+
+MR: clipped at percentiles computed inside the head (never over the empty background) and scaled to [0, 1].
+CT: by default a fixed HU window (HU stay comparable across patients); percentiles are an option.
+The clip bounds are returned so that a user can map CT back to HU: ``hu = ct * (hi - lo) + lo``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import NormalizeConfig
+from .errors import VolumeError
+
+
+def check_volume(arr: np.ndarray, name: str, mask: np.ndarray | None = None) -> None:
+    """Refuse an empty, non-finite or constant volume (inside ``mask`` when given), naming the series."""
+    values = arr if mask is None else arr[mask]
+    if values.size == 0:
+        raise VolumeError(f"{name}: empty volume (no voxels{' inside its head/valid region' if mask is not None else ''})")
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise VolumeError(f"{name}: {int((~finite).sum())} non-finite voxel value(s)")
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        raise VolumeError(f"{name}: constant volume (every voxel {lo:g})")
+
+
+def _scale(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    # float64 arithmetic, then one rounding to float32: ct_to_hu inverts it to float32 precision
+    out = (np.clip(arr.astype(np.float64, copy=False), lo, hi) - lo) / (hi - lo)
+    return out.astype(np.float32)
+
+
+def _percentiles(arr: np.ndarray, mask: np.ndarray | None, percentiles: tuple[float, float],
+                 name: str) -> tuple[float, float]:
+    values = arr[mask] if mask is not None else arr.ravel()
+    if values.size == 0:
+        raise VolumeError(f"{name}: empty volume (no voxels inside its head/valid region)")
+    if not np.isfinite(values).all():
+        raise VolumeError(f"{name}: non-finite voxel values")
+    lo, hi = (float(v) for v in np.percentile(values, [percentiles[0], percentiles[1]]))
+    if not hi > lo:
+        raise VolumeError(
+            f"{name}: constant intensity inside the head ({percentiles[0]:g}th and {percentiles[1]:g}th "
+            f"percentiles both {lo:g})"
+        )
+    return lo, hi
+
+
+def normalize_mr(arr: np.ndarray, mask: np.ndarray | None, percentiles: tuple[float, float] = (1.0, 99.0),
+                 *, name: str = "MR series") -> tuple[np.ndarray, float, float]:
+    """Clip at the ``percentiles`` of the voxels inside ``mask`` and scale to [0, 1] -> (scaled, lo, hi)."""
+    lo, hi = _percentiles(arr, mask, percentiles, name)
+    return _scale(arr, lo, hi), lo, hi
+
+
+def normalize_ct(arr_hu: np.ndarray, mask: np.ndarray | None, cfg: NormalizeConfig = NormalizeConfig(),
+                 *, name: str = "CT series") -> tuple[np.ndarray, float, float]:
+    """HU -> [0, 1] through the fixed window ``cfg.ct_window`` (default) or percentiles inside ``mask``."""
+    if cfg.ct_mode == "window":
+        lo, hi = (float(v) for v in cfg.ct_window)
+        if not hi > lo:
+            raise VolumeError(f"CT window must have hi > lo, got {cfg.ct_window}")
+        check_volume(arr_hu, name, mask)
+    elif cfg.ct_mode == "percentile":
+        lo, hi = _percentiles(arr_hu, mask, cfg.ct_percentiles, name)
+    else:
+        raise VolumeError(f"unknown normalize.ct_mode {cfg.ct_mode!r} (use 'window' or 'percentile')")
+    return _scale(arr_hu, lo, hi), lo, hi
+
+
+def ct_to_hu(ct_scaled: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Inverse of :func:`normalize_ct` inside the clip window: ``hu = ct * (hi - lo) + lo`` (float32)."""
+    return (np.asarray(ct_scaled, dtype=np.float64) * (float(hi) - float(lo)) + float(lo)).astype(np.float32)
+
+
+def slice_ok(brain_mask_zyx: np.ndarray, valid_zyx: np.ndarray, cfg: NormalizeConfig = NormalizeConfig()) -> np.ndarray:
+    """Per axial slice: enough template brain (share of the slice) and that brain covered by valid data."""
+    brain = brain_mask_zyx.astype(bool, copy=False)
+    n_slice = brain.shape[1] * brain.shape[2]
+    n_brain = brain.sum(axis=(1, 2))
+    n_both = (brain & valid_zyx.astype(bool, copy=False)).sum(axis=(1, 2))
+    enough_brain = n_brain >= cfg.min_brain_fraction * n_slice
+    covered = n_both >= cfg.min_valid_fraction * np.maximum(n_brain, 1)
+    return enough_brain & covered & (n_brain > 0)

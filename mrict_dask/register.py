@@ -1,0 +1,526 @@
+"""Registration: MR -> template (affine) and CT -> MR (rigid), with SimpleITK, pure functions.
+
+Conventions: SimpleITK's. The template (or the MR) is the fixed image, so every transform maps points of the
+fixed image's physical space (LPS mm) to the moving image's: ``mr_tx`` maps template -> MR, ``ct_tx`` maps
+MR -> CT, and template -> CT is ``ct_tx(mr_tx(p))`` (:func:`compose`), exactly the store's `mr_affine` /
+`ct_affine` convention.
+
+Both registrations run on an isotropic working grid (``cfg.working_spacing_mm``, 2 mm by default) (the 1 mm template has 8.7 M voxels; a
+12-parameter affine is well determined by far fewer), on masks that keep what the other image cannot
+explain out of the metric: the template is brain-extracted, so MR -> template samples only a dilated
+template brain; the CT couch and headrest are cut away by a head mask before CT -> MR.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+
+from .config import RegistrationConfig
+from .errors import RegistrationError, VolumeError
+from .template import Template
+
+log = logging.getLogger(__name__)
+
+CT_CLAMP = (-1024.0, 3071.0)  # HU; padding outside the reconstruction circle (-2000, -3024) becomes air
+CT_HEAD_HU = -400.0  # soft tissue and bone; air, foam and most of a carbon-fibre couch fall below
+CT_OPENING_MM = 8.0
+_BALL = ndi.generate_binary_structure(3, 2)
+COARSE_SAMPLES = 4000
+TEMPLATE_MASK_DILATION_MM = 6.0  # keep the brain's outer edge (brain/CSF contrast) in the MR metric
+MR_FIXED_MASK_DILATION_MM = 6.0  # CT -> MR: the head plus its skin/air edge
+
+
+def set_threads(n: int) -> None:
+    """ITK threads for this process (ITK defaults to every core: oversubscribes inside Dask workers)."""
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, int(n)))
+
+
+# ----------------------------------------------------------------------------------------------- matrices
+def to_matrix(tx: sitk.Transform) -> np.ndarray:
+    """4x4 homogeneous matrix of a linear (possibly composite) transform: ``y = M @ [x, 1]``.
+
+    Probed through ``TransformPoint`` so that any linear SimpleITK transform (Euler, versor, similarity,
+    affine, composite of these) gives its matrix without per-type parameter bookkeeping.
+    """
+    probes = np.array([[0, 0, 0], [100, 0, 0], [0, 100, 0], [0, 0, 100]], dtype=np.float64)
+    out = np.array([tx.TransformPoint(tuple(float(v) for v in p)) for p in probes])
+    m = np.eye(4)
+    m[:3, 3] = out[0]
+    m[:3, :3] = (out[1:] - out[0]).T / 100.0
+    check = np.array([37.0, -52.0, 81.0])
+    if not np.allclose(tx.TransformPoint(tuple(check)), m[:3, :3] @ check + m[:3, 3], atol=1e-6):
+        raise ValueError(f"{tx.GetName()} is not a linear transform")
+    return m
+
+
+def affine_from_matrix(m: np.ndarray, center: np.ndarray | None = None) -> sitk.AffineTransform:
+    """The sitk.AffineTransform of a 4x4 matrix (optionally parametrised about ``center``)."""
+    a = np.asarray(m, dtype=np.float64)
+    tx = sitk.AffineTransform(3)
+    c = np.zeros(3) if center is None else np.asarray(center, dtype=np.float64)
+    tx.SetCenter(tuple(c))
+    tx.SetMatrix(tuple(a[:3, :3].ravel()))
+    # y = A (x - c) + t + c  =>  t = b - c + A c
+    tx.SetTranslation(tuple(a[:3, 3] - c + a[:3, :3] @ c))
+    return tx
+
+
+def compose(mr_tx: sitk.Transform, ct_tx: sitk.Transform) -> sitk.AffineTransform:
+    """Template -> CT as one affine (``ct_tx`` after ``mr_tx``), so the CT is interpolated once."""
+    return affine_from_matrix(to_matrix(ct_tx) @ to_matrix(mr_tx))
+
+
+# ----------------------------------------------------------------------------------------------- grids
+def resample_iso(img: sitk.Image, spacing: float, interp: int = sitk.sitkLinear, default: float = 0.0) -> sitk.Image:
+    """``img`` on an isotropic grid of ``spacing`` mm covering the same extent, same direction.
+
+    Averaging (BinShrink) by the integer part of the factor first: an anti-aliased and cheap way down from
+    0.5 mm CT pixels or 1 mm MR voxels.
+    """
+    sp = np.array(img.GetSpacing())
+    factors = [max(1, int(math.floor(spacing / s + 1e-6))) for s in sp]
+    src = sitk.BinShrink(img, factors) if interp != sitk.sitkNearestNeighbor and max(factors) > 1 else img
+    size = np.array(img.GetSize())
+    extent = size * sp
+    new_size = [max(1, int(round(e / spacing))) for e in extent]
+    direction = np.array(img.GetDirection()).reshape(3, 3)
+    corner = np.array(img.GetOrigin()) - direction @ (sp / 2)
+    origin = corner + direction @ (np.full(3, spacing) / 2)
+    ref = sitk.Image(new_size, img.GetPixelID())
+    ref.SetSpacing([float(spacing)] * 3)
+    ref.SetOrigin([float(v) for v in origin])
+    ref.SetDirection(img.GetDirection())
+    return sitk.Resample(src, ref, sitk.Transform(), interp, default)
+
+
+def _ball(radius_mm: float, spacing: float) -> int:
+    return max(1, int(round(radius_mm / spacing)))
+
+
+def _largest_component(arr: np.ndarray) -> np.ndarray:
+    lab, n = ndi.label(arr)
+    if n == 0:
+        return arr.astype(bool)
+    counts = np.bincount(lab.ravel())
+    counts[0] = 0
+    return lab == int(np.argmax(counts))
+
+
+def _fill_slices(arr: np.ndarray) -> np.ndarray:
+    """3D hole filling plus per-slice 2D filling along every axis (a neck cut opens the 3D skull 'hole')."""
+    out = ndi.binary_fill_holes(arr)
+    for axis in range(3):
+        moved = np.moveaxis(out, axis, 0)
+        filled = np.stack([ndi.binary_fill_holes(s) for s in moved])
+        out = np.moveaxis(filled, 0, axis)
+    return out
+
+
+def _as_mask(arr: np.ndarray, like: sitk.Image) -> sitk.Image:
+    m = sitk.GetImageFromArray(arr.astype(np.uint8))
+    m.CopyInformation(like)
+    return m
+
+
+def head_mask_mr(mr_w: sitk.Image) -> sitk.Image:
+    """Rough head mask of an MR on a coarse grid: above the background noise, largest blob, filled."""
+    a = sitk.GetArrayFromImage(mr_w)
+    hi = float(np.percentile(a, 99.5))
+    if not hi > float(a.min()):
+        raise VolumeError("MR series: constant volume")
+    # Otsu on log intensities: the background noise is one narrow peak there, every tissue (dim skull,
+    # grey scalp, bright fat) lies far above it; on linear intensities Otsu splits the tissues instead
+    lo = float(np.percentile(a, 0.5))
+    logs = np.log1p(np.clip(a, lo, hi) - lo)
+    fg = logs > _otsu(logs)
+    sp = mr_w.GetSpacing()[0]
+    fg = ndi.binary_opening(fg, iterations=1)
+    fg = _largest_component(fg)
+    fg = ndi.binary_closing(fg, iterations=_ball(4, sp))
+    fg = _fill_slices(fg)
+    if fg.sum() * sp**3 < 200e3:  # < 0.2 L: no head
+        raise VolumeError("MR series: no head found (foreground under 0.2 L)")
+    return _as_mask(fg, mr_w)
+
+
+def head_mask_ct(ct_w: sitk.Image) -> sitk.Image:
+    """Head mask of a (clamped, coarse) CT: tissue/bone, opened to detach couch and headrest, largest, filled."""
+    a = sitk.GetArrayFromImage(ct_w)
+    sp = ct_w.GetSpacing()[0]
+    tissue = a > CT_HEAD_HU
+    # an opening of radius CT_OPENING_MM erases couch tops, headrests and their contacts with the scalp
+    # (all thinner than 2 r) but not a head; the dilation back only re-grows r mm into what was cut
+    r = _ball(CT_OPENING_MM, sp)
+    fg = ndi.binary_opening(tissue, structure=_BALL, iterations=r)
+    fg = _largest_component(fg)
+    fg = ndi.binary_dilation(fg, structure=_BALL, iterations=r + 1) & tissue
+    fg = _largest_component(fg)
+    fg = _fill_slices(fg)
+    if fg.sum() * sp**3 < 200e3:
+        raise VolumeError("CT series: no head found (under 0.2 L of tissue above -400 HU)")
+    return _as_mask(fg, ct_w)
+
+
+def _otsu(values: np.ndarray, bins: int = 256) -> float:
+    hist, edges = np.histogram(values, bins=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w = hist.astype(np.float64)
+    w0 = np.cumsum(w)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(w * centers)
+    mu0 = m0 / np.maximum(w0, 1)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(centers[int(np.argmax(between[:-1]))])
+
+
+def _centroid(mask: sitk.Image) -> np.ndarray:
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(mask)
+    return np.array(stats.GetCentroid(1))
+
+
+# ----------------------------------------------------------------------------------------------- template
+@dataclass
+class _WorkTemplate:
+    image: sitk.Image  # working grid
+    mask: sitk.Image  # brain mask, working grid
+    fixed_mask: sitk.Image  # dilated brain mask (metric sampling region)
+    centroid: np.ndarray  # of the brain mask, LPS mm
+
+
+_cache: dict[tuple, _WorkTemplate] = {}
+_cache_lock = threading.Lock()
+
+
+def work_template(template: Template, spacing: float) -> _WorkTemplate:
+    key = (template.sha256, template.image.GetSize(), template.image.GetSpacing(), template.image.GetOrigin(), spacing)
+    with _cache_lock:
+        hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    img = resample_iso(template.image, spacing)
+    mask = resample_iso(template.mask, spacing, sitk.sitkNearestNeighbor)
+    m = sitk.GetArrayFromImage(mask) > 0
+    fixed = ndi.binary_dilation(m, iterations=_ball(TEMPLATE_MASK_DILATION_MM, spacing))
+    wt = _WorkTemplate(img, mask, _as_mask(fixed, mask), _centroid(template.mask))
+    with _cache_lock:
+        _cache[key] = wt
+    return wt
+
+
+# ----------------------------------------------------------------------------------------------- engine
+def _run(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, cfg: RegistrationConfig, *,
+         bins: int, fixed_mask: sitk.Image, levels: tuple[tuple[int, float], ...], line_search: bool,
+         what: str) -> tuple[sitk.Transform, dict]:
+    """One multi-resolution Mattes-MI registration; ``levels`` = (shrink of the working grid, sigma mm).
+
+    ``line_search``: conjugate gradients with a line search, for the coarse level that must travel far
+    (a 20 degree rotation: fixed-step descent crawls there, its steps shrink at every zigzag between
+    translation and rotation); otherwise regular-step gradient descent, cheap per iteration, for the
+    short way left on the fine levels.
+    """
+    n_mask = int(np.count_nonzero(sitk.GetArrayViewFromImage(fixed_mask)))
+    if n_mask == 0:
+        raise RegistrationError(f"{what} registration failed: empty fixed-image mask")
+    # the same number of samples at every level (all voxels where a coarse level has fewer): the
+    # coarse levels decide the capture range and need their statistics as much as the fine ones
+    n_samples = max(2000, cfg.sampling_fraction * n_mask)
+    if line_search:
+        n_samples = min(n_samples, COARSE_SAMPLES)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetNumberOfThreads(max(1, int(cfg.threads)))
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(bins))
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    # the percentage counts voxels of the whole image; samples outside the mask are dropped
+    reg.SetMetricSamplingPercentagePerLevel(
+        [min(1.0, n_samples / (n_mask / f**3)) for f, _ in levels], int(cfg.seed))
+    reg.SetMetricFixedMask(fixed_mask)
+    reg.SetInterpolator(sitk.sitkLinear)
+    if line_search:
+        reg.SetOptimizerAsConjugateGradientLineSearch(
+            learningRate=1.0, numberOfIterations=int(cfg.iterations), convergenceMinimumValue=1e-6,
+            convergenceWindowSize=10, estimateLearningRate=reg.Once)
+    else:
+        # not plain gradient descent: with a learning rate estimated each iteration it stops early on the
+        # sampled MI (its convergence window fires before the transform settles)
+        reg.SetOptimizerAsRegularStepGradientDescent(
+            learningRate=float(cfg.learning_rate), minStep=1e-3, numberOfIterations=int(cfg.iterations),
+            relaxationFactor=0.5, gradientMagnitudeTolerance=1e-6)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([int(f) for f, _ in levels])
+    reg.SetSmoothingSigmasPerLevel([float(s) for _, s in levels])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    reg.SetInitialTransform(initial, inPlace=False)
+    iterations: list[int] = []
+    reg.AddCommand(sitk.sitkMultiResolutionIterationEvent, lambda: iterations.append(0))
+    reg.AddCommand(sitk.sitkIterationEvent, lambda: iterations.__setitem__(-1, iterations[-1] + 1))
+    try:
+        out = reg.Execute(fixed, moving)
+    except RuntimeError as exc:
+        raise RegistrationError(f"{what} registration failed: {_itk_reason(exc)}") from None
+    out = _flat(out)
+    metric = float(reg.GetMetricValue())
+    info = {"metric": metric, "stop": reg.GetOptimizerStopConditionDescription(),
+            "iterations": iterations, "samples": int(n_samples)}
+    log.debug("%s: metric %.4f, iterations per level %s, %s", what, metric, iterations, info["stop"])
+    if not math.isfinite(metric):
+        raise RegistrationError(f"{what} registration failed: metric is {metric}")
+    return out, info
+
+
+def _search_translation(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, cfg: RegistrationConfig,
+                        *, bins: int, fixed_mask: sitk.Image, steps: tuple[int, int, int], step_mm: float,
+                        what: str) -> sitk.Transform:
+    """Best of a grid of translations around ``initial`` (MI on a coarse level): a wide capture range
+    where centring on masks is off, e.g. when one field of view holds more neck than the other."""
+    n_params = initial.GetNumberOfParameters()
+    n_mask = int(np.count_nonzero(sitk.GetArrayViewFromImage(fixed_mask)))
+    shrink = max(1, int(round(2 * step_mm / cfg.working_spacing_mm / 2)))
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetNumberOfThreads(max(1, int(cfg.threads)))
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(bins))
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(min(1.0, max(2000, cfg.sampling_fraction * n_mask) / (n_mask / shrink**3)),
+                                    int(cfg.seed))
+    reg.SetMetricFixedMask(fixed_mask)
+    reg.SetInterpolator(sitk.sitkLinear)
+    # translations are the last three parameters of every linear transform we use
+    reg.SetOptimizerAsExhaustive([0] * (n_params - 3) + list(steps), stepLength=float(step_mm))
+    reg.SetOptimizerScales([1.0] * n_params)
+    reg.SetShrinkFactorsPerLevel([shrink])
+    reg.SetSmoothingSigmasPerLevel([float(step_mm) / 2])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    reg.SetInitialTransform(initial, inPlace=False)
+    try:
+        out = reg.Execute(fixed, moving)
+    except RuntimeError as exc:
+        raise RegistrationError(f"{what} registration failed: {_itk_reason(exc)}") from None
+    log.debug("%s: translation search best metric %.4f", what, reg.GetMetricValue())
+    return _flat(out)
+
+
+def _flat(tx: sitk.Transform) -> sitk.Transform:
+    """The single transform inside the one-element composite that Execute returns."""
+    if tx.GetName() == "CompositeTransform":
+        comp = sitk.CompositeTransform(tx)
+        if comp.GetNumberOfTransforms() == 1:
+            return comp.GetNthTransform(0).Downcast()
+    return tx
+
+
+def _itk_reason(exc: Exception) -> str:
+    text = str(exc)
+    if "Joint PDF summed to zero" in text:
+        return "images do not overlap (mutual information undefined: joint PDF summed to zero)"
+    if "Too many samples map outside moving image buffer" in text:
+        return "images do not overlap (too many samples map outside the moving image)"
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("Description:"):
+            return line.split(":", 1)[1].strip()
+    return text.strip().splitlines()[-1][:200] if text.strip() else type(exc).__name__
+
+
+# ----------------------------------------------------------------------------------------------- MR -> template
+def _levels(cfg: RegistrationConfig) -> tuple[tuple[int, float], ...]:
+    if len(cfg.shrink_factors) != len(cfg.smoothing_sigmas_mm) or not cfg.shrink_factors:
+        raise RegistrationError("registration.shrink_factors and smoothing_sigmas_mm must be equally long")
+    return tuple((int(f), float(s)) for f, s in zip(cfg.shrink_factors, cfg.smoothing_sigmas_mm))
+
+
+def _pyramid(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, cfg: RegistrationConfig, *,
+             bins: int, fixed_mask: sitk.Image, what: str, fine=None) -> tuple[sitk.Transform, dict]:
+    """Coarsest level by line search, the finer ones by regular steps (see :func:`_run`).
+
+    ``fine``: optional callable turning the coarse result into the transform the fine levels refine
+    (rigid first, affine after: a line search over 12 affine parameters can jump off the head).
+    """
+    levels = _levels(cfg)
+    tx, coarse = _run(fixed, moving, initial, cfg, bins=bins, fixed_mask=fixed_mask, levels=levels[:1],
+                      line_search=True, what=what)
+    if fine is not None:
+        tx = fine(tx)
+    if len(levels) == 1:
+        return tx, coarse
+    tx, info = _run(fixed, moving, tx, cfg, bins=bins, fixed_mask=fixed_mask, levels=levels[1:],
+                    line_search=False, what=what)
+    info["iterations"] = coarse["iterations"] + info["iterations"]
+    return tx, info
+
+
+def work_image(img: sitk.Image, cfg: RegistrationConfig, default: float = 0.0) -> sitk.Image:
+    """``img`` (float32) on the isotropic working grid of the registrations."""
+    return resample_iso(sitk.Cast(img, sitk.sitkFloat32), cfg.working_spacing_mm, default=default)
+
+
+def register_mr_to_template(mr: sitk.Image, template: Template, cfg: RegistrationConfig,
+                            *, mr_work: sitk.Image | None = None,
+                            mr_head: sitk.Image | None = None) -> tuple[sitk.AffineTransform, dict]:
+    """Affine template -> MR (fixed: template, moving: MR), Mattes MI on a dilated template brain mask.
+
+    Initialised by centring the MR head on the template brain. ``mr_work``/``mr_head`` (the MR on the
+    working grid and its head mask, from :func:`work_image` / :func:`head_mask_mr`) skip recomputing them.
+    """
+    set_threads(cfg.threads)
+    wt = work_template(template, cfg.working_spacing_mm)
+    mr_w = mr_work if mr_work is not None else work_image(mr, cfg)
+    head = mr_head if mr_head is not None else head_mask_mr(mr_w)
+    c_t = wt.centroid
+    init = sitk.Euler3DTransform()
+    init.SetCenter(tuple(c_t))
+    init.SetTranslation(tuple(_centroid(head) - c_t))
+    tx, info = _pyramid(wt.image, mr_w, init, cfg, bins=cfg.mr_bins, fixed_mask=wt.fixed_mask,
+                        what="MR -> template (affine)",
+                        fine=lambda rigid: affine_from_matrix(to_matrix(rigid), center=c_t))
+    out = affine_from_matrix(to_matrix(tx), center=c_t)
+    log.info("MR -> template: metric %.4f, iterations %s, %s", info["metric"], info["iterations"], info["stop"])
+    return out, info
+
+
+# ----------------------------------------------------------------------------------------------- CT -> MR
+def prepare_ct(ct: sitk.Image) -> sitk.Image:
+    """CT clamped to the HU range a scanner can represent: padding values become air, metal stays bounded."""
+    return sitk.Clamp(sitk.Cast(ct, sitk.sitkFloat32), sitk.sitkFloat32, *CT_CLAMP)
+
+
+def register_ct_to_mr(ct: sitk.Image, mr: sitk.Image, cfg: RegistrationConfig,
+                      *, mr_work: sitk.Image | None = None, mr_head: sitk.Image | None = None,
+                      ct_clamped: sitk.Image | None = None) -> tuple[sitk.Euler3DTransform, dict]:
+    """Rigid MR -> CT (fixed: MR, the smaller field of view; moving: head-masked, clamped CT), Mattes MI.
+
+    The CT is clamped to [-1024, 3071] HU and everything outside its head mask (couch, headrest, padding)
+    set to air. Initialised by centring the two head masks (see :func:`_common_extent_offset`).
+    """
+    set_threads(cfg.threads)
+    sp = cfg.working_spacing_mm
+    mr_w = mr_work if mr_work is not None else work_image(mr, cfg)
+    mhead = mr_head if mr_head is not None else head_mask_mr(mr_w)
+    ctc = ct_clamped if ct_clamped is not None else prepare_ct(ct)
+    ct_w = resample_iso(ctc, sp, default=CT_CLAMP[0])
+    chead = head_mask_ct(ct_w)
+    ct_masked = sitk.Mask(ct_w, chead, outsideValue=CT_CLAMP[0])
+    center = _centroid(mhead)
+    init = sitk.Euler3DTransform()
+    init.SetCenter(tuple(center))
+    init.SetTranslation(tuple(_common_extent_offset(mhead, chead)))
+    mh = sitk.GetArrayFromImage(mhead) > 0
+    fixed_mask = _as_mask(ndi.binary_dilation(mh, iterations=_ball(MR_FIXED_MASK_DILATION_MM, sp)), mhead)
+    init = _search_translation(mr_w, ct_masked, init, cfg, bins=cfg.ct_bins, fixed_mask=fixed_mask,
+                               steps=(1, 1, 4), step_mm=8.0, what="CT -> MR (rigid)")
+    tx, info = _pyramid(mr_w, ct_masked, init, cfg, bins=cfg.ct_bins, fixed_mask=fixed_mask,
+                        what="CT -> MR (rigid)")
+    m = to_matrix(tx)
+    out = sitk.Euler3DTransform()
+    out.SetCenter(tuple(center))
+    out.SetMatrix(tuple(m[:3, :3].ravel()), 1e-6)
+    out.SetTranslation(tuple(m[:3, 3] - center + m[:3, :3] @ center))
+    info["head_overlap"] = _head_overlap(mhead, chead, out)
+    log.info("CT -> MR: metric %.4f, iterations %s, %s; head overlap %.3f", info["metric"], info["iterations"],
+             info["stop"], info["head_overlap"])
+    return out, info
+
+
+def _common_extent_offset(mhead: sitk.Image, chead: sitk.Image, rounds: int = 3) -> np.ndarray:
+    """Translation MR -> CT that centres the heads, computed over the slab both cover (iterated)."""
+    def points(mask: sitk.Image) -> np.ndarray:
+        idx = np.argwhere(sitk.GetArrayFromImage(mask) > 0)[:, ::-1].astype(np.float64)  # (x, y, z)
+        d = np.array(mask.GetDirection()).reshape(3, 3) * np.array(mask.GetSpacing())
+        return np.array(mask.GetOrigin()) + idx @ d.T
+
+    pm, pc = points(mhead), points(chead)
+    offset = pc.mean(axis=0) - pm.mean(axis=0)
+    for _ in range(rounds):
+        zc = pc[:, 2] - offset[2]  # CT points in MR frame (translation only)
+        lo, hi = max(pm[:, 2].min(), zc.min()), min(pm[:, 2].max(), zc.max())
+        if hi - lo < 20:
+            break
+        sm = pm[(pm[:, 2] >= lo) & (pm[:, 2] <= hi)]
+        sc = pc[(zc >= lo) & (zc <= hi)]
+        new = sc.mean(axis=0) - sm.mean(axis=0)
+        # superior-inferior: align the tops of the heads (the vertex is in both, the neck cut is not)
+        new[2] = pc[:, 2].max() - pm[:, 2].max()
+        if np.allclose(new, offset, atol=0.5):
+            offset = new
+            break
+        offset = new
+    return offset
+
+
+def _head_overlap(mhead: sitk.Image, chead: sitk.Image, mr_to_ct: sitk.Transform) -> float:
+    """Dice of the MR head and the CT head mapped into MR space, over the slab both cover."""
+    ct_in_mr = sitk.Resample(chead, mhead, mr_to_ct, sitk.sitkNearestNeighbor, 0)
+    fov = sitk.Resample(sitk.Image(chead.GetSize(), sitk.sitkUInt8) + 1, mhead, mr_to_ct,
+                        sitk.sitkNearestNeighbor, 0)
+    f = sitk.GetArrayFromImage(fov) > 0
+    a = (sitk.GetArrayFromImage(mhead) > 0) & f
+    b = (sitk.GetArrayFromImage(ct_in_mr) > 0) & f
+    denom = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / denom) if denom else 0.0
+
+
+# ----------------------------------------------------------------------------------------------- QA
+def brain_dice(mr_in_template_w: sitk.Image, brain_w: sitk.Image) -> float:
+    """Dice of the template brain vs the brain found in the registered MR (working grid).
+
+    The MR's brain: voxels brighter than CSF/skull, eroded to cut them from the scalp across the skull,
+    the component that meets the template brain's core, grown back. A registration that lands the
+    template brain on scalp, skull or noise scores low.
+    """
+    a = sitk.GetArrayFromImage(mr_in_template_w)
+    brain = sitk.GetArrayFromImage(brain_w) > 0
+    if not brain.any():
+        return 0.0
+    region = ndi.binary_dilation(brain, iterations=_ball(10, brain_w.GetSpacing()[0]))
+    vals = a[region]
+    if vals.size == 0 or not vals.max() > vals.min():
+        return 0.0
+    # three classes (background/CSF/bone, grey, white): tissue starts at the lower threshold
+    thr = _otsu_lower(vals)
+    tissue = a > thr
+    eroded = ndi.binary_erosion(tissue, iterations=1)
+    core = ndi.binary_erosion(brain, iterations=3)
+    lab, n = ndi.label(eroded)
+    if n == 0:
+        return 0.0
+    hits = np.bincount(lab[core], minlength=n + 1)
+    hits[0] = 0
+    if hits.max() == 0:
+        return 0.0
+    found = ndi.binary_dilation(lab == int(np.argmax(hits)), iterations=1) & tissue
+    found = ndi.binary_fill_holes(found)
+    return float(2 * (found & brain).sum() / (found.sum() + brain.sum()))
+
+
+def _otsu_lower(values: np.ndarray) -> float:
+    """Lower threshold of a three-class Otsu (dark | grey | bright)."""
+    hist, edges = np.histogram(values, bins=128)
+    c = (edges[:-1] + edges[1:]) / 2
+    p = hist / hist.sum()
+    cp = np.cumsum(p)
+    cm = np.cumsum(p * c)
+    mt = cm[-1]
+    best, arg = -1.0, 0
+    n = len(c)
+    for i in range(1, n - 2):
+        w0, m0 = cp[i], cm[i]
+        if w0 <= 0:
+            continue
+        for j in range(i + 1, n - 1):
+            w1 = cp[j] - w0
+            w2 = 1 - cp[j]
+            if w1 <= 0 or w2 <= 0:
+                continue
+            m1 = cm[j] - m0
+            m2 = mt - cm[j]
+            s = m0 * m0 / w0 + m1 * m1 / w1 + m2 * m2 / w2
+            if s > best:
+                best, arg = s, i
+    return float(c[arg])
