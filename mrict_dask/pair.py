@@ -29,7 +29,7 @@ def _fov(img: sitk.Image, reference: sitk.Image, tx: sitk.Transform) -> np.ndarr
     """Voxels of ``reference`` whose mapped point falls inside ``img``'s grid (its field of view)."""
     ones = sitk.Image(img.GetSize(), sitk.sitkUInt8) + 1
     ones.CopyInformation(img)
-    return sitk.GetArrayViewFromImage(sitk.Resample(ones, reference, tx, sitk.sitkNearestNeighbor, 0)) > 0
+    return sitk.GetArrayFromImage(sitk.Resample(ones, reference, tx, sitk.sitkNearestNeighbor, 0)) > 0
 
 
 def check_plausible(qa: dict[str, float], head_overlap: float, config: Config) -> None:
