@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import InputError
-from .io import get_fs, redact
+from .io import get_fs, is_transient, redact
 
 log = logging.getLogger(__name__)
 
@@ -590,9 +590,13 @@ def _dcmread(fp: Any, force: bool) -> Any:
     return read_partial(fp, stop_when=_at_pixel_data, force=force, specific_tags=_SPECIFIC_TAGS)
 
 
-def _unreadable(exc: BaseException) -> str:
+STORAGE_ERROR = "unreadable: storage error"  # the read failed, not the file: a later scan may well succeed
+
+
+def _unreadable(exc: BaseException, storage: bool = False) -> str:
     msg = str(exc).splitlines()[0] if str(exc) else ""
-    return f"unreadable: {type(exc).__name__}: {msg[:200]}".rstrip(": ")
+    head = STORAGE_ERROR if storage and is_transient(exc) else "unreadable"
+    return f"{head}: {type(exc).__name__}: {msg[:200]}".rstrip(": ")
 
 
 def _parse(url: str, buf: bytes, size: int) -> dict | int:
@@ -816,7 +820,7 @@ def _fetch_rounds(items: list[tuple[str, int]], idx: list[int], first: int, read
             url, size = items[i]
             if isinstance(data, BaseException):
                 rows[i] = _empty_row(url, size)
-                rows[i]["read_error"] = _unreadable(data)
+                rows[i]["read_error"] = _unreadable(data, storage=True)
                 rows[i]["bytes_read"] = len(bufs[i])
                 continue
             bufs[i] += data
@@ -903,24 +907,30 @@ def scan_batch(items: list[tuple[str, int]], storage_options: dict | None) -> li
 
 # ------------------------------------------------------------------------------------------ catalog
 def catalog_frame(rows: list[dict]):
-    """The catalog DataFrame (``CATALOG_COLUMNS``, typed, sorted by URL) from rows of ``scan_batch``."""
+    """The catalog DataFrame (``CATALOG_COLUMNS``, typed, sorted by URL) from rows of ``scan_batch``.
+
+    Strings and lists stay Python objects (None when absent), integers are nullable ``Int64``.
+    """
+    import numpy as np
     import pandas as pd
 
-    bytes_read = sum(int(r.get("bytes_read") or 0) for r in rows)
-    df = pd.DataFrame.from_records(rows, columns=list(CATALOG_COLUMNS))
-    for col in _INT_COLS:
-        df[col] = pd.array([None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
-                            for v in df[col]], dtype="Int64")
-    for col in _FLOAT_COLS:
-        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-    for col in _BOOL_COLS:
-        df[col] = df[col].fillna(False).astype(bool)
+    rows = sorted(rows, key=lambda r: r["url"])
+    n = len(rows)
+    cols: dict[str, Any] = {}
     for col in CATALOG_COLUMNS:
-        if col not in _INT_COLS and col not in _FLOAT_COLS and col not in _BOOL_COLS:
-            df[col] = df[col].astype(object).where(df[col].notna(), None)
-    df["read_error"] = df["read_error"].map(lambda v: v or "")
-    df = df.sort_values("url", kind="stable").reset_index(drop=True)
-    df.attrs["bytes_read"] = bytes_read
+        vals = [r.get(col) for r in rows]
+        if col in _INT_COLS:
+            cols[col] = pd.array([None if v is None else int(v) for v in vals], dtype="Int64")
+        elif col in _FLOAT_COLS:
+            cols[col] = np.array([np.nan if v is None else float(v) for v in vals], dtype="float64")
+        elif col in _BOOL_COLS:
+            cols[col] = np.array([bool(v) for v in vals], dtype=bool)
+        elif col == "read_error":
+            cols[col] = pd.Series([v or "" for v in vals], dtype=object)
+        else:
+            cols[col] = pd.Series(vals, dtype=object)
+    df = pd.DataFrame(cols, index=pd.RangeIndex(n))
+    df.attrs["bytes_read"] = sum(int(r.get("bytes_read") or 0) for r in rows)
     return df
 
 
