@@ -34,7 +34,8 @@ CT_OPENING_MM = 8.0
 _BALL = ndi.generate_binary_structure(3, 2)
 COARSE_SAMPLES = 4000
 TEMPLATE_MASK_DILATION_MM = 6.0  # keep the brain's outer edge (brain/CSF contrast) in the MR metric
-MR_FIXED_MASK_DILATION_MM = 6.0  # CT -> MR: the head plus its skin/air edge
+ROTATION_STEP_DEG = 9.0  # rotation search: +-18 degrees about each axis
+FIXED_HEAD_DILATION_MM = 6.0  # CT -> MR: the head plus its skin/air edge
 
 
 def set_threads(n: int) -> None:
@@ -276,11 +277,14 @@ def _run(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, cfg: Re
     return out, info
 
 
-def _search_translation(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, cfg: RegistrationConfig,
-                        *, bins: int, fixed_mask: sitk.Image, steps: tuple[int, int, int], step_mm: float,
-                        what: str) -> sitk.Transform:
-    """Best of a grid of translations around ``initial`` (MI on a coarse level): a wide capture range
-    where centring on masks is off, e.g. when one field of view holds more neck than the other."""
+def _search(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, cfg: RegistrationConfig,
+            *, bins: int, fixed_mask: sitk.Image, steps: tuple[int, ...], step: float, step_mm: float,
+            what: str) -> sitk.Transform:
+    """Best of a grid of parameters around ``initial`` (MI on a coarse level): a wide capture range.
+
+    ``steps``: grid half-widths per parameter (Euler3D: 3 angles, 3 translations); ``step``: the grid
+    spacing in parameter units; ``step_mm``: the physical scale that sets the level's resolution.
+    """
     n_params = initial.GetNumberOfParameters()
     n_mask = int(np.count_nonzero(sitk.GetArrayViewFromImage(fixed_mask)))
     shrink = max(1, int(round(2 * step_mm / cfg.working_spacing_mm / 2)))
@@ -292,8 +296,7 @@ def _search_translation(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Tra
                                     int(cfg.seed))
     reg.SetMetricFixedMask(fixed_mask)
     reg.SetInterpolator(sitk.sitkLinear)
-    # translations are the last three parameters of every linear transform we use
-    reg.SetOptimizerAsExhaustive([0] * (n_params - 3) + list(steps), stepLength=float(step_mm))
+    reg.SetOptimizerAsExhaustive([0] * (n_params - len(steps)) + list(steps), stepLength=float(step))
     reg.SetOptimizerScales([1.0] * n_params)
     reg.SetShrinkFactorsPerLevel([shrink])
     reg.SetSmoothingSigmasPerLevel([float(step_mm) / 2])
@@ -303,7 +306,7 @@ def _search_translation(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Tra
         out = reg.Execute(fixed, moving)
     except RuntimeError as exc:
         raise RegistrationError(f"{what} registration failed: {_itk_reason(exc)}") from None
-    log.debug("%s: translation search best metric %.4f", what, reg.GetMetricValue())
+    log.debug("%s: search over %s best metric %.4f", what, steps, reg.GetMetricValue())
     return _flat(out)
 
 
@@ -377,9 +380,14 @@ def register_mr_to_template(mr: sitk.Image, template: Template, cfg: Registratio
     init = sitk.Euler3DTransform()
     init.SetCenter(tuple(c_t))
     init.SetTranslation(tuple(_centroid(head) - c_t))
+    what = "MR -> template (affine)"
+    # the head's centre is not the brain's (more or less neck in view): search z, then head tilts
+    init = _search(wt.image, mr_w, init, cfg, bins=cfg.mr_bins, fixed_mask=wt.fixed_mask,
+                   steps=(0, 0, 0, 1, 1, 3), step=8.0, step_mm=8.0, what=what)
+    init = _search(wt.image, mr_w, init, cfg, bins=cfg.mr_bins, fixed_mask=wt.fixed_mask,
+                   steps=(2, 2, 2, 0, 0, 0), step=math.radians(ROTATION_STEP_DEG), step_mm=8.0, what=what)
     tx, info = _pyramid(wt.image, mr_w, init, cfg, bins=cfg.mr_bins, fixed_mask=wt.fixed_mask,
-                        what="MR -> template (affine)",
-                        fine=lambda rigid: affine_from_matrix(to_matrix(rigid), center=c_t))
+                        what=what, fine=lambda rigid: affine_from_matrix(to_matrix(rigid), center=c_t))
     out = affine_from_matrix(to_matrix(tx), center=c_t)
     log.info("MR -> template: metric %.4f, iterations %s, %s", info["metric"], info["iterations"], info["stop"])
     return out, info
@@ -394,10 +402,12 @@ def prepare_ct(ct: sitk.Image) -> sitk.Image:
 def register_ct_to_mr(ct: sitk.Image, mr: sitk.Image, cfg: RegistrationConfig,
                       *, mr_work: sitk.Image | None = None, mr_head: sitk.Image | None = None,
                       ct_clamped: sitk.Image | None = None) -> tuple[sitk.Euler3DTransform, dict]:
-    """Rigid MR -> CT (fixed: MR, the smaller field of view; moving: head-masked, clamped CT), Mattes MI.
+    """Rigid MR -> CT (maps MR physical points to CT physical points), Mattes MI on head masks.
 
     The CT is clamped to [-1024, 3071] HU and everything outside its head mask (couch, headrest, padding)
-    set to air. Initialised by centring the two head masks (see :func:`_common_extent_offset`).
+    set to air. The series showing less of the head is the fixed image (as SynthRAD does), so that
+    every sample has a partner; when that is the CT, the result is inverted. Initialised by centring the
+    two head masks (see :func:`_initial_offset`), then a search over translations.
     """
     set_threads(cfg.threads)
     sp = cfg.working_spacing_mm
@@ -407,36 +417,70 @@ def register_ct_to_mr(ct: sitk.Image, mr: sitk.Image, cfg: RegistrationConfig,
     ct_w = resample_iso(ctc, sp, default=CT_CLAMP[0])
     chead = head_mask_ct(ct_w)
     ct_masked = sitk.Mask(ct_w, chead, outsideValue=CT_CLAMP[0])
-    center = _centroid(mhead)
+    offset, z_known = _initial_offset(mhead, chead)  # MR -> CT
+    n_mr = int(np.count_nonzero(sitk.GetArrayViewFromImage(mhead)))
+    n_ct = int(np.count_nonzero(sitk.GetArrayViewFromImage(chead)))
+    ct_fixed = n_ct < n_mr
+    if ct_fixed:
+        fixed, moving, fhead, offset = ct_masked, mr_w, chead, -offset
+    else:
+        fixed, moving, fhead = mr_w, ct_masked, mhead
+    center = _centroid(fhead)
     init = sitk.Euler3DTransform()
     init.SetCenter(tuple(center))
-    init.SetTranslation(tuple(_common_extent_offset(mhead, chead)))
-    mh = sitk.GetArrayFromImage(mhead) > 0
-    fixed_mask = _as_mask(ndi.binary_dilation(mh, iterations=_ball(MR_FIXED_MASK_DILATION_MM, sp)), mhead)
-    init = _search_translation(mr_w, ct_masked, init, cfg, bins=cfg.ct_bins, fixed_mask=fixed_mask,
-                               steps=(1, 1, 4), step_mm=8.0, what="CT -> MR (rigid)")
-    tx, info = _pyramid(mr_w, ct_masked, init, cfg, bins=cfg.ct_bins, fixed_mask=fixed_mask,
-                        what="CT -> MR (rigid)")
+    init.SetTranslation(tuple(offset))
+    fh = sitk.GetArrayFromImage(fhead) > 0
+    fixed_mask = _as_mask(ndi.binary_dilation(fh, iterations=_ball(FIXED_HEAD_DILATION_MM, sp)), fhead)
+    what = "CT -> MR (rigid)"
+    # translations first (the field-of-view guess), then rotations about the head's centre: head
+    # positions on a CT couch and in an MR coil differ by up to ~25 degrees, beyond the coarse level's reach
+    init = _search(fixed, moving, init, cfg, bins=cfg.ct_bins, fixed_mask=fixed_mask,
+                   steps=(0, 0, 0, 1, 1, 4 if z_known else 12), step=8.0, step_mm=8.0, what=what)
+    init = _search(fixed, moving, init, cfg, bins=cfg.ct_bins, fixed_mask=fixed_mask,
+                   steps=(2, 2, 2, 0, 0, 0), step=math.radians(ROTATION_STEP_DEG), step_mm=8.0, what=what)
+    tx, info = _pyramid(fixed, moving, init, cfg, bins=cfg.ct_bins, fixed_mask=fixed_mask, what=what)
     m = to_matrix(tx)
+    if ct_fixed:
+        m = np.linalg.inv(m)
+    center = _centroid(mhead)
     out = sitk.Euler3DTransform()
     out.SetCenter(tuple(center))
     out.SetMatrix(tuple(m[:3, :3].ravel()), 1e-6)
     out.SetTranslation(tuple(m[:3, 3] - center + m[:3, :3] @ center))
+    info["fixed"] = "CT" if ct_fixed else "MR"
     info["head_overlap"] = _head_overlap(mhead, chead, out)
-    log.info("CT -> MR: metric %.4f, iterations %s, %s; head overlap %.3f", info["metric"], info["iterations"],
-             info["stop"], info["head_overlap"])
+    log.info("CT -> MR: metric %.4f, iterations %s, %s; fixed %s; head overlap %.3f", info["metric"],
+             info["iterations"], info["stop"], info["fixed"], info["head_overlap"])
     return out, info
 
 
-def _common_extent_offset(mhead: sitk.Image, chead: sitk.Image, rounds: int = 3) -> np.ndarray:
-    """Translation MR -> CT that centres the heads, computed over the slab both cover (iterated)."""
-    def points(mask: sitk.Image) -> np.ndarray:
-        idx = np.argwhere(sitk.GetArrayFromImage(mask) > 0)[:, ::-1].astype(np.float64)  # (x, y, z)
-        d = np.array(mask.GetDirection()).reshape(3, 3) * np.array(mask.GetSpacing())
-        return np.array(mask.GetOrigin()) + idx @ d.T
+def _mask_points(mask: sitk.Image) -> np.ndarray:
+    idx = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[:, ::-1].astype(np.float64)  # (x, y, z) indices
+    d = np.array(mask.GetDirection()).reshape(3, 3) * np.array(mask.GetSpacing())
+    return np.array(mask.GetOrigin()) + idx @ d.T
 
-    pm, pc = points(mhead), points(chead)
+
+def top_visible(mask: sitk.Image) -> bool:
+    """Whether the head ends inside the field of view superiorly (the mask leaves the top slab empty)."""
+    d = np.array(mask.GetDirection()).reshape(3, 3)
+    k = int(np.argmax(np.abs(d[2])))  # the index axis closest to superior
+    arr = sitk.GetArrayViewFromImage(mask)
+    face = mask.GetSize()[k] - 1 if d[2, k] > 0 else 0
+    return not bool(np.take(arr, face, axis=2 - k).any())
+
+
+def _initial_offset(mhead: sitk.Image, chead: sitk.Image, rounds: int = 3) -> tuple[np.ndarray, bool]:
+    """Translation MR -> CT centring the heads over the slab both cover; and whether z is known.
+
+    Superior-inferior, the head's top is the landmark both series share (CT and MR cut the neck at
+    different levels): used when both show it. Otherwise z is only a guess (returned ``False``) and the
+    caller searches a wider range.
+    """
+    pm, pc = _mask_points(mhead), _mask_points(chead)
+    z_known = top_visible(mhead) and top_visible(chead)
     offset = pc.mean(axis=0) - pm.mean(axis=0)
+    if z_known:
+        offset[2] = pc[:, 2].max() - pm[:, 2].max()
     for _ in range(rounds):
         zc = pc[:, 2] - offset[2]  # CT points in MR frame (translation only)
         lo, hi = max(pm[:, 2].min(), zc.min()), min(pm[:, 2].max(), zc.max())
@@ -445,20 +489,20 @@ def _common_extent_offset(mhead: sitk.Image, chead: sitk.Image, rounds: int = 3)
         sm = pm[(pm[:, 2] >= lo) & (pm[:, 2] <= hi)]
         sc = pc[(zc >= lo) & (zc <= hi)]
         new = sc.mean(axis=0) - sm.mean(axis=0)
-        # superior-inferior: align the tops of the heads (the vertex is in both, the neck cut is not)
-        new[2] = pc[:, 2].max() - pm[:, 2].max()
-        if np.allclose(new, offset, atol=0.5):
-            offset = new
-            break
+        new[2] = offset[2] if z_known else new[2]
+        done = np.allclose(new, offset, atol=0.5)
         offset = new
-    return offset
+        if done:
+            break
+    return offset, z_known
 
 
 def _head_overlap(mhead: sitk.Image, chead: sitk.Image, mr_to_ct: sitk.Transform) -> float:
     """Dice of the MR head and the CT head mapped into MR space, over the slab both cover."""
     ct_in_mr = sitk.Resample(chead, mhead, mr_to_ct, sitk.sitkNearestNeighbor, 0)
-    fov = sitk.Resample(sitk.Image(chead.GetSize(), sitk.sitkUInt8) + 1, mhead, mr_to_ct,
-                        sitk.sitkNearestNeighbor, 0)
+    ones = sitk.Image(chead.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(chead)
+    fov = sitk.Resample(ones, mhead, mr_to_ct, sitk.sitkNearestNeighbor, 0)
     f = sitk.GetArrayFromImage(fov) > 0
     a = (sitk.GetArrayFromImage(mhead) > 0) & f
     b = (sitk.GetArrayFromImage(ct_in_mr) > 0) & f
