@@ -84,7 +84,7 @@ def test_worker_killed_mid_run_loses_nothing(corpus, tmp_path):
                 busy = [w for w, keys in c.processing().items() if keys]
                 if busy:
                     time.sleep(3)
-                    pid = c.scheduler_info()["workers"][busy[0]]["pid"]
+                    pid = c.run(os.getpid, workers=[busy[0]])[busy[0]]
                     cluster.kill_worker_with_pid(pid)
                     killed.set()
                     return
