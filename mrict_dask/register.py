@@ -50,6 +50,8 @@ def to_matrix(tx: sitk.Transform) -> np.ndarray:
     Probed through ``TransformPoint`` so that any linear SimpleITK transform (Euler, versor, similarity,
     affine, composite of these) gives its matrix without per-type parameter bookkeeping.
     """
+    if not tx.IsLinear():
+        raise ValueError(f"{tx.GetName()} is not a linear transform")
     probes = np.array([[0, 0, 0], [100, 0, 0], [0, 100, 0], [0, 0, 100]], dtype=np.float64)
     out = np.array([tx.TransformPoint(tuple(float(v) for v in p)) for p in probes])
     m = np.eye(4)
@@ -157,11 +159,14 @@ def head_mask_ct(ct_w: sitk.Image) -> sitk.Image:
     sp = ct_w.GetSpacing()[0]
     tissue = a > CT_HEAD_HU
     # an opening of radius CT_OPENING_MM erases couch tops, headrests and their contacts with the scalp
-    # (all thinner than 2 r) but not a head; the dilation back only re-grows r mm into what was cut
+    # (all thinner than 2 r) but not a head; growing back r mm restores the head's thin parts (ears, nose)
+    # but not pieces of what was cut away that reach far from the head (a plate under it)
     r = _ball(CT_OPENING_MM, sp)
-    fg = ndi.binary_opening(tissue, structure=_BALL, iterations=r)
-    fg = _largest_component(fg)
-    fg = ndi.binary_dilation(fg, structure=_BALL, iterations=r + 1) & tissue
+    core = _largest_component(ndi.binary_opening(tissue, structure=_BALL, iterations=r))
+    cut, n = ndi.label(tissue & ~core)
+    far = cut[~ndi.binary_dilation(core, structure=_BALL, iterations=2 * r + 2) & (cut > 0)]
+    foreign = np.isin(cut, np.unique(far)) & (cut > 0)
+    fg = ndi.binary_dilation(core, structure=_BALL, iterations=r + 1) & tissue & ~foreign
     fg = _largest_component(fg)
     fg = _fill_slices(fg)
     if fg.sum() * sp**3 < 200e3:
