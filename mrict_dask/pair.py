@@ -84,6 +84,8 @@ def process_images(mr: sitk.Image, ct: sitk.Image, config: Config, template: Tem
         mr_w = R.work_image(mr, rc)
         mr_head = R.head_mask_mr(mr_w)
         ct_clamped = R.prepare_ct(ct)
+        ct_w = R.resample_iso(ct_clamped, rc.working_spacing_mm, default=R.CT_CLAMP[0])
+        ct_head = R.head_mask_ct(ct_w)  # before registering anything: a CT without a head fails fast
         lap("prepare")
 
         mr_tx, mr_info = R.register_mr_to_template(mr, template, rc, mr_work=mr_w, mr_head=mr_head)
@@ -97,7 +99,8 @@ def process_images(mr: sitk.Image, ct: sitk.Image, config: Config, template: Tem
         lap("register_mr")
         check_mr(qa, config)
 
-        ct_tx, ct_info = R.register_ct_to_mr(ct, mr, rc, mr_work=mr_w, mr_head=mr_head, ct_clamped=ct_clamped)
+        ct_tx, ct_info = R.register_ct_to_mr(ct, mr, rc, mr_work=mr_w, mr_head=mr_head, ct_work=ct_w,
+                                             ct_head=ct_head)
         qa["ct_metric"] = float(ct_info["metric"])
         ct_affine = R.to_matrix(ct_tx) @ mr_affine  # template -> MR -> CT: one matrix, one interpolation
         lap("register_ct")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 from dataclasses import dataclass
 
@@ -328,13 +329,20 @@ def _itk_reason(exc: Exception) -> str:
     text = str(exc)
     if "Joint PDF summed to zero" in text:
         return "images do not overlap (mutual information undefined: joint PDF summed to zero)"
-    if "Too many samples map outside moving image buffer" in text:
-        return "images do not overlap (too many samples map outside the moving image)"
+    if "samples map outside moving image buffer" in text:
+        return "images do not overlap (the samples map outside the moving image)"
     for line in text.splitlines():
         line = line.strip()
         if line.startswith("Description:"):
-            return line.split(":", 1)[1].strip()
-    return text.strip().splitlines()[-1][:200] if text.strip() else type(exc).__name__
+            text = line.split(":", 1)[1]
+            break
+    else:
+        text = text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+    # drop ITK's prefixes, source paths and object addresses: the reason goes into the store and the report
+    text = re.sub(r"ITK ERROR:\s*", "", text)
+    text = re.sub(r"\S+\(0x[0-9a-f]+\):\s*", "", text)
+    text = re.sub(r"\S*/\S+\.(?:hxx|cxx|h):\d+:?\s*", "", text)
+    return text.strip()[:200] or type(exc).__name__
 
 
 # ----------------------------------------------------------------------------------------------- MR -> template
@@ -406,11 +414,13 @@ def prepare_ct(ct: sitk.Image) -> sitk.Image:
 
 def register_ct_to_mr(ct: sitk.Image, mr: sitk.Image, cfg: RegistrationConfig,
                       *, mr_work: sitk.Image | None = None, mr_head: sitk.Image | None = None,
-                      ct_clamped: sitk.Image | None = None) -> tuple[sitk.Euler3DTransform, dict]:
+                      ct_clamped: sitk.Image | None = None, ct_work: sitk.Image | None = None,
+                      ct_head: sitk.Image | None = None) -> tuple[sitk.Euler3DTransform, dict]:
     """Rigid MR -> CT (maps MR physical points to CT physical points), Mattes MI on head masks.
 
     The CT is clamped to [-1024, 3071] HU and everything outside its head mask (couch, headrest, padding)
-    set to air. The series showing less of the head is the fixed image (as SynthRAD does), so that
+    set to air (``ct_clamped``, ``ct_work`` (clamped, on the working grid) and ``ct_head`` (its head mask)
+    may be passed to skip recomputing them). The series showing less of the head is the fixed image (as SynthRAD does), so that
     every sample has a partner; when that is the CT, the result is inverted. Initialised by centring the
     two head masks (see :func:`_initial_offset`), then a search over translations.
     """
@@ -418,9 +428,11 @@ def register_ct_to_mr(ct: sitk.Image, mr: sitk.Image, cfg: RegistrationConfig,
     sp = cfg.working_spacing_mm
     mr_w = mr_work if mr_work is not None else work_image(mr, cfg)
     mhead = mr_head if mr_head is not None else head_mask_mr(mr_w)
-    ctc = ct_clamped if ct_clamped is not None else prepare_ct(ct)
-    ct_w = resample_iso(ctc, sp, default=CT_CLAMP[0])
-    chead = head_mask_ct(ct_w)
+    if ct_work is None:
+        ctc = ct_clamped if ct_clamped is not None else prepare_ct(ct)
+        ct_work = resample_iso(ctc, sp, default=CT_CLAMP[0])
+    ct_w = ct_work
+    chead = ct_head if ct_head is not None else head_mask_ct(ct_w)
     ct_masked = sitk.Mask(ct_w, chead, outsideValue=CT_CLAMP[0])
     offset, z_known = _initial_offset(mhead, chead)  # MR -> CT
     n_mr = int(np.count_nonzero(sitk.GetArrayViewFromImage(mhead)))

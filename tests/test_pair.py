@@ -1,0 +1,215 @@
+"""process_pair / process_images: from DICOM files to arrays on the template grid, checked against ground truth.
+
+Accuracy of the registrations on five patients lives in test_register.py; here: the pair from real DICOM
+files, the field of view, the single resampling, the outputs' form, and every way a pair can fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import zlib
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from mrict_dask import register as R
+from mrict_dask.config import Config, RegistrationConfig
+from mrict_dask.errors import MrictError
+from mrict_dask.normalize import ct_to_hu
+from mrict_dask.pair import CT_FILL_HU, process_images, process_pair
+from mrict_dask.types import QA_KEYS, PairSpec
+
+from .test_register import _phantom_ct, processed, simulated
+from .truth import brain_points, series_by_uid, tre_mm
+
+
+def _png_chunks(data: bytes) -> list[bytes]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    out, pos = [], 8
+    while pos < len(data):
+        n = int.from_bytes(data[pos:pos + 4], "big")
+        kind = data[pos + 4:pos + 8]
+        assert zlib.crc32(data[pos + 4:pos + 8 + n]) == int.from_bytes(data[pos + 8 + n:pos + 12 + n], "big")
+        out.append(kind)
+        pos += 12 + n
+    return out
+
+
+# --------------------------------------------------------------------------------------------- from DICOM
+@pytest.mark.slow
+def test_process_pair_from_dicom_matches_the_manifest(corpus, template):
+    """The generator's DICOM files, read by read_volume, registered: transforms as the manifest says."""
+    pair = corpus.manifest["expected_pairs"][0]
+    series = series_by_uid(corpus.manifest)
+    mr, ct = series[pair["mr_series_uid"]], series[pair["ct_series_uid"]]
+    spec = PairSpec(index=0, pair_id="p0", patient="P0000000000000000", split="train", days_apart=0,
+                    mr_files=tuple(os.path.join(corpus.url, f) for f in mr["files"]),
+                    ct_files=tuple(os.path.join(corpus.url, f) for f in ct["files"]))
+    r = process_pair(spec, Config(), template)
+    assert r.status == "ok", r.status
+    pts = brain_points(template, step=3)
+    for true, got in ((mr["transform"], r.mr_affine), (ct["transform"], r.ct_affine)):
+        mean, worst = tre_mm(np.array(true), got, pts)
+        assert mean <= 1.0 and worst <= 2.0, (mean, worst)
+    assert r.timings["read"] > 0 and r.timings["total"] > 0
+
+
+# --------------------------------------------------------------------------------------------- outputs
+@pytest.mark.slow
+def test_outputs_on_the_template_grid(template):
+    r = processed(1)
+    assert r.ok
+    shape = template.shape_zyx
+    for arr in (r.mr, r.ct):
+        assert arr.shape == shape and arr.dtype == np.float32
+        assert np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0
+    assert r.valid.shape == shape and r.valid.dtype == bool
+    assert r.slice_ok.shape == (shape[0],) and r.slice_ok.dtype == bool and r.slice_ok.sum() > 50
+    assert r.mr_affine.shape == r.ct_affine.shape == (4, 4) and r.mr_affine.dtype == np.float64
+    assert (r.ct_lo, r.ct_hi) == Config().normalize.ct_window and r.mr_hi > r.mr_lo
+    assert set(r.qa) == set(QA_KEYS) and all(np.isfinite(v) for v in r.qa.values())
+    assert r.qa["brain_dice"] >= 0.9 and r.qa["valid_fraction"] == pytest.approx(1.0, abs=1e-3)
+    assert set(r.timings) >= {"prepare", "register_mr", "register_ct", "resample", "normalize", "figure"}
+    # the figure: a valid PNG with no text chunks (its only words are the drawn plane names)
+    chunks = _png_chunks(r.figure_png)
+    assert chunks[0] == b"IHDR" and chunks[-1] == b"IEND"
+    assert not {b"tEXt", b"iTXt", b"zTXt"} & set(chunks)
+
+
+@pytest.mark.slow
+def test_ct_is_interpolated_once_from_its_own_grid(template):
+    """The stored CT is the source CT sampled once through the composed affine, not MR-resampled twice."""
+    p, r = simulated(1), processed(1)
+    ref = sitk.Resample(R.prepare_ct(p.ct), template.image, R.affine_from_matrix(r.ct_affine), sitk.sitkLinear,
+                        float("nan"), sitk.sitkFloat32)
+    hu = sitk.GetArrayFromImage(ref)
+    inside = ~np.isnan(hu)
+    assert not (r.valid & ~inside).any() and (r.valid & inside).sum() > 0.5 * inside.sum()
+    np.testing.assert_allclose(ct_to_hu(r.ct, r.ct_lo, r.ct_hi)[r.valid], hu[r.valid], atol=2e-3)
+
+
+@pytest.mark.slow
+def test_valid_is_false_outside_a_short_ct_field_of_view(template):
+    """A CT cut to its upper 45 %: `valid` follows the true field of view (from the generator's transform)."""
+    p = simulated(2)
+    n = p.ct.GetSize()[2]
+    ct = p.ct[:, :, int(n * 0.55):]  # keep the top of the head, lose the skull base
+    r = process_images(p.mr, ct, Config(), template, "short-fov")
+    assert r.status == "ok", r.status
+    # ground truth: template voxel centres sent by the true transforms into each series' index space
+    zyx = np.argwhere(np.ones(template.shape_zyx, bool))
+    xyz = zyx[:, ::-1].astype(float)
+    grid = template.image
+    d = np.array(grid.GetDirection()).reshape(3, 3) * np.array(grid.GetSpacing())
+    phys = np.array(grid.GetOrigin()) + xyz @ d.T
+
+    def inside(img, affine, margin=0.0):
+        q = phys @ affine[:3, :3].T + affine[:3, 3]
+        di = np.linalg.inv(np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing()))
+        idx = (q - np.array(img.GetOrigin())) @ di.T
+        lo, hi = -0.5 - margin, np.array(img.GetSize()) - 0.5 + margin
+        return np.all((idx >= lo) & (idx <= hi), axis=1).reshape(template.shape_zyx)
+
+    truth = inside(p.mr, p.mr_transform) & inside(ct, p.ct_transform)
+    assert 0.2 < truth.mean() < 0.8
+    mismatch = (truth != r.valid).mean()
+    assert mismatch < 0.01, mismatch  # the border layer, where sub-mm registration error decides
+    # outside its field of view the CT is air, and brain slices the CT does not cover are not training samples
+    air = (CT_FILL_HU - r.ct_lo) / (r.ct_hi - r.ct_lo)
+    clearly_out = ~inside(ct, p.ct_transform, margin=2.0)  # beyond the border layer
+    assert np.allclose(r.ct[clearly_out], air) and not r.valid[clearly_out].any()
+    brain = sitk.GetArrayViewFromImage(template.mask) > 0
+    covered = (brain & truth).sum(axis=(1, 2)) / np.maximum(brain.sum(axis=(1, 2)), 1)
+    assert not r.slice_ok[(covered < 0.5)].any()
+    assert r.slice_ok[(covered > 0.999) & (brain.sum(axis=(1, 2)) > 0.1 * brain[0].size)].all()
+    assert r.qa["valid_fraction"] == pytest.approx((brain & truth).sum() / brain.sum(), abs=0.01)
+
+
+# --------------------------------------------------------------------------------------------- failures
+def _mr_like(arr: np.ndarray) -> sitk.Image:
+    img = sitk.GetImageFromArray(arr.astype(np.float32))
+    img.SetSpacing((0.98, 0.98, 1.0))
+    img.SetOrigin((-125.0, -140.0, -70.0))
+    return img
+
+
+def test_constant_volume_is_refused_with_the_series_named(template):
+    ct, _ = _phantom_ct(with_couch=False)
+    for value in (0.0, 250.0):
+        r = process_images(_mr_like(np.full((40, 64, 64), value)), ct, Config(), template, "const")
+        assert r.status == f"failed: MR series: constant volume (every voxel {value:g})"
+        assert r.mr is None and r.ct is None and r.valid is None and r.figure_png is None
+        assert set(r.qa) == set(QA_KEYS) and np.isnan(r.mr_affine).all()
+    mr = _mr_like(np.random.default_rng(0).normal(100, 10, (40, 64, 64)))
+    flat_ct = sitk.Image(ct.GetSize(), sitk.sitkFloat32) - 1000.0
+    r = process_images(mr, flat_ct, Config(), template, "const")
+    assert r.status == "failed: CT series: constant volume (every voxel -1000)"
+
+
+def test_threads_setting_is_honoured(template):
+    ct, _ = _phantom_ct(with_couch=False)
+    mr = _mr_like(np.zeros((40, 64, 64)))
+    try:
+        for n in (2, 1):
+            cfg = dataclasses.replace(Config(), registration=RegistrationConfig(threads=n))
+            process_images(mr, ct, cfg, template, "threads")
+            assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == n
+    finally:
+        R.set_threads(1)
+
+
+@pytest.mark.slow
+def test_mr_of_noise_fails_with_a_reason(template):
+    rng = np.random.default_rng(5)
+    noise = _mr_like(rng.gamma(2.0, 200.0, (176, 256, 256)))
+    ct, _ = _phantom_ct(with_couch=True)
+    r = process_images(noise, ct, Config(), template, "noise")
+    assert r.status.startswith("failed: ") and ("MR" in r.status), r.status
+    assert r.mr is None and r.figure_png is None
+
+
+@pytest.mark.slow
+def test_ct_without_a_head_fails_before_registering(template):
+    p = simulated(1)
+    ct, _ = _phantom_ct(with_couch=True)
+    arr = sitk.GetArrayFromImage(ct)
+    arr[arr != 300.0] = -1000.0  # the couch plate only: a CT that shows no head
+    plate = sitk.GetImageFromArray(arr)
+    plate.CopyInformation(ct)
+    r = process_images(p.mr, plate, Config(), template, "no-head")
+    assert r.status.startswith("failed: CT series: no head found"), r.status
+    assert "register_mr" not in r.timings  # refused in the preparation step
+
+
+@pytest.mark.slow
+def test_ct_of_another_head_is_implausible(template):
+    """An MR with a CT that is not its head (an ellipsoid phantom): refused on the head overlap, not written."""
+    p = simulated(1)
+    ct, _ = _phantom_ct(with_couch=True)
+    r = process_images(p.mr, ct, Config(), template, "wrong-ct")
+    # either the rigid fit finds no overlap at all, or the heads it aligns do not match
+    assert r.status.startswith(("failed: CT and MR heads overlap too little", "failed: CT -> MR (rigid)")), r.status
+    assert "0x" not in r.status and "ITK" not in r.status  # a reason for people, not an ITK dump
+    assert np.isfinite(r.qa["mr_metric"]) and r.mr is None
+
+
+def test_unreadable_series_is_a_failed_pair_naming_the_modality(tmp_path, template):
+    junk = []
+    for k in range(3):
+        path = tmp_path / f"img{k}"
+        path.write_bytes(b"not DICOM at all" * 10)
+        junk.append(str(path))
+    spec = PairSpec(index=0, pair_id="junk", patient="P0", split="train", days_apart=0,
+                    mr_files=tuple(junk), ct_files=tuple(junk))
+    r = process_pair(spec, Config(), template)
+    assert r.status.startswith("failed: MR: ") and r.mr is None
+
+
+def test_other_errors_propagate_for_the_orchestrator_to_retry(template):
+    spec = PairSpec(index=0, pair_id="x", patient="P0", split="train", days_apart=0,
+                    mr_files=("nosuchprotocol://bucket/a.dcm",), ct_files=("nosuchprotocol://bucket/b.dcm",))
+    with pytest.raises(Exception) as info:
+        process_pair(spec, Config(), template)
+    assert not isinstance(info.value, MrictError) and "nosuchprotocol" in str(info.value)
