@@ -26,7 +26,48 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
 
 def get_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path-within-it) for ``url``; plain paths are local files."""
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    install_storage_retries(fs)
+    return fs, path
+
+
+# Errors that say nothing about the object itself: the same request may well succeed a moment later.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+_TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+                    "ClientPayloadError", "ServerDisconnectedError", "ClientConnectorError", "ClientOSError"}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A storage error worth retrying (connection reset, timeout, 5xx), as opposed to missing or forbidden."""
+    if isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in _TRANSIENT_NAMES:
+        return True
+    status = getattr(exc, "response", None)
+    if isinstance(status, dict):  # botocore ClientError: retry server-side (5xx) errors only
+        return int(status.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) >= 500
+    return isinstance(exc, OSError) and getattr(exc, "errno", None) in (5, 104, 110, 111)  # EIO, reset, timeouts
+
+
+_retries_installed = False
+
+
+def install_storage_retries(fs: Any = None) -> None:
+    """Let s3fs retry transient errors per request (with its backoff), not only its short list of types.
+
+    s3fs retries a few error types itself and gives up at once on, e.g., a connection reset or a 503 that
+    botocore did not absorb; zarr never retries. One failed request would then fail a whole pair or a store
+    write. The handler is process-wide in s3fs; an existing one is kept and consulted first.
+    """
+    global _retries_installed
+    if _retries_installed or (fs is not None and not any(c.__module__.split(".")[0] == "s3fs"
+                                                         for c in type(fs).__mro__)):
+        return
+    import s3fs.core
+
+    previous = s3fs.core.CUSTOM_ERROR_HANDLER
+    s3fs.core.set_custom_error_handler(lambda exc: bool(previous(exc)) or is_transient(exc))
+    _retries_installed = True
 
 
 def join(base: str, *parts: str) -> str:

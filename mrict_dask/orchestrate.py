@@ -245,9 +245,15 @@ def execute_pairs(executor: Any, pairs: Sequence[PairSpec], config: Config, stor
             if marker is None:
                 # retries exhausted: record the failure in the store so the pair is accounted for
                 log.warning("pair %s failed after retries: %s", outcome.pair.pair_id, outcome.error)
-                marker = write_pair(store_url, outcome.pair.index,
-                                    failed_result(outcome.pair, f"error after retries: {outcome.error}"),
-                                    storage_options)
+                try:
+                    marker = write_pair(store_url, outcome.pair.index,
+                                        failed_result(outcome.pair, f"error after retries: {outcome.error}"),
+                                        storage_options)
+                except Exception as exc:  # noqa: BLE001 - storage down: the pair stays unmarked, a re-run redoes it
+                    log.warning("pair %s: the failure could not be recorded either (%s)", outcome.pair.pair_id,
+                                _error_reason(exc))
+                    bar.advance(False)
+                    continue
             markers.append(marker)
             ok = marker.get("status") == "ok"
             if not ok:
@@ -264,7 +270,7 @@ def _load_or_scan(input_url: str, work_url: str, storage_options: dict | None, c
     import pandas as pd
 
     from .io import get_fs
-    from .scan import scan
+    from .scan import STORAGE_ERROR, scan
 
     catalog_url = join(work_url, "catalog.parquet")
     fs, path = get_fs(catalog_url, storage_options)
@@ -274,6 +280,16 @@ def _load_or_scan(input_url: str, work_url: str, storage_options: dict | None, c
             return pd.read_parquet(fh), True
     catalog = scan(input_url, storage_options=storage_options, client=client, batch_size=config.run.scan_batch,
                    progress=progress)
+    # The plan (and so the store) is made from this catalog and it is reused on resume: a file that only
+    # failed to download must not be frozen into it as unreadable (its pair would be lost for good).
+    lost = catalog["read_error"].str.startswith((STORAGE_ERROR, "unreadable: scan task failed"))
+    if lost.any():
+        from .errors import InputError
+
+        kinds = sorted({":".join(r.split(":")[:3]) for r in catalog.loc[lost, "read_error"]})  # no file names (PHI)
+        raise InputError(f"{int(lost.sum())} of {len(catalog)} files could not be read from storage after retries "
+                         f"({'; '.join(kinds)[:200]}); no catalog, plan or store was written: re-run when the "
+                         "storage answers again")
     fs.makedirs(fs._parent(path), exist_ok=True)
     with fs.open(path, "wb") as fh:
         catalog.to_parquet(fh, index=False)

@@ -36,12 +36,10 @@ def resolve_key(given: str | None, work_url: str | None, storage_options: dict |
         return env.encode("utf-8"), "environment"
     if work_url is None:
         return secrets.token_hex(32).encode("ascii"), "random (not kept)"
-    import fsspec
-
-    from .io import join
+    from .io import get_fs, join
 
     url = join(work_url, "pseudonym.key")
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, path = get_fs(url, storage_options)
     if fs.exists(path):
         with fs.open(path, "rb") as fh:
             return fh.read().strip(), "work area"

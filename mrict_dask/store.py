@@ -89,7 +89,11 @@ def zarr_store(url: str, storage_options: dict | None = None, read_only: bool = 
 
     if _is_local(url):
         return zarr.storage.LocalStore(os.path.abspath(_local_path(url)), read_only=read_only)
-    return zarr.storage.FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
+    from .io import install_storage_retries
+
+    store = zarr.storage.FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
+    install_storage_retries(store.fs)  # zarr itself never retries a failed request
+    return store
 
 
 @contextlib.contextmanager

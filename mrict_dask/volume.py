@@ -597,9 +597,9 @@ def fetch_bytes(urls: Sequence[str], storage_options: dict | None = None) -> lis
             except OSError as exc:
                 out.append(exc)
         return out
-    import fsspec
+    from .io import get_fs
 
-    fs, _ = fsspec.core.url_to_fs(urls[0], **(storage_options or {}))
+    fs, _ = get_fs(urls[0], storage_options)
     paths = [fs._strip_protocol(u) for u in urls]
     got = fs.cat(paths, on_error="return")
     if not isinstance(got, dict):  # a single path gives bytes
@@ -775,6 +775,10 @@ def read_volume(urls: Sequence[str], storage_options: dict | None = None,
     problems: list[str] = []
     for k, b in enumerate(blobs):
         if isinstance(b, Exception):
+            from .io import is_transient
+
+            if is_transient(b):  # the storage failed, not the series: raised for the caller to retry
+                raise b
             problems.append(f"file {k + 1} of {len(urls)} cannot be read ({type(b).__name__})")
             continue
         try:
