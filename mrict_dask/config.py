@@ -39,6 +39,7 @@ class RegistrationConfig:
     smoothing_sigmas_mm: tuple[float, ...] = (4.0, 2.0, 1.0)
     iterations: int = 200  # per level
     learning_rate: float = 1.0  # regular-step gradient descent (fine levels): first step, ~mm
+    refine_at_template_resolution: bool = True  # MR -> template: a last level on the template's own grid
     seed: int = 20240521
     threads: int = 1  # ITK threads per task; the Dask worker's threads are the parallelism
     min_brain_overlap: float = 0.80  # Dice of template brain mask vs MR head-derived check
