@@ -17,7 +17,8 @@ def check_volume(arr: np.ndarray, name: str, mask: np.ndarray | None = None) -> 
     """Refuse an empty, non-finite or constant volume (inside ``mask`` when given), naming the series."""
     values = arr if mask is None else arr[mask]
     if values.size == 0:
-        raise VolumeError(f"{name}: empty volume (no voxels{' inside its head/valid region' if mask is not None else ''})")
+        where = " inside its head/valid region" if mask is not None else ""
+        raise VolumeError(f"{name}: empty volume (no voxels{where})")
     finite = np.isfinite(values)
     if not finite.all():
         raise VolumeError(f"{name}: {int((~finite).sum())} non-finite voxel value(s)")

@@ -5,10 +5,13 @@ fixed image's physical space (LPS mm) to the moving image's: ``mr_tx`` maps temp
 MR -> CT, and template -> CT is ``ct_tx(mr_tx(p))`` (:func:`compose`), exactly the store's `mr_affine` /
 `ct_affine` convention.
 
-Both registrations run on an isotropic working grid (``cfg.working_spacing_mm``, 2 mm by default) (the 1 mm template has 8.7 M voxels; a
-12-parameter affine is well determined by far fewer), on masks that keep what the other image cannot
-explain out of the metric: the template is brain-extracted, so MR -> template samples only a dilated
-template brain; the CT couch and headrest are cut away by a head mask before CT -> MR.
+Both registrations run on an isotropic working grid (``cfg.working_spacing_mm``, 2 mm by default; the
+1 mm template has 8.7 M voxels, a 12-parameter affine is well determined by far fewer), the MR one ending
+with a level on the template's own grid. Masks keep what the other image cannot explain out of the
+metric: the template is brain-extracted, so MR -> template samples only a dilated template brain; the CT
+couch and headrest are cut away by a head mask before CT -> MR. Each starts from centred head masks and
+a coarse grid search (translations, then rotations), so head tilts and fields of view that differ by
+tens of mm or degrees stay within reach.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import math
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,7 +143,7 @@ def head_mask_mr(mr_w: sitk.Image) -> sitk.Image:
     a = sitk.GetArrayFromImage(mr_w)
     hi = float(np.percentile(a, 99.5))
     if not hi > float(a.min()):
-        raise VolumeError("MR series: constant volume")
+        raise VolumeError(f"MR series: constant volume (every voxel {hi:g})")
     # Otsu on log intensities: the background noise is one narrow peak there, every tissue (dim skull,
     # grey scalp, bright fat) lies far above it; on linear intensities Otsu splits the tissues instead
     lo = float(np.percentile(a, 0.5))
@@ -165,7 +169,7 @@ def head_mask_ct(ct_w: sitk.Image) -> sitk.Image:
     # but not pieces of what was cut away that reach far from the head (a plate under it)
     r = _ball(CT_OPENING_MM, sp)
     core = _largest_component(ndi.binary_opening(tissue, structure=_BALL, iterations=r))
-    cut, n = ndi.label(tissue & ~core)
+    cut, _ = ndi.label(tissue & ~core)
     far = cut[~ndi.binary_dilation(core, structure=_BALL, iterations=2 * r + 2) & (cut > 0)]
     foreign = np.isin(cut, np.unique(far)) & (cut > 0)
     fg = ndi.binary_dilation(core, structure=_BALL, iterations=r + 1) & tissue & ~foreign
@@ -302,7 +306,7 @@ def _search(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, cfg:
     """
     n_params = initial.GetNumberOfParameters()
     n_mask = int(np.count_nonzero(sitk.GetArrayViewFromImage(fixed_mask)))
-    shrink = max(1, int(round(2 * step_mm / cfg.working_spacing_mm / 2)))
+    shrink = max(1, int(round(step_mm / cfg.working_spacing_mm)))
     reg = sitk.ImageRegistrationMethod()
     reg.SetNumberOfThreads(max(1, int(cfg.threads)))
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=int(bins))
@@ -361,7 +365,8 @@ def _levels(cfg: RegistrationConfig) -> tuple[tuple[int, float], ...]:
 
 
 def _pyramid(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, cfg: RegistrationConfig, *,
-             bins: int, fixed_mask: sitk.Image, what: str, fine=None) -> tuple[sitk.Transform, dict]:
+             bins: int, fixed_mask: sitk.Image, what: str,
+             fine: Callable[[sitk.Transform], sitk.Transform] | None = None) -> tuple[sitk.Transform, dict]:
     """Coarsest level by line search, the finer ones by regular steps (see :func:`_run`).
 
     ``fine``: optional callable turning the coarse result into the transform the fine levels refine
@@ -390,8 +395,10 @@ def register_mr_to_template(mr: sitk.Image, template: Template, cfg: Registratio
                             mr_head: sitk.Image | None = None) -> tuple[sitk.AffineTransform, dict]:
     """Affine template -> MR (fixed: template, moving: MR), Mattes MI on a dilated template brain mask.
 
-    Initialised by centring the MR head on the template brain. ``mr_work``/``mr_head`` (the MR on the
-    working grid and its head mask, from :func:`work_image` / :func:`head_mask_mr`) skip recomputing them.
+    Centring the MR head on the template brain, grid searches (z, tilts), a rigid coarse level, affine
+    finer levels, and a last one on the template's grid. ``mr_work``/``mr_head`` (the MR on the working
+    grid and its head mask, from :func:`work_image` / :func:`head_mask_mr`) skip recomputing them.
+    Returns the transform and {metric, stop condition, iterations per level, samples}.
     """
     set_threads(cfg.threads)
     wt = work_template(template, cfg.working_spacing_mm)
@@ -432,10 +439,11 @@ def register_ct_to_mr(ct: sitk.Image, mr: sitk.Image, cfg: RegistrationConfig,
     """Rigid MR -> CT (maps MR physical points to CT physical points), Mattes MI on head masks.
 
     The CT is clamped to [-1024, 3071] HU and everything outside its head mask (couch, headrest, padding)
-    set to air (``ct_clamped``, ``ct_work`` (clamped, on the working grid) and ``ct_head`` (its head mask)
-    may be passed to skip recomputing them). The series showing less of the head is the fixed image (as SynthRAD does), so that
-    every sample has a partner; when that is the CT, the result is inverted. Initialised by centring the
-    two head masks (see :func:`_initial_offset`), then a search over translations.
+    set to air (``ct_clamped``, ``ct_work`` (clamped, on the working grid) and ``ct_head`` (its head
+    mask) may be passed to skip recomputing them). The series showing less of the head is the fixed image
+    (as SynthRAD does), so that every sample has a partner; when that is the CT, the result is inverted.
+    Initialised by centring the two head masks (see :func:`_initial_offset`), then grid searches.
+    Returns the transform and {metric, stop condition, iterations, fixed, head_overlap}.
     """
     set_threads(cfg.threads)
     sp = cfg.working_spacing_mm
