@@ -26,6 +26,9 @@ import time
 
 import numpy as np
 
+# benchmark the checkout this script is in, whatever copy of the package is installed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 # ------------------------------------------------------------------------------------------------ inputs
 def prepare(work: str, seeds: list[int]) -> None:
@@ -62,7 +65,8 @@ def prepare(work: str, seeds: list[int]) -> None:
         dil = ndi.binary_dilation(sitk.GetArrayFromImage(mr_head) > 0, iterations=3).astype(np.uint8)
         m = sitk.GetImageFromArray(dil)
         m.CopyInformation(mr_head)
-        sitk.WriteImage(sitk.Resample(m, p.mr, sitk.Transform(), sitk.sitkNearestNeighbor, 0), f"{work}/mr_mask{seed}.nii")
+        m = sitk.Resample(m, p.mr, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        sitk.WriteImage(m, f"{work}/mr_mask{seed}.nii")
         np.savez(f"{work}/truth{seed}.npz", mr=p.mr_transform, ct=p.ct_transform)
         print(f"  simulated patient {seed} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
 
@@ -174,13 +178,14 @@ def main() -> None:
             env = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(n), "OMP_NUM_THREADS": str(n),
                    "ANTS_RANDOM_SEED": "1"}
             load = os.getloadavg()[0]
-            out = subprocess.run([sys.executable, __file__, "--_worker", engine, "--threads", str(n), "--work", work,
-                                  "--seeds", args.seeds], env=env, capture_output=True, text=True, check=True)
+            cmd = [sys.executable, __file__, "--_worker", engine, "--threads", str(n), "--work", work,
+                   "--seeds", args.seeds]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             got = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
             for g in got:
+                mr_t, ct_t = g["mr_tre"], g["ct_tre"]
                 print(f"  {engine} x{n} seed {g['seed']}: {g['wall']:.1f} s wall, {g['cpu']:.1f} s cpu, "
-                      f"TRE MR {g['mr_tre'][0]:.2f}/{g['mr_tre'][1]:.2f} CT {g['ct_tre'][0]:.2f}/{g['ct_tre'][1]:.2f} mm",
-                      file=sys.stderr)
+                      f"TRE MR {mr_t[0]:.2f}/{mr_t[1]:.2f} CT {ct_t[0]:.2f}/{ct_t[1]:.2f} mm", file=sys.stderr)
             rows.append((engine, n, got, load))
     print(f"\n{'engine':8} {'threads':>7} {'s/pair wall':>12} {'s/pair cpu':>11} {'MR TRE mean/max':>16} "
           f"{'CT TRE mean/max':>16} {'load':>5}")
@@ -191,8 +196,8 @@ def main() -> None:
         mr_max = max(g["mr_tre"][1] for g in got)
         ct_mean = np.mean([g["ct_tre"][0] for g in got])
         ct_max = max(g["ct_tre"][1] for g in got)
-        print(f"{engine:8} {n:>7} {wall:>12.1f} {cpu:>11.1f} {mr_mean:>8.2f}/{mr_max:<7.2f} {ct_mean:>8.2f}/{ct_max:<7.2f}"
-              f" {load:>5.1f}")
+        print(f"{engine:8} {n:>7} {wall:>12.1f} {cpu:>11.1f} {mr_mean:>8.2f}/{mr_max:<7.2f} "
+              f"{ct_mean:>8.2f}/{ct_max:<7.2f} {load:>5.1f}")
     print(f"\n{len(seeds)} synthetic pairs (seeds {args.seeds}); medians over pairs; TRE: mean over pairs of the "
           f"per-pair mean / worst per-pair max; load: 1-min load average when the configuration started")
 
