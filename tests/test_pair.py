@@ -127,6 +127,23 @@ def test_valid_is_false_outside_a_short_ct_field_of_view(template):
     assert r.qa["valid_fraction"] == pytest.approx((brain & truth).sum() / brain.sum(), abs=0.01)
 
 
+@pytest.mark.slow
+def test_coarser_output_grid(template):
+    """A 2 mm output grid (for speed): same contract on the smaller grid, same accuracy."""
+    from mrict_dask.template import load_template
+
+    coarse = load_template(spacing=2.0)
+    p = simulated(1)
+    r = process_images(p.mr, p.ct, Config(), coarse, "grid-2mm")
+    assert r.status == "ok", r.status
+    assert r.mr.shape == r.ct.shape == r.valid.shape == coarse.shape_zyx
+    assert r.slice_ok.shape == (coarse.shape_zyx[0],) and r.slice_ok.any()
+    pts = brain_points(template, step=3)
+    for true, got in ((p.mr_transform, r.mr_affine), (p.ct_transform, r.ct_affine)):
+        mean, worst = tre_mm(true, got, pts)
+        assert mean <= 1.0 and worst <= 2.0, (mean, worst)
+
+
 # --------------------------------------------------------------------------------------------- failures
 def _mr_like(arr: np.ndarray) -> sitk.Image:
     img = sitk.GetImageFromArray(arr.astype(np.float32))
