@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import zlib
 
 import numpy as np
@@ -210,6 +211,34 @@ def test_ct_of_another_head_is_implausible(template):
     assert r.status.startswith(("failed: CT and MR heads overlap too little", "failed: CT -> MR (rigid)")), r.status
     assert "0x" not in r.status and "ITK" not in r.status  # a reason for people, not an ITK dump
     assert np.isfinite(r.qa["mr_metric"]) and r.mr is None
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"mr_det": 0.4}, "implausible MR -> template scaling: determinant 0.400 outside [0.6, 1.6]"),
+    ({"mr_det": 2.0}, "implausible MR -> template scaling"),
+    ({"brain_dice": 0.5}, "brain overlap too low after MR -> template: Dice 0.50 < 0.8"),
+    ({"mr_metric": float("nan")}, "MR -> template registration failed: final metric is nan"),
+])
+def test_implausible_mr_registration_has_a_reason(change, reason):
+    from mrict_dask.errors import RegistrationError
+    from mrict_dask.pair import check_mr
+
+    qa = {"mr_metric": -1.4, "ct_metric": -1.0, "brain_dice": 0.97, "mr_det": 1.02, "valid_fraction": 1.0}
+    check_mr(qa, Config())
+    with pytest.raises(RegistrationError, match=re.escape(reason)):
+        check_mr({**qa, **change}, Config())
+
+
+def test_implausible_ct_registration_has_a_reason():
+    from mrict_dask.errors import RegistrationError
+    from mrict_dask.pair import check_ct
+
+    qa = {"ct_metric": -1.0}
+    check_ct(qa, 0.97, Config())
+    with pytest.raises(RegistrationError, match="CT and MR heads overlap too little after CT -> MR: Dice 0.50"):
+        check_ct(qa, 0.5, Config())
+    with pytest.raises(RegistrationError, match="CT -> MR registration failed: final metric is nan"):
+        check_ct({"ct_metric": float("nan")}, 0.97, Config())
 
 
 def test_unreadable_series_is_a_failed_pair_naming_the_modality(tmp_path, template):
