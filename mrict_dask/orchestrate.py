@@ -31,13 +31,13 @@ def client_for(scheduler: str | None = None, workers: int | None = None, threads
     from distributed import Client, LocalCluster
 
     if scheduler:
-        with Client(scheduler) as client:
+        with Client(scheduler, set_as_default=False) as client:
             log.info("connected to scheduler %s (dashboard: %s)", scheduler, client.dashboard_link)
             yield client
         return
     n = workers or max(1, (os.cpu_count() or 1) // max(1, threads_per_worker))
     with LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, memory_limit=memory_limit,
-                      processes=processes, dashboard_address=":0") as cluster, Client(cluster) as client:
+                      processes=processes, dashboard_address=":0") as cluster, Client(cluster, set_as_default=False) as client:
         log.info("LocalCluster: %d workers x %d threads (dashboard: %s)", n, threads_per_worker,
                  client.dashboard_link)
         yield client
@@ -140,7 +140,7 @@ class DaskExecutor:
 
         first = [submit(p) for p in todo[: self.window]]
         rest = iter(todo[self.window:])
-        ac = as_completed(first)
+        ac = as_completed(first, loop=self.client.loop)  # this client, not whichever is the default
         for fut in ac:
             pair = by_key.pop(fut.key)
             try:

@@ -1007,7 +1007,7 @@ def _scan_distributed(client: Any, batches: list, so: dict, bar: Any) -> list[di
     token = uuid.uuid4().hex[:12]
     pending = iter(enumerate(batches))
     batch_of: dict[str, list] = {}
-    ac = as_completed()
+    ac = as_completed(loop=client.loop)  # not default_client(): the caller may not have made it the default
 
     def submit_next() -> None:
         nxt = next(pending, None)

@@ -131,6 +131,17 @@ def upload_tree(local_dir: str, s3: S3, prefix: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- [dask]
+@pytest.fixture(autouse=True)
+def _default_dask_scheduler():
+    """Each test starts and ends with dask's default scheduler, whatever Client a test opened (xarray's
+    `.values` on a store computes with it; a leftover 'dask.distributed' setting without a live Client fails)."""
+    import dask
+
+    before = dask.config.get("scheduler", None)
+    yield
+    dask.config.set(scheduler=before)
+
+
 @pytest.fixture(scope="session")
 def local_cluster():
     """A real LocalCluster: 2 worker processes, 1 thread each."""
@@ -146,5 +157,5 @@ def local_cluster():
 def client(local_cluster):
     from distributed import Client
 
-    with Client(local_cluster) as c:
+    with Client(local_cluster, set_as_default=False) as c:
         yield c

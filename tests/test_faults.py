@@ -44,7 +44,7 @@ class RealCluster:
     def _wait_for_workers(self, n: int) -> None:
         from distributed import Client
 
-        with Client(self.address, timeout=60) as c:
+        with Client(self.address, timeout=60, set_as_default=False) as c:
             c.wait_for_workers(n, timeout=120)
 
     def kill_worker_with_pid(self, pid: int) -> None:
@@ -78,7 +78,7 @@ def test_worker_killed_mid_run_loses_nothing(corpus, tmp_path):
         # kill the worker that is computing a pair, a few seconds into it, so the kill lands mid-pair
         from distributed import Client
 
-        with Client(cluster.address) as c:
+        with Client(cluster.address, set_as_default=False) as c:
             deadline = time.time() + 300
             while time.time() < deadline:
                 busy = [w for w, keys in c.processing().items() if keys]
@@ -93,7 +93,7 @@ def test_worker_killed_mid_run_loses_nothing(corpus, tmp_path):
     try:
         t = threading.Thread(target=killer, daemon=True)
         t.start()
-        with Client(cluster.address) as client:
+        with Client(cluster.address, set_as_default=False) as client:
             summary = run_pipeline(corpus.url, out, config=FAST, client=client, pseudonym_key="k")
         t.join(5)
         assert killed.is_set()

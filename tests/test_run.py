@@ -43,7 +43,7 @@ def dask_run(corpus, local_cluster, tmp_path_factory):
     from distributed import Client
 
     out = tmp_path_factory.mktemp("run") / "store.zarr"
-    with Client(local_cluster) as client:
+    with Client(local_cluster, set_as_default=False) as client:
         summary = run_pipeline(corpus.url, str(out), config=Config(), client=client, pseudonym_key=KEY)
     return summary, str(out)
 
@@ -91,7 +91,7 @@ def test_serial_executor_gives_identical_store(corpus, local_cluster, tmp_path):
     from distributed import Client
 
     a, b = str(tmp_path / "dask.zarr"), str(tmp_path / "serial.zarr")
-    with Client(local_cluster) as client:
+    with Client(local_cluster, set_as_default=False) as client:
         run_pipeline(corpus.url, a, config=FAST, client=client, pseudonym_key=KEY)
     run_pipeline(corpus.url, b, config=FAST, executor="serial", pseudonym_key=KEY)
     da, db = xr.open_zarr(a), xr.open_zarr(b)
@@ -105,7 +105,7 @@ def test_s3_to_s3(corpus, s3, local_cluster):
 
     src = upload_tree(corpus.url, s3, "dicom")
     out = s3.url("out", "store.zarr")
-    with Client(local_cluster) as client:
+    with Client(local_cluster, set_as_default=False) as client:
         summary = run_pipeline(src, out, config=FAST, client=client, pseudonym_key=KEY,
                                storage_options=s3.storage_options)
     assert summary.ok == summary.n_pairs > 0
@@ -119,7 +119,7 @@ def test_quirky_corpus_completes_with_reasons(quirky_corpus, local_cluster, tmp_
     from distributed import Client
 
     out = str(tmp_path / "store.zarr")
-    with Client(local_cluster) as client:
+    with Client(local_cluster, set_as_default=False) as client:
         summary = run_pipeline(quirky_corpus.url, out, config=FAST, client=client, pseudonym_key=KEY)
     plan = _plan(out + ".work")
     assert {(p.mr_series_uid, p.ct_series_uid) for p in plan.pairs} == _expected_pairs(quirky_corpus.manifest)
