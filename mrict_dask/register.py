@@ -16,6 +16,7 @@ tens of mm or degrees stay within reach.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -39,6 +40,7 @@ CT_OPENING_MM = 8.0
 _BALL = ndi.generate_binary_structure(3, 2)
 SEARCH_SAMPLES = 2000  # a grid search only ranks candidates far apart
 COARSE_SAMPLES = 4000
+FINAL_SAMPLES_FACTOR = 4
 TEMPLATE_MASK_DILATION_MM = 6.0  # keep the brain's outer edge (brain/CSF contrast) in the MR metric
 ROTATION_STEP_DEG = 9.0  # rotation search: +-18 degrees about each axis
 FIXED_HEAD_DILATION_MM = 6.0  # CT -> MR: the head plus its skin/air edge
@@ -417,8 +419,10 @@ def register_mr_to_template(mr: sitk.Image, template: Template, cfg: Registratio
     tx, info = _pyramid(wt.image, mr_w, init, cfg, bins=cfg.mr_bins, fixed_mask=wt.fixed_mask,
                         what=what, fine=lambda rigid: affine_from_matrix(to_matrix(rigid), center=c_t))
     if cfg.refine_at_template_resolution and min(template.image.GetSpacing()) < cfg.working_spacing_mm - 1e-6:
-        # one last level on the template's own grid (unsmoothed): ~0.1 mm closer for ~1 s
-        tx, last = _run(template.image, sitk.Cast(mr, sitk.sitkFloat32), tx, cfg, bins=cfg.mr_bins,
+        # one last level on the template's own grid (unsmoothed), with FINAL_SAMPLES_FACTOR times the
+        # samples: it decides the last tenths of a mm (~0.1 mm closer for ~1.5 s)
+        final = dataclasses.replace(cfg, sampling_fraction=cfg.sampling_fraction * FINAL_SAMPLES_FACTOR)
+        tx, last = _run(template.image, sitk.Cast(mr, sitk.sitkFloat32), tx, final, bins=cfg.mr_bins,
                         fixed_mask=wt.full_mask, levels=((1, 0.0),), line_search=False, what=what)
         info = {**last, "iterations": info["iterations"] + last["iterations"]}
     out = affine_from_matrix(to_matrix(tx), center=c_t)
