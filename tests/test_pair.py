@@ -253,6 +253,27 @@ def test_unreadable_series_is_a_failed_pair_naming_the_modality(tmp_path, templa
     assert r.status.startswith("failed: MR: ") and r.mr is None
 
 
+def test_storage_outage_propagates_for_the_orchestrator_to_retry(s3, tmp_path, template):
+    """A transient storage error is not the pair's fault: it is raised, not recorded as a failed pair."""
+    from mrict_dask.io import is_transient
+
+    from . import faulty_fs
+
+    faulty_fs.register()
+    fs = s3.fs()
+    for name in ("mr/1", "mr/2", "ct/1", "ct/2"):
+        fs.pipe(s3.url(name), b"bytes the outage keeps us from reading")
+    so = faulty_fs.faulty_options(s3.storage_options, rate=1.0, ops=("read",), layer="operation",
+                                  max_consecutive=1000, log=str(tmp_path / "faults"))
+    spec = PairSpec(index=0, pair_id="outage", patient="P0", split="train", days_apart=0,
+                    mr_files=tuple(faulty_fs.to_faulty(s3.url(f"mr/{k}")) for k in (1, 2)),
+                    ct_files=tuple(faulty_fs.to_faulty(s3.url(f"ct/{k}")) for k in (1, 2)))
+    with pytest.raises(Exception) as info:
+        process_pair(spec, Config(), template, so)
+    assert is_transient(info.value) and not isinstance(info.value, MrictError)
+    assert faulty_fs.faults_injected(str(tmp_path / "faults"))["read"] > 0
+
+
 def test_other_errors_propagate_for_the_orchestrator_to_retry(template):
     spec = PairSpec(index=0, pair_id="x", patient="P0", split="train", days_apart=0,
                     mr_files=("nosuchprotocol://bucket/a.dcm",), ct_files=("nosuchprotocol://bucket/b.dcm",))
