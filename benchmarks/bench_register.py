@@ -196,8 +196,8 @@ def main() -> None:
         mr_max = max(g["mr_tre"][1] for g in got)
         ct_mean = np.mean([g["ct_tre"][0] for g in got])
         ct_max = max(g["ct_tre"][1] for g in got)
-        print(f"{engine:8} {n:>7} {wall:>12.1f} {cpu:>11.1f} {mr_mean:>8.2f}/{mr_max:<7.2f} "
-              f"{ct_mean:>8.2f}/{ct_max:<7.2f} {load:>5.1f}")
+        print(f"{engine:8} {n:>7} {wall:>12.1f} {cpu:>11.1f} {mr_mean:>9.3f}/{mr_max:<6.3f} "
+              f"{ct_mean:>9.3f}/{ct_max:<6.3f} {load:>5.1f}")
     print(f"\n{len(seeds)} synthetic pairs (seeds {args.seeds}); medians over pairs; TRE: mean over pairs of the "
           f"per-pair mean / worst per-pair max; load: 1-min load average when the configuration started")
 

@@ -10,6 +10,7 @@ the peak resident memory of each worker process.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import resource
 import shutil
@@ -18,13 +19,20 @@ import time
 
 
 def _peak_rss_mib() -> float:
+    """This process's own peak resident memory (VmHWM). Not ru_maxrss: a spawned worker inherits the
+    high-water mark of the process that spawned it (Linux keeps it across exec)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_once(corpus: str, out: str, executor: str, workers: int | None) -> dict:
-    from distributed import Client, LocalCluster
-
-    from mrict_dask.orchestrate import run_pipeline
+def run_once(corpus: str, out: str, executor: str, workers: int | None, limit: int | None = None) -> dict:
+    from mrict_dask.orchestrate import client_for, run_pipeline
 
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out + ".work", ignore_errors=True)
@@ -32,15 +40,67 @@ def run_once(corpus: str, out: str, executor: str, workers: int | None) -> dict:
     peaks: list[float] = []
     t = time.perf_counter()
     if executor == "serial":
-        summary = run_pipeline(corpus, out, executor="serial", pseudonym_key="bench")
+        summary = run_pipeline(corpus, out, executor="serial", pseudonym_key="bench", limit=limit)
         peaks = [_peak_rss_mib()]
     else:
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                          memory_limit="8GiB") as cluster, Client(cluster) as client:
-            summary = run_pipeline(corpus, out, client=client, pseudonym_key="bench")
+        # the cluster `mrict-dask run --workers N` starts (client_for), memory limit raised out of the way
+        with client_for(workers=workers, threads_per_worker=1, memory_limit="8GiB") as client:
+            summary = run_pipeline(corpus, out, client=client, pseudonym_key="bench", limit=limit)
             peaks = list(client.run(_peak_rss_mib).values())
     wall = time.perf_counter() - t
-    return {"summary": summary, "wall": wall, "peaks": peaks}
+    return {"summary": summary, "wall": wall, "peaks": peaks, "steps": _pair_steps(out)}
+
+
+def _pair_steps(store: str) -> dict[str, float]:
+    """Seconds per step summed over the pairs, from the timings in the store's pair markers."""
+    import json
+
+    steps: dict[str, float] = {}
+    for f in glob.glob(os.path.join(store, "_pairs", "*.json")):
+        with open(f) as fh:
+            for k, v in json.load(fh).get("timings", {}).items():
+                steps[k] = steps.get(k, 0.0) + float(v)
+    return steps
+
+
+# ------------------------------------------------------------------ the machine's own ceiling, without Dask
+def _pool_init() -> None:
+    from mrict_dask.config import Config
+    from mrict_dask.orchestrate import tune_malloc
+    from mrict_dask.template import template_from_config
+
+    tune_malloc(Config().run.malloc_mmap_threshold_mib)
+    template_from_config(Config().grid)  # loaded before the clock matters, as a warm worker has it
+
+
+def _pool_pair(pair) -> float:
+    from mrict_dask.config import Config
+    from mrict_dask.pair import process_pair
+    from mrict_dask.template import template_from_config
+
+    config = Config()
+    t = time.perf_counter()
+    process_pair(pair, config, template_from_config(config.grid))
+    return time.perf_counter() - t
+
+
+def ceiling(plan_url: str, n_pairs: int) -> tuple[float, float]:
+    """The same pure pair function over the same pairs in 1 and in 2 plain processes (multiprocessing, no
+    Dask, no store writes): how far two pair computations scale on this machine at all."""
+    import multiprocessing as mp
+
+    from mrict_dask.plan import Plan
+
+    with open(plan_url) as fh:
+        pairs = list(Plan.from_json(fh.read()).pairs)[:n_pairs]
+    walls = []
+    for procs in (1, 2):
+        with mp.get_context("spawn").Pool(procs, initializer=_pool_init) as pool:
+            pool.map(_pool_pair, pairs[:procs], chunksize=1)  # warm every process
+            t = time.perf_counter()
+            pool.map(_pool_pair, pairs, chunksize=1)
+            walls.append(time.perf_counter() - t)
+    return walls[0], walls[1]
 
 
 def main() -> None:
@@ -51,6 +111,9 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--modes", default="serial,dask1,dask2")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N pairs of the plan")
+    ap.add_argument("--ceiling-pairs", type=int, default=8,
+                    help="pairs for the no-Dask 1 vs 2 process comparison (0: skip)")
     args = ap.parse_args()
 
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
@@ -67,9 +130,9 @@ def main() -> None:
     n_files = sum(len(f) for _, _, f in os.walk(corpus))
 
     results = {}
-    for mode in args.modes.split(","):
+    for mode in [m for m in args.modes.split(",") if m]:
         executor, workers = ("serial", None) if mode == "serial" else ("dask", int(mode.removeprefix("dask")))
-        r = run_once(corpus, os.path.join(work, f"store-{mode}.zarr"), executor, workers)
+        r = run_once(corpus, os.path.join(work, f"store-{mode}.zarr"), executor, workers, args.limit)
         results[mode] = r
         s = r["summary"]
         print(f"\n[{mode}] {s.describe()}\nwall {r['wall']:.1f} s, peak RSS per process (MiB): "
@@ -83,6 +146,9 @@ def main() -> None:
         st = s.stage_seconds
         print(f"{mode:8} {s.n_pairs:5d} {r['wall']:8.1f} {60 * s.n_pairs / r['wall']:9.2f} {n_files / r['wall']:8.1f} "
               f"{st.get('scan', 0):7.1f} {st.get('plan', 0):7.1f} {st.get('pairs', 0):8.1f} {max(r['peaks']):9.0f}")
+    print("\nseconds per step, summed over pairs (from the pair markers; 'total' = on the worker):")
+    for mode, r in results.items():
+        print(f"  {mode:8} " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["steps"].items())))
     if "dask1" in results and "dask2" in results:
         print(f"scaling 1 -> 2 workers (pairs stage): "
               f"{results['dask1']['summary'].stage_seconds['pairs'] / results['dask2']['summary'].stage_seconds['pairs']:.2f}x "
@@ -91,6 +157,11 @@ def main() -> None:
         a = results["dask1"]["summary"].stage_seconds["pairs"]
         b = results["serial"]["summary"].stage_seconds["pairs"]
         print(f"Dask overhead on one worker vs the serial loop (pairs stage): {100 * (a - b) / b:+.1f}% (target < 5%)")
+    plans = sorted(glob.glob(os.path.join(work, "store-*.zarr.work", "plan.json")))
+    if args.ceiling_pairs > 0 and plans:
+        one, two = ceiling(plans[0], args.ceiling_pairs)
+        print(f"machine ceiling, no Dask: the pure pair function over {args.ceiling_pairs} pairs in 1 process "
+              f"{one:.1f} s, in 2 processes {two:.1f} s: {one / two:.2f}x")
     if not args.keep and args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
 

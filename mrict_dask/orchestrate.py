@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------- clients
+# Workers we start ourselves: the statistical profiler samples the running task every 100 ms instead of
+# Dask's 10 ms (switching it off made one worker's pairs up to ~6 % faster); the image sets the same for
+# Kubernetes workers.
+WORKER_CONFIG = {"distributed.worker.profile.interval": "100ms"}
+
+
 @contextlib.contextmanager
 def client_for(scheduler: str | None = None, workers: int | None = None, threads_per_worker: int = 1,
                memory_limit: str = "auto", processes: bool = True) -> Iterator[Any]:
@@ -35,15 +41,51 @@ def client_for(scheduler: str | None = None, workers: int | None = None, threads
             log.info("connected to scheduler %s (dashboard: %s)", scheduler, client.dashboard_link)
             yield client
         return
+    import dask
+
     n = workers or max(1, (os.cpu_count() or 1) // max(1, threads_per_worker))
-    with LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, memory_limit=memory_limit,
-                      processes=processes, dashboard_address=":0") as cluster, Client(cluster, set_as_default=False) as client:
+    with dask.config.set(WORKER_CONFIG), \
+            LocalCluster(n_workers=n, threads_per_worker=threads_per_worker, memory_limit=memory_limit,
+                         processes=processes, dashboard_address=":0") as cluster, \
+            Client(cluster, set_as_default=False) as client:
         log.info("LocalCluster: %d workers x %d threads (dashboard: %s)", n, threads_per_worker,
                  client.dashboard_link)
         yield client
 
 
 # ----------------------------------------------------------------------------------------------- pair task
+_malloc_set: int | None = None
+
+
+def tune_malloc(threshold_mib: int) -> bool:
+    """Set glibc's mmap/trim thresholds for this process (once); False where there is no glibc.
+
+    A pair allocates and frees volume-sized buffers (4-130 MB) hundreds of times. With glibc's defaults a
+    process raises its mmap threshold as it goes and reuses freed heap memory; a Dask nanny's
+    ``MALLOC_TRIM_THRESHOLD_=65536`` turns that off, so every buffer is a fresh mmap that is page-faulted
+    in and unmapped again. Setting the thresholds explicitly restores the reuse in any worker, however it
+    was started. Memory stays bounded by one pair's peak.
+    """
+    global _malloc_set
+    if threshold_mib <= 0 or _malloc_set == threshold_mib:
+        return _malloc_set == threshold_mib
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    size = int(threshold_mib) << 20
+    ok = bool(mallopt(m_mmap_threshold, size)) and bool(mallopt(m_trim_threshold, 2 * size))
+    if ok:
+        _malloc_set = threshold_mib
+        log.debug("malloc: mmap threshold %d MiB, trim threshold %d MiB", threshold_mib, 2 * threshold_mib)
+    return ok
+
+
 def run_pair_task(pair: PairSpec, config: Config, store_url: str, report_url: str,
                   storage_options: dict | None) -> dict:
     """Process one pair and write it: runs on a worker (or in the serial loop). Returns the small marker.
@@ -56,6 +98,7 @@ def run_pair_task(pair: PairSpec, config: Config, store_url: str, report_url: st
     from .template import template_from_config
 
     t0 = time.perf_counter()
+    tune_malloc(config.run.malloc_mmap_threshold_mib)
     template = template_from_config(config.grid)  # cached per worker process
     result = process_pair(pair, config, template, storage_options)
     if result.figure_png:

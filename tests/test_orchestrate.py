@@ -1,0 +1,89 @@
+"""Worker process settings the pair task makes for itself: glibc's allocator thresholds, the profiler interval."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from mrict_dask.config import config_from_dict
+from mrict_dask.errors import ConfigError
+
+# In a fresh process started the way a Dask nanny starts its workers (MALLOC_TRIM_THRESHOLD_=65536 in the
+# environment): is a live 8 MiB buffer a separate mmap (glibc's mallinfo2 `hblkhd`, bytes in mmapped chunks),
+# before and after tune_malloc?
+_PROBE = textwrap.dedent("""
+    import ctypes, sys
+    import numpy as np
+    from mrict_dask.orchestrate import tune_malloc
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+
+    def mapped_for_a_buffer():
+        before = libc.mallinfo2().hblkhd
+        a = np.ones(1 << 20)  # 8 MiB
+        during = libc.mallinfo2().hblkhd
+        del a
+        return during - before
+
+    untuned = mapped_for_a_buffer()
+    ok = tune_malloc(int(sys.argv[1]))
+    mapped_for_a_buffer()  # the first one after tuning grows the heap; the next ones reuse it
+    print(untuned, mapped_for_a_buffer(), ok)
+""")
+MIB = 1 << 20
+
+
+def _probe(threshold_mib: int) -> tuple[int, int, bool]:
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(threshold_mib)], capture_output=True, text=True,
+                         check=True, env={**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"})
+    a, b, ok = out.stdout.split()
+    return int(a), int(b), ok == "True"
+
+
+glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or "glibc" not in " ".join(platform.libc_ver()),
+                           reason="glibc only")
+
+
+@glibc
+def test_tune_malloc_serves_volume_buffers_from_the_heap():
+    untuned, tuned, ok = _probe(32)
+    assert ok
+    assert untuned >= 8 * MIB  # as a Dask worker starts: each buffer its own fresh mapping
+    assert tuned == 0  # tuned: from the heap, reused
+
+
+@glibc
+def test_tune_malloc_zero_leaves_the_allocator_alone():
+    untuned, tuned, ok = _probe(0)
+    assert not ok
+    assert untuned >= 8 * MIB and tuned >= 8 * MIB
+
+
+@pytest.mark.parametrize("value", [-1, 33])
+def test_malloc_threshold_range(value):
+    with pytest.raises(ConfigError, match="malloc_mmap_threshold_mib"):
+        config_from_dict({"run": {"malloc_mmap_threshold_mib": value}})
+
+
+def test_workers_we_start_sample_the_profile_every_100ms():
+    import dask
+    import distributed  # noqa: F401 - registers distributed's config defaults
+
+    from mrict_dask.orchestrate import client_for
+
+    before = dask.config.get("distributed.worker.profile.interval")
+    with client_for(workers=1) as client:
+        got = client.run(lambda dask_worker: dask_worker.periodic_callbacks["profile"].callback_time)
+    assert list(got.values()) == [100.0]
+    # the driver's own configuration is left as it was
+    assert dask.config.get("distributed.worker.profile.interval") == before
