@@ -22,6 +22,31 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
+# --------------------------------------------------------------------------------------------- [config]
+# End-to-end tests of orchestration, storage, resume, faults and privacy (not of accuracy) run the same
+# pipeline cheaper: a 2 mm output grid, and registration on a 3 mm working grid without the last level at
+# the template's resolution (~4 s per pair instead of ~9 s; every plausibility check still applies).
+# Accuracy is asserted at the defaults: test_register.py, test_pair.py and the 1 mm end-to-end run in
+# test_run.py (TRE against the generator's transforms).
+FAST_SETTINGS = {"grid.spacing": 2.0, "registration.working_spacing_mm": 3.0,
+                 "registration.refine_at_template_resolution": False}
+
+
+def fast_config(**overrides):
+    from mrict_dask.config import load_config
+
+    return load_config(None, {**FAST_SETTINGS, **overrides})
+
+
+def fast_config_file(path) -> str:
+    """The fast configuration as a YAML file, for the CLI's --config."""
+    import yaml
+
+    with open(path, "w") as fh:
+        yaml.safe_dump(fast_config().to_dict(), fh)
+    return str(path)
+
+
 # --------------------------------------------------------------------------------------------- [template]
 @pytest.fixture(scope="session")
 def template():
@@ -63,6 +88,17 @@ def quirky_corpus(tmp_path_factory) -> Corpus:
     from mrict_dask.synth import QUIRKS
 
     return _make_corpus(tmp_path_factory.mktemp("quirky"), patients=4, seed=23, quirks=tuple(QUIRKS))
+
+
+@pytest.fixture(scope="session")
+def one_patient(corpus, tmp_path_factory):
+    """The first patient of the shared synthetic corpus (one expected pair), as its own input folder."""
+    pid = corpus.manifest["expected_pairs"][0]["patient_id"]
+    expected = [(p["mr_series_uid"], p["ct_series_uid"]) for p in corpus.manifest["expected_pairs"]
+                if p["patient_id"] == pid]
+    root = tmp_path_factory.mktemp("one_patient")
+    shutil.copytree(os.path.join(corpus.url, pid), root / pid)
+    return str(root), expected
 
 
 # --------------------------------------------------------------------------------------------- [s3]

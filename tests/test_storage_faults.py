@@ -9,14 +9,13 @@ without faults, or the bytes the test itself wrote.
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 
 import numpy as np
 import pytest
 
 from . import faulty_fs
-from .conftest import upload_tree
+from .conftest import fast_config, upload_tree
 from .faulty_fs import Faults, faults_injected, faulty_options, to_faulty
 
 RATE = 0.2  # a share of failing requests far above any real store's: every code path meets several faults
@@ -233,21 +232,6 @@ def test_write_pair_cut_by_an_outage_is_never_torn_and_completes_on_retry(s3, fa
 
 
 # --------------------------------------------------------------------------------------------- the pipeline
-FAST_GRID = 2.0
-
-
-@pytest.fixture(scope="module")
-def one_patient(corpus, tmp_path_factory):
-    """The first patient of the shared synthetic corpus (one expected pair), as its own input folder."""
-    import shutil
-
-    pid = corpus.manifest["expected_pairs"][0]["patient_id"]
-    expected = [(p["mr_series_uid"], p["ct_series_uid"]) for p in corpus.manifest["expected_pairs"]
-                if p["patient_id"] == pid]
-    root = tmp_path_factory.mktemp("one_patient")
-    shutil.copytree(os.path.join(corpus.url, pid), root / pid)
-    return str(root), expected
-
 
 def _plan_pairs(work_url: str, so: dict) -> list:
     from mrict_dask.io import join, read_bytes
@@ -273,7 +257,6 @@ def _check_finished(out: str, so: dict, expected) -> None:
 @pytest.mark.slow
 def test_pipeline_under_request_faults_completes_in_one_run(one_patient, s3, fault_log):
     """S3 -> S3, serial executor, 20 % of every read, write, listing and delete failing: one run, every pair ok."""
-    from mrict_dask.config import Config, GridConfig
     from mrict_dask.orchestrate import run_pipeline
 
     folder, expected = one_patient
@@ -281,7 +264,7 @@ def test_pipeline_under_request_faults_completes_in_one_run(one_patient, s3, fau
     out = s3.url("out", "store.zarr")
     so = faulty_options(s3.storage_options, rate=RATE, ops=("read", "write", "meta", "delete"), log=fault_log,
                         seed=6)
-    summary = run_pipeline(to_faulty(src), to_faulty(out), config=Config(grid=GridConfig(spacing=FAST_GRID)),
+    summary = run_pipeline(to_faulty(src), to_faulty(out), config=fast_config(),
                            executor="serial", pseudonym_key="k", storage_options=so)
     assert summary.exit_code == 0 and summary.ok == summary.n_pairs == len(expected), summary.describe()
     _check_finished(out, s3.storage_options, expected)
@@ -295,7 +278,6 @@ def test_pipeline_on_a_cluster_under_faults_and_outages_loses_nothing(one_patien
     """LocalCluster, S3 -> S3: 20 % of all requests fail, and on top writes of pair objects fail for longer than
     the client retries (the errors reach the pair tasks). Each run leaves nothing torn; re-runs finish the pairs
     a run could not, and every expected pair ends in the store exactly once."""
-    from mrict_dask.config import Config, GridConfig, RunConfig
     from mrict_dask.orchestrate import run_pipeline
     from mrict_dask.store import verify_store
 
@@ -310,7 +292,7 @@ def test_pipeline_on_a_cluster_under_faults_and_outages_loses_nothing(one_patien
                       keys=r"store\.zarr/_pairs/\d+\.json"))
     so = faulty_options(s3.storage_options, rate=RATE, ops=("read", "write", "meta", "delete"), log=fault_log,
                         seed=7, more=outages)
-    config = Config(grid=GridConfig(spacing=FAST_GRID), run=RunConfig(retries=1))
+    config = fast_config(**{"run.retries": 1})
     runs = []
     for _ in range(4):
         summary = run_pipeline(to_faulty(src), to_faulty(out), config=config, client=client, pseudonym_key="k",
