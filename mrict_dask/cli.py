@@ -6,6 +6,7 @@ Heavy imports (SimpleITK, dask, zarr, pydicom) happen inside the commands so `--
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
@@ -31,6 +32,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+_STORAGE_MODULES = {"fsspec", "s3fs", "gcsfs", "adlfs", "aiobotocore", "botocore"}
+
+
 class _Group(click.Group):
     """Turns our own errors into one clear line and a non-zero exit, never a traceback."""
 
@@ -47,6 +51,18 @@ class _Group(click.Group):
             sys.exit(2)
         except PermissionError as err:
             click.secho(f"error: permission denied: {err.filename or err}", fg="red", err=True)
+            sys.exit(2)
+        except TypeError as err:
+            # a misspelt --storage-options key only surfaces when the filesystem opens its session
+            words = re.match(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(err))
+            tb = err.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            where = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+            if not words or where.split(".")[0] not in _STORAGE_MODULES:
+                raise
+            click.secho(f"error: storage option '{words.group(2)}' is not one the storage client accepts "
+                        f"({words.group(1)}); check --storage-options", fg="red", err=True)
             sys.exit(2)
         except Exception as err:
             # storage unreachable after the client's own retries: the user needs the reason, not a traceback

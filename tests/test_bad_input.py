@@ -90,6 +90,15 @@ def test_unreachable_storage_endpoint(tmp_path, monkeypatch):
     assert "sEcReT-456" not in line and "k-id-123" not in line
 
 
+def test_misspelt_storage_option(tmp_path):
+    """A key the S3 client does not know (it only surfaces when the session opens): one line naming it."""
+    so = {"endpoint_urll": f"http://127.0.0.1:{_free_port()}", "key": "k-id-123", "secret": "sEcReT-456"}
+    for cmd in (["scan", "s3://bucket/in", "--out", str(tmp_path / "c.parquet")],
+                ["run", "s3://bucket/in", "s3://bucket/out.zarr", "--executor", "serial"]):
+        line = clear_error(invoke(*cmd, "--storage-options", json.dumps(so)), "storage option 'endpoint_urll'")
+        assert "sEcReT-456" not in line and "k-id-123" not in line
+
+
 # --------------------------------------------------------------------------------------------- options
 @pytest.mark.parametrize("text,needle", [
     ("{bad", "not valid JSON"),
