@@ -1,7 +1,8 @@
 """End-to-end benchmark: DICOM -> Zarr with the Dask executor on 1 and 2 workers, beside the serial loop.
 
-Prints pairs/minute, files/s, time by stage, scaling efficiency, Dask overhead against the serial loop, and
-the peak resident memory of each worker process.
+Prints pairs/minute, files/s, time by stage and by step inside the pair task, scaling efficiency, Dask overhead
+against the serial loop, the peak resident memory of each worker process, and (``--ceiling-pairs``) the same pure
+pair function in 1 and 2 plain processes as a reference for what two processes get on this machine at all.
 
     python benchmarks/bench_run.py --patients 40            # the seed-size corpus (~16k files)
     python benchmarks/bench_run.py --corpus DIR --keep       # an existing corpus
@@ -63,7 +64,7 @@ def _pair_steps(store: str) -> dict[str, float]:
     return steps
 
 
-# ------------------------------------------------------------------ the machine's own ceiling, without Dask
+# ------------------------------------------------------------------ a reference without Dask
 def _pool_init() -> None:
     from mrict_dask.config import Config
     from mrict_dask.orchestrate import tune_malloc
@@ -160,7 +161,7 @@ def main() -> None:
     plans = sorted(glob.glob(os.path.join(work, "store-*.zarr.work", "plan.json")))
     if args.ceiling_pairs > 0 and plans:
         one, two = ceiling(plans[0], args.ceiling_pairs)
-        print(f"machine ceiling, no Dask: the pure pair function over {args.ceiling_pairs} pairs in 1 process "
+        print(f"reference without Dask: the pure pair function over {args.ceiling_pairs} pairs in 1 process "
               f"{one:.1f} s, in 2 processes {two:.1f} s: {one / two:.2f}x")
     if not args.keep and args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)

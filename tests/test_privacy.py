@@ -63,10 +63,10 @@ def test_no_identifier_or_credential_leaves_the_work_area(corpus, s3, tmp_path):
     so = dict(s3.storage_options, key=ACCESS_KEY, secret=SECRET_KEY)
     logs = []
     env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
-    # the first run (most verbose: every log line -v and -q would print too) computes everything; the second,
-    # at the default level, resumes over the same store and prints the summary and messages
+    # at -vv every log line any lower level (-v, default, -q) would print is printed too, besides the summary;
+    # the first run computes everything, the second resumes over the same store (the resume path's lines)
     config = fast_config_file(tmp_path / "fast.yaml")
-    for verbosity in ["-vv", None]:
+    for verbosity in ["-vv", "-vv"]:
         args = [sys.executable, "-m", "mrict_dask.cli"] + ([verbosity] if verbosity else []) + [
             "run", src, out, "--work", work, "--storage-options", json.dumps(so), "--config", config,
             "--workers", "2", "--pseudonym-key", "privacy-test-key"]
