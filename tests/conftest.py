@@ -23,7 +23,7 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
 # --------------------------------------------------------------------------------------------- [config]
-# End-to-end tests of orchestration, storage, resume, faults and privacy (not of accuracy) run the same
+# End-to-end tests of orchestration, S3, storage faults, resume and privacy (not of accuracy) run the same
 # pipeline cheaper: a 2 mm output grid, and registration on a 3 mm working grid without the last level at
 # the template's resolution (~4 s per pair instead of ~9 s; every plausibility check still applies).
 # Accuracy is asserted at the defaults: test_register.py, test_pair.py and the 1 mm end-to-end run in
