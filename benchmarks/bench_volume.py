@@ -25,11 +25,12 @@ import time
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import SimpleITK as sitk  # noqa: E402
+import numpy as np
+import SimpleITK as sitk
 
-from mrict_dask.config import PlanConfig  # noqa: E402
-from mrict_dask.volume import read_volume, stacks_from_catalog  # noqa: E402
+from mrict_dask.config import PlanConfig
+from mrict_dask.stacks import stacks_from_catalog
+from mrict_dask.volume import read_volume
 
 
 def usable_stacks(catalog) -> list:

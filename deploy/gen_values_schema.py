@@ -48,7 +48,8 @@ def _section(cls: type) -> dict:
 def config_schema() -> dict:
     root = C.Config()
     return {"type": "object", "additionalProperties": False,
-            "description": "Pipeline config (mrict_dask/config.py), rendered into a ConfigMap; unknown keys are refused.",
+            "description": "Pipeline config (mrict_dask/config.py), rendered into a ConfigMap; "
+                           "unknown keys are refused.",
             "properties": {f.name: _section(type(getattr(root, f.name))) for f in dataclasses.fields(C.Config)}}
 
 

@@ -92,7 +92,8 @@ storage_opt = click.option(
 )
 cluster_opts = [
     click.option("--scheduler", default=None, metavar="ADDR", help="Address of a running Dask scheduler."),
-    click.option("--workers", type=int, default=None, help="LocalCluster workers (default: sized to the machine)."),
+    click.option("--workers", type=click.IntRange(min=1), default=None,
+                 help="LocalCluster workers (default: sized to the machine)."),
 ]
 
 
@@ -107,7 +108,8 @@ def _apply(opts):
 
 @main.command()
 @click.argument("out_url")
-@click.option("--patients", type=int, default=3, show_default=True, help="Number of synthetic patients.")
+@click.option("--patients", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Number of synthetic patients.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quirks", default="", metavar="LIST|all",
               help="Comma-separated quirk switches, or 'all' (see `mrict_dask.synth.QUIRKS`).")
@@ -132,18 +134,19 @@ def synth(ctx, out_url, patients, seed, quirks, layout, manifest, storage_option
 @click.argument("input_url")
 @click.option("--out", "out", required=True, metavar="CATALOG.parquet", help="Where to write the catalog (private).")
 @_apply(cluster_opts)
-@click.option("--batch-size", type=int, default=256, show_default=True, help="Files per task.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Files per task.")
 @storage_opt
 @click.pass_context
 def scan(ctx, input_url, out, scheduler, workers, batch_size, storage_options):
     """List DICOM under INPUT_URL and read headers only into a Parquet catalog."""
-    from .io import parse_storage_options
+    from .io import Location, parse_storage_options
     from .orchestrate import client_for
     from .scan import scan_to_parquet
 
     so = parse_storage_options(storage_options)
+    source, dest = Location(input_url, so), Location(out)  # refuse unusable URLs before starting a cluster
     with client_for(scheduler, workers) as client:
-        summary = scan_to_parquet(input_url, out, storage_options=so, client=client, batch_size=batch_size,
+        summary = scan_to_parquet(source, dest.url, executor=client, batch_size=batch_size,
                                   progress=ctx.obj["progress"])
     click.echo(summary.describe())
 
@@ -179,8 +182,8 @@ def plan(catalog, out, config_url, max_days, pair_all, pseudonym_key, storage_op
 @click.pass_context
 def export_series(ctx, input_url, series_uid, out, all_dir, catalog, storage_options):
     """Write series as NIfTI volumes (LPS geometry kept), like dcm2niix."""
+    from .export import export_series_command
     from .io import parse_storage_options
-    from .volume import export_series_command
 
     if not all_dir and not (series_uid and out):
         raise click.UsageError("give --series UID --out FILE, or --all OUTDIR")
@@ -196,12 +199,13 @@ def export_series(ctx, input_url, series_uid, out, all_dir, catalog, storage_opt
 @click.option("--work", "work_url", default=None, help="Private work area (catalog, plan, key). "
               "Default: OUTPUT_URL + '.work'.")
 @_apply(cluster_opts)
-@click.option("--threads-per-worker", type=int, default=1, show_default=True)
+@click.option("--threads-per-worker", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--memory-limit", default="auto", show_default=True, help="Per LocalCluster worker, e.g. 4GiB.")
 @click.option("--executor", type=click.Choice(["dask", "serial"]), default="dask", show_default=True,
               help="serial: a plain loop in this process (debugging, reference).")
 @click.option("--config", "config_url", default=None, help="Pipeline config (YAML/TOML).")
-@click.option("--limit", type=click.IntRange(min=0), default=None, help="Process only the first N pairs (a cheap trial).")
+@click.option("--limit", type=click.IntRange(min=0), default=None,
+              help="Process only the first N pairs (a cheap trial).")
 @click.option("--max-days", type=int, default=None, help="Largest MR/CT gap in days (default 183).")
 @click.option("--template", default=None, help="Template image path/URL (default: MNI152 from nilearn).")
 @click.option("--grid-spacing", type=float, default=None, help="Output grid spacing in mm (default: template's).")
@@ -214,7 +218,7 @@ def run(ctx, input_url, output_url, work_url, scheduler, workers, threads_per_wo
     """Scan -> plan -> register/normalize each pair on the workers -> Zarr store + report."""
     from .config import load_config
     from .io import parse_storage_options
-    from .orchestrate import run_pipeline
+    from .orchestrate import ClusterSpec, run_pipeline
 
     so = parse_storage_options(storage_options)
     if memory_limit != "auto":
@@ -228,10 +232,9 @@ def run(ctx, input_url, output_url, work_url, scheduler, workers, threads_per_wo
             raise ConfigError(f"--memory-limit {memory_limit!r} is not a size (e.g. 4GiB, 500MB, or auto)") from None
     cfg = load_config(config_url, {"plan.max_days": max_days, "grid.template": template,
                                    "grid.spacing": grid_spacing}, storage_options=so)
-    summary = run_pipeline(input_url, output_url, work_url=work_url, config=cfg, scheduler=scheduler,
-                           workers=workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit,
-                           executor=executor, limit=limit, pseudonym_key=pseudonym_key, storage_options=so,
-                           progress=ctx.obj["progress"])
+    cluster = ClusterSpec(scheduler, workers, threads_per_worker, memory_limit)
+    summary = run_pipeline(input_url, output_url, work_url=work_url, config=cfg, executor=executor, cluster=cluster,
+                           limit=limit, pseudonym_key=pseudonym_key, storage_options=so, progress=ctx.obj["progress"])
     click.echo(summary.describe())
     if summary.exit_code:
         sys.exit(summary.exit_code)
@@ -239,8 +242,8 @@ def run(ctx, input_url, output_url, work_url, scheduler, workers, threads_per_wo
 
 @main.command()
 @click.option("--dir", "base", default="./mrict-demo", show_default=True, help="Where to put corpus, store, report.")
-@click.option("--patients", type=int, default=3, show_default=True)
-@click.option("--workers", type=int, default=None)
+@click.option("--patients", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=None)
 @click.pass_context
 def demo(ctx, base, patients, workers):
     """The embedded default: synthetic corpus -> LocalCluster run -> local store, summary and a training batch."""

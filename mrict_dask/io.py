@@ -1,40 +1,57 @@
-"""fsspec helpers: one place that turns URLs and storage options into filesystems."""
+"""Where data lives: one :class:`Location` type for every URL the job reads or writes.
+
+A location is a URL (local path, ``s3://``, any fsspec protocol, or a ``::`` chain of them) together with its
+storage options, validated once when it is made: an unknown protocol, a malformed URL or a storage client that is
+not installed is an :class:`~mrict_dask.errors.InputError` naming the problem, not a traceback from deep inside a
+stage. Everything a stage does with storage (join, exists, read, write with parents, list) goes through it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import posixpath
+import threading
+from functools import cached_property
 from typing import Any
 
 import fsspec
 
-
-def parse_storage_options(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        from .errors import ConfigError
-
-        raise ConfigError(f"--storage-options is not valid JSON: {exc.msg}") from None
-    if not isinstance(value, dict):
-        from .errors import ConfigError
-
-        raise ConfigError("--storage-options must be a JSON object")
-    return value
-
-
-def get_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path-within-it) for ``url``; plain paths are local files."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    install_storage_retries(fs)
-    return fs, path
-
+from .errors import ConfigError, InputError
 
 # Errors that say nothing about the object itself: the same request may well succeed a moment later.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 _TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
                     "ClientPayloadError", "ServerDisconnectedError", "ClientConnectorError", "ClientOSError"}
+_LOCAL_PROTOCOLS = ("file", "local")
+_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+
+
+def parse_storage_options(text: str | None) -> dict[str, Any]:
+    """``--storage-options`` JSON as a dict ({} when not given)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--storage-options is not valid JSON: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise ConfigError("--storage-options must be a JSON object")
+    return value
+
+
+def redact(storage_options: dict | None) -> dict:
+    """A copy safe to log: secrets replaced by '***'."""
+    out: dict = {}
+    for k, v in (storage_options or {}).items():
+        if isinstance(v, dict):
+            out[k] = redact(v)
+        elif any(w in k.lower() for w in _SECRET_WORDS):
+            out[k] = "***"
+        else:
+            out[k] = v
+    return out
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -71,44 +88,202 @@ def install_storage_retries(fs: Any = None) -> None:
 
 
 def join(base: str, *parts: str) -> str:
+    """``base/part/...`` with single slashes (URLs and paths alike)."""
     out = base.rstrip("/")
     for p in parts:
         out = out + "/" + p.strip("/")
     return out
 
 
-def to_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """The URL of ``path`` on ``fs`` (``s3://bucket/key``, or a local absolute path)."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        return path
-    return fs.unstrip_protocol(path)
-
-
-def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> None:
-    fs, path = get_fs(url, storage_options)
-    parent = fs._parent(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as fh:
-        fh.write(data)
-
-
-def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
-    fs, path = get_fs(url, storage_options)
-    with fs.open(path, "rb") as fh:
-        return fh.read()
-
-
-def redact(storage_options: dict | None) -> dict:
-    """A copy safe to log: secrets replaced by '***'."""
-    secret_words = ("key", "secret", "token", "password", "credential")
-    out: dict = {}
-    for k, v in (storage_options or {}).items():
-        if isinstance(v, dict):
-            out[k] = redact(v)
-        elif any(w in k.lower() for w in secret_words):
-            out[k] = "***"
-        else:
-            out[k] = v
+def _protocols(url: str) -> list[str]:
+    """The protocols of a (possibly ``::``-chained) URL, outermost first; "file" for plain paths."""
+    out = []
+    for part in url.split("::"):
+        protocol, _ = fsspec.core.split_protocol(part)
+        out.append(protocol or "file")
     return out
+
+
+def check_protocol(url: str) -> None:
+    """Raise InputError unless every protocol in ``url`` is one fsspec knows (built in or registered)."""
+    from fsspec.registry import known_implementations, registry
+
+    known = set(known_implementations) | set(registry)
+    for protocol in _protocols(url):
+        if protocol.startswith("dicomweb+"):
+            raise InputError(f"{url}: a DICOMweb service can only be an input, not a place to write or list files")
+        if protocol not in known:
+            raise InputError(f"unknown URL scheme '{protocol}://' in {url!r}: use a local path, s3://, another "
+                             "fsspec protocol (gs://, az://, ...) or, for an input, dicomweb+https://")
+
+
+class Location:
+    """A URL and its storage options: the one way the job names a place to read or write.
+
+    Cheap to make and to pickle (the filesystem is opened on first use, in whichever process uses it).
+    ``str(loc)`` is the URL; ``repr`` shows the storage options with secrets redacted.
+    """
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        if not isinstance(url, str) or not url.strip():
+            raise InputError(f"a URL or path is needed, got {url!r}")
+        check_protocol(url)
+        self.url = url
+        self.storage_options = dict(storage_options or {})
+
+    @classmethod
+    def of(cls, url: str | Location, storage_options: dict | None = None) -> Location:
+        """``url`` as a Location; a Location is returned as it is (its own options win)."""
+        if isinstance(url, Location):
+            return url
+        return cls(os.fspath(url) if hasattr(url, "__fspath__") else url, storage_options)
+
+    # -- identity
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"Location({self.url!r}, {redact(self.storage_options)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Location) and (self.url, self.storage_options) == (other.url, other.storage_options)
+
+    def __hash__(self) -> int:
+        return hash((self.url, json.dumps(self.storage_options, sort_keys=True, default=str)))
+
+    def __getstate__(self) -> dict:
+        return {"url": self.url, "storage_options": self.storage_options}
+
+    def __setstate__(self, state: dict) -> None:
+        self.url = state["url"]
+        self.storage_options = state["storage_options"]
+
+    # -- the filesystem
+    @cached_property
+    def _fs_path(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        try:
+            fs, path = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        except ImportError as exc:
+            raise InputError(f"{self.url}: the storage client for this protocol is not installed "
+                             f"({str(exc).splitlines()[0][:200]})") from None
+        except ValueError as exc:
+            raise InputError(f"{self.url}: not a usable URL ({str(exc).splitlines()[0][:200]})") from None
+        install_storage_retries(fs)
+        return fs, path
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return self._fs_path[0]
+
+    @property
+    def path(self) -> str:
+        """The path inside :attr:`fs` (absolute for local files, ``bucket/key`` on object storage)."""
+        return self._fs_path[1]
+
+    @property
+    def is_local(self) -> bool:
+        return "::" not in self.url and _protocols(self.url)[0] in _LOCAL_PROTOCOLS
+
+    @property
+    def local_path(self) -> str:
+        """The absolute local path (only for local locations)."""
+        if not self.is_local:
+            raise ValueError(f"{self.url} is not a local path")
+        return os.path.abspath(self.url[len("file://"):] if self.url.startswith("file://") else self.url)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.url.rstrip("/"))
+
+    def join(self, *parts: str) -> Location:
+        """A location below this one (same storage options)."""
+        child = Location.__new__(Location)
+        child.url = join(self.url, *parts)
+        child.storage_options = self.storage_options
+        return child
+
+    @property
+    def parent(self) -> Location:
+        child = Location.__new__(Location)
+        child.url = self.url.rstrip("/").rsplit("/", 1)[0] if "/" in self.url.rstrip("/") else "."
+        child.storage_options = self.storage_options
+        return child
+
+    def sibling(self, suffix: str) -> Location:
+        """This URL with ``suffix`` appended (``store.zarr`` -> ``store.zarr.work``)."""
+        child = Location.__new__(Location)
+        child.url = self.url.rstrip("/") + suffix
+        child.storage_options = self.storage_options
+        return child
+
+    def url_of(self, path: str) -> str:
+        """The URL of a path of :attr:`fs` (as listings return them): a local path, or ``protocol://path``."""
+        if self.is_local:
+            return path
+        return self.fs.unstrip_protocol(path)
+
+    # -- reading and writing
+    def exists(self) -> bool:
+        return bool(self.fs.exists(self.path))
+
+    def isfile(self) -> bool:
+        return bool(self.fs.isfile(self.path))
+
+    def size(self) -> int:
+        return int(self.fs.size(self.path) or 0)
+
+    def open(self, mode: str = "rb", **kwargs: Any):
+        if "w" in mode or "a" in mode:
+            self.make_parent()
+        return self.fs.open(self.path, mode, **kwargs)
+
+    def read_bytes(self) -> bytes:
+        return self.fs.cat_file(self.path)
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode("utf-8")
+
+    def read_json(self) -> Any:
+        return json.loads(self.read_bytes())
+
+    def make_parent(self) -> None:
+        parent = self.fs._parent(self.path)
+        if parent:
+            self.fs.makedirs(parent, exist_ok=True)
+
+    def write_bytes(self, data: bytes, durable: bool = False) -> None:
+        """Write the whole object, making parent folders. Atomic: readers see the old or the new content.
+
+        Local files are written to a temporary name and renamed (``durable``: flushed to disk first, for records
+        that vouch for other data); on object storage one PUT is atomic.
+        """
+        if self.is_local:
+            path = self.local_path
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            tmp = os.path.join(os.path.dirname(path) or ".",
+                               f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                if durable:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            return
+        self.make_parent()
+        self.fs.pipe_file(self.path, bytes(data))
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode("utf-8"))
+
+    def write_json(self, obj: Any, **kwargs: Any) -> None:
+        self.write_bytes(json.dumps(obj, **kwargs).encode("utf-8"))
+
+    def remove(self) -> None:
+        """Delete this object if it is there (no existence check first: listings may be cached, deletes are not)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path)
+
+
+def as_location(url: str | Location, storage_options: dict | None = None) -> Location:
+    """Shorthand for :meth:`Location.of` (public functions accept a URL and options, or a Location)."""
+    return Location.of(url, storage_options)

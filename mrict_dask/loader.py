@@ -17,7 +17,8 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -79,7 +80,7 @@ class _VolumeArray:
                  local: bool, index_cache: int = 4096):
         self.fs, self.root, self.name, self.meta, self.local = fs, root, name, meta, local
         self.shape = tuple(meta["shape"])
-        self.dtype = _DTYPES.get(meta.get("data_type"), None)
+        self.dtype = _DTYPES.get(meta.get("data_type"))
         self.fill = _fill(meta)
         self._decompress = _decompressor(meta)
         self.fast = self._decompress is not None
@@ -199,16 +200,15 @@ class _Store:
     """Per-process handle: filesystem, the store's metadata, and the volume arrays."""
 
     def __init__(self, url: str, storage_options: dict | None):
-        from .io import get_fs
-        from .store import _is_local, _local_path
+        from .io import Location
 
+        loc = Location.of(url, storage_options)
         self.url = url
-        self.local = _is_local(url)
+        self.local = loc.is_local
         if self.local:
-            self.fs, self.root = None, os.path.abspath(_local_path(url))
+            self.fs, self.root = None, loc.local_path
         else:
-            self.fs, root = get_fs(url, storage_options)
-            self.root = root.rstrip("/")
+            self.fs, self.root = loc.fs, loc.path.rstrip("/")
         self.storage_options = storage_options
         self.pid = os.getpid()
         self._arrays: dict[str, _VolumeArray] = {}

@@ -11,13 +11,14 @@ import contextlib
 import logging
 import os
 import time
-import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Config
-from .io import join, redact
+from .executor import Executor, Outcome, error_reason
+from .io import Location, join, redact
+from .progress import Progress
 from .types import PairResult, PairSpec
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 # Dask's 10 ms (switching it off made one worker's pairs up to ~6 % faster); the image sets the same for
 # Kubernetes workers.
 WORKER_CONFIG = {"distributed.worker.profile.interval": "100ms"}
+SCHEDULER_TIMEOUT_S = 15
+"""How long to try to connect to a given scheduler before the run stops with a one-line error."""
 
 
 @contextlib.contextmanager
@@ -37,7 +40,15 @@ def client_for(scheduler: str | None = None, workers: int | None = None, threads
     from distributed import Client, LocalCluster
 
     if scheduler:
-        with Client(scheduler, set_as_default=False) as client:
+        from .errors import InputError
+
+        try:
+            client = Client(scheduler, set_as_default=False, timeout=SCHEDULER_TIMEOUT_S)
+        except (OSError, TimeoutError, ValueError) as exc:
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise InputError(f"cannot reach the Dask scheduler at {scheduler} within {SCHEDULER_TIMEOUT_S} s "
+                             f"({reason})") from None
+        with client:
             log.info("connected to scheduler %s (dashboard: %s)", scheduler, client.dashboard_link)
             yield client
         return
@@ -86,8 +97,8 @@ def tune_malloc(threshold_mib: int) -> bool:
     return ok
 
 
-def run_pair_task(pair: PairSpec, config: Config, store_url: str, report_url: str,
-                  storage_options: dict | None) -> dict:
+def run_pair_task(pair: PairSpec, config: Config, store: Location, report: Location,
+                  source_options: dict | None = None) -> dict:
     """Process one pair and write it: runs on a worker (or in the serial loop). Returns the small marker.
 
     Deterministic failures (bad volume, implausible registration) come back as a failed marker; transient
@@ -100,13 +111,11 @@ def run_pair_task(pair: PairSpec, config: Config, store_url: str, report_url: st
     t0 = time.perf_counter()
     tune_malloc(config.run.malloc_mmap_threshold_mib)
     template = template_from_config(config.grid)  # cached per worker process
-    result = process_pair(pair, config, template, storage_options)
+    result = process_pair(pair, config, template, source_options)
     if result.figure_png:
-        from .io import write_bytes
-
-        write_bytes(join(report_url, "figures", f"{pair.pair_id}.png"), result.figure_png, storage_options)
+        report.join("figures", f"{pair.pair_id}.png").write_bytes(result.figure_png)
     t1 = time.perf_counter()
-    marker = write_pair(store_url, pair.index, result, storage_options)
+    marker = write_pair(store, pair.index, result)
     marker = dict(marker)
     marker.setdefault("timings", {})
     timings = dict(result.timings)
@@ -120,44 +129,14 @@ def failed_result(pair: PairSpec, reason: str) -> PairResult:
     return PairResult(pair_id=pair.pair_id, status=f"failed: {reason}")
 
 
-def _error_reason(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"[:300]
-
-
 # ----------------------------------------------------------------------------------------------- executors
-TaskFn = Callable[[PairSpec], dict]
-
-
-@dataclass
-class Outcome:
-    pair: PairSpec
-    marker: dict | None  # None when the task raised after all retries
-    error: str = ""
-
-
-class SerialExecutor:
-    """A plain loop over the same task function: the reference for the Dask executor."""
-
-    name = "serial"
-
-    def __init__(self, retries: int = 0):
-        self.retries = retries
-
-    def run(self, fn: TaskFn, pairs: Sequence[PairSpec]) -> Iterator[Outcome]:
-        for pair in pairs:
-            for attempt in range(self.retries + 1):
-                try:
-                    yield Outcome(pair, fn(pair))
-                    break
-                except Exception as exc:  # noqa: BLE001 - recorded per pair, the run goes on
-                    if attempt == self.retries:
-                        log.debug("pair %s failed: %s", pair.pair_id, traceback.format_exc())
-                        yield Outcome(pair, None, _error_reason(exc))
-
-
 class DaskExecutor:
-    """Futures with a bounded window, `as_completed`, task retries; lost workers are rescheduled by Dask."""
+    """The :class:`~mrict_dask.executor.Executor` on a Dask cluster: futures in a bounded window,
+    ``as_completed``, task retries; lost workers are rescheduled by Dask.
+
+    Items are taken from the iterable only as the window has room, so a lazy iterable is built one item at a
+    time and the scheduler never holds a huge collection's task list.
+    """
 
     name = "dask"
 
@@ -169,30 +148,33 @@ class DaskExecutor:
             window = 2 * threads
         self.window = window
 
-    def run(self, fn: TaskFn, pairs: Sequence[PairSpec]) -> Iterator[Outcome]:
+    def run(self, fn: Callable[[Any], Any], items: Iterable[Any],
+            key: Callable[[Any], str] | None = None) -> Iterator[Outcome]:
         from distributed import as_completed
 
-        todo = list(pairs)
-        by_key: dict[str, PairSpec] = {}
+        todo = iter(items)
+        item_of: dict[str, Any] = {}
         token = os.urandom(4).hex()
+        count = 0
 
-        def submit(pair: PairSpec):
-            key = f"pair-{pair.index}-{pair.pair_id}-{token}"
-            by_key[key] = pair
-            return self.client.submit(fn, pair, key=key, retries=self.retries, pure=False)
+        def submit(item: Any):
+            nonlocal count
+            count += 1
+            k = f"{key(item) if key else 'task'}-{count}-{token}"
+            item_of[k] = item
+            return self.client.submit(fn, item, key=k, retries=self.retries, pure=False)
 
-        first = [submit(p) for p in todo[: self.window]]
-        rest = iter(todo[self.window:])
+        first = [submit(item) for _, item in zip(range(self.window), todo)]
         ac = as_completed(first, loop=self.client.loop)  # this client, not whichever is the default
         for fut in ac:
-            pair = by_key.pop(fut.key)
+            item = item_of.pop(fut.key)
             try:
-                yield Outcome(pair, fut.result())
-            except Exception as exc:  # noqa: BLE001 - KilledWorker, exhausted retries: recorded, run goes on
-                yield Outcome(pair, None, _error_reason(exc))
+                yield Outcome(item, fut.result())
+            except Exception as exc:
+                yield Outcome(item, None, error_reason(exc))
             finally:
                 fut.release()
-            nxt = next(rest, None)
+            nxt = next(todo, None)
             if nxt is not None:
                 ac.add(submit(nxt))
 
@@ -230,10 +212,6 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def default_work_url(output_url: str) -> str:
-    return output_url.rstrip("/") + ".work"
-
-
 def default_report_url(output_url: str) -> str:
     return output_url.rstrip("/") + "-report"
 
@@ -244,108 +222,83 @@ def _reason_class(status: str) -> str:
     return text.split(":")[0].strip()[:120]
 
 
-class _Progress:
-    """A rich progress bar with done/failed counts and ETA; silent when disabled."""
-
-    def __init__(self, total: int, enabled: bool, description: str = "pairs"):
-        self.enabled = enabled and total > 0
-        self.failed = 0
-        if self.enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("failed {task.fields[failed]}"), TimeElapsedColumn(),
-                                 TextColumn("ETA"), TimeRemainingColumn())
-            self._task = self._bar.add_task(description, total=total, failed=0)
-            self._bar.start()
-
-    def advance(self, ok: bool) -> None:
-        if not ok:
-            self.failed += 1
-        if self.enabled:
-            self._bar.update(self._task, advance=1, failed=self.failed)
-
-    def close(self) -> None:
-        if self.enabled:
-            self._bar.stop()
-
-
-def execute_pairs(executor: Any, pairs: Sequence[PairSpec], config: Config, store_url: str, report_url: str,
-                  storage_options: dict | None, progress: bool = False) -> list[dict]:
-    """Run the pair task over ``pairs`` with ``executor``; every pair ends with a marker in the store."""
+def execute_pairs(executor: Executor, pairs: Iterable[PairSpec], total: int, config: Config, source: Location,
+                  store: Location, report: Location, progress: bool = False) -> list[dict]:
+    """Run the pair task over ``pairs`` (possibly lazy) with ``executor``; every pair ends with a marker."""
     import functools
 
     from .store import write_pair
 
-    fn = functools.partial(run_pair_task, config=config, store_url=store_url, report_url=report_url,
-                           storage_options=storage_options)
+    fn = functools.partial(run_pair_task, config=config, store=store, report=report,
+                           source_options=source.storage_options)
     markers: list[dict] = []
-    bar = _Progress(len(pairs), progress)
-    try:
-        for outcome in executor.run(fn, pairs):
-            marker = outcome.marker
-            if marker is None:
+    with Progress("pairs", total, progress, show_failed=True) as bar:
+        for outcome in executor.run(fn, pairs, key=lambda p: f"pair-{p.index}-{p.pair_id}"):
+            pair = outcome.item
+            marker = outcome.value
+            if not outcome.ok:
                 # retries exhausted: record the failure in the store so the pair is accounted for
-                log.warning("pair %s failed after retries: %s", outcome.pair.pair_id, outcome.error)
+                log.warning("pair %s failed after retries: %s", pair.pair_id, outcome.error)
                 try:
-                    marker = write_pair(store_url, outcome.pair.index,
-                                        failed_result(outcome.pair, f"error after retries: {outcome.error}"),
-                                        storage_options)
-                except Exception as exc:  # noqa: BLE001 - storage down: the pair stays unmarked, a re-run redoes it
-                    log.warning("pair %s: the failure could not be recorded either (%s)", outcome.pair.pair_id,
-                                _error_reason(exc))
-                    bar.advance(False)
+                    marker = write_pair(store, pair.index, failed_result(pair, f"error after retries: {outcome.error}"))
+                except Exception as exc:
+                    log.warning("pair %s: the failure could not be recorded either (%s)", pair.pair_id,
+                                error_reason(exc))
+                    bar.advance(failed=True)
                     continue
             markers.append(marker)
             ok = marker.get("status") == "ok"
             if not ok:
-                log.info("pair %s: %s", outcome.pair.pair_id, marker.get("status"))
-            bar.advance(ok)
-    finally:
-        bar.close()
+                log.info("pair %s: %s", pair.pair_id, marker.get("status"))
+            bar.advance(failed=not ok)
     return markers
 
 
-def _load_or_scan(input_url: str, work_url: str, storage_options: dict | None, client: Any, config: Config,
-                  progress: bool):
+def _load_or_scan(source: Location, work: Location, executor: Executor | None, config: Config,
+                  progress: bool) -> Any:
     """The catalog: reused from the work area on a resume (the plan must not change under a store)."""
-    import pandas as pd
+    from .catalog import STORAGE_ERROR, read_catalog, write_catalog
+    from .errors import InputError
+    from .scan import scan
 
-    from .io import get_fs
-    from .scan import STORAGE_ERROR, scan
-
-    catalog_url = join(work_url, "catalog.parquet")
-    fs, path = get_fs(catalog_url, storage_options)
-    if fs.exists(path):
+    where = work.join("catalog.parquet")
+    if where.exists():
         log.info("reusing the catalog in the work area (delete it to rescan)")
-        with fs.open(path, "rb") as fh:
-            return pd.read_parquet(fh), True
-    catalog = scan(input_url, storage_options=storage_options, client=client, batch_size=config.run.scan_batch,
-                   progress=progress)
+        return read_catalog(where)
+    catalog = scan(source, executor=executor, batch_size=config.run.scan_batch, progress=progress)
     # The plan (and so the store) is made from this catalog and it is reused on resume: a file that only
     # failed to download must not be frozen into it as unreadable (its pair would be lost for good).
     lost = catalog["read_error"].str.startswith((STORAGE_ERROR, "unreadable: scan task failed"))
     if lost.any():
-        from .errors import InputError
-
         kinds = sorted({":".join(r.split(":")[:3]) for r in catalog.loc[lost, "read_error"]})  # no file names (PHI)
         raise InputError(f"{int(lost.sum())} of {len(catalog)} files could not be read from storage after retries "
                          f"({'; '.join(kinds)[:200]}); no catalog, plan or store was written: re-run when the "
                          "storage answers again")
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    with fs.open(path, "wb") as fh:
-        catalog.to_parquet(fh, index=False)
-    return catalog, False
+    write_catalog(catalog, where)
+    return catalog
 
 
-def run_pipeline(input_url: str, output_url: str, work_url: str | None = None, config: Config | None = None,
-                 scheduler: str | None = None, workers: int | None = None, threads_per_worker: int = 1,
-                 memory_limit: str = "auto", executor: str = "dask", limit: int | None = None,
-                 pseudonym_key: str | None = None, storage_options: dict | None = None,
-                 progress: bool = False, client: Any = None) -> RunSummary:
-    """Scan -> plan -> per-pair processing on the workers -> region writes -> finalize -> report."""
-    from .io import write_bytes
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Where the Dask work runs when the caller gives no client: an existing scheduler, or a LocalCluster."""
+
+    scheduler: str | None = None
+    workers: int | None = None
+    threads_per_worker: int = 1
+    memory_limit: str = "auto"
+
+
+def run_pipeline(input_url: str | Location, output_url: str | Location, *, work_url: str | None = None,
+                 config: Config | None = None, executor: Any = "dask", cluster: ClusterSpec | None = None,
+                 limit: int | None = None, pseudonym_key: str | None = None, storage_options: dict | None = None,
+                 progress: bool = False) -> RunSummary:
+    """Scan -> plan -> per-pair processing on the workers -> region writes -> finalize -> report.
+
+    ``executor``: "dask" (a cluster from ``cluster``: a scheduler address or a LocalCluster), "serial" (this
+    process), a Dask client, or an :class:`~mrict_dask.executor.Executor`. ``storage_options`` apply to every
+    URL given as a string.
+    """
+    from .executor import SerialExecutor, as_executor
     from .plan import make_plan
     from .pseudonym import resolve_key
     from .report import write_report
@@ -357,34 +310,43 @@ def run_pipeline(input_url: str, output_url: str, work_url: str | None = None, c
         from .errors import ConfigError
 
         raise ConfigError(f"limit must be at least 0, got {limit}")
-    work_url = work_url or default_work_url(output_url)
-    report_url = default_report_url(output_url)
-    summary = RunSummary(output_url=output_url, report_url=report_url)
-    log.info("run: input=%s output=%s work=%s storage_options=%s", input_url, output_url, work_url,
-             redact(storage_options))
+    source = Location.of(input_url, storage_options)
+    store = Location.of(output_url, storage_options)
+    work = Location.of(work_url, store.storage_options) if work_url else store.sibling(".work")
+    report = store.sibling("-report")
+    summary = RunSummary(output_url=store.url, report_url=report.url)
+    log.info("run: input=%s output=%s work=%s storage_options=%s", source.url, store.url, work.url,
+             redact(store.storage_options))
 
-    key, key_source = resolve_key(pseudonym_key, work_url, storage_options)
+    key, key_source = resolve_key(pseudonym_key, work)
     if key_source.startswith("random"):
         summary.messages.append(f"pseudonym key: {key_source}; pass --pseudonym-key or set MRICT_PSEUDONYM_KEY "
                                 "to get the same pseudonyms across sites")
 
     with contextlib.ExitStack() as stack:
-        if executor == "dask" and client is None:
-            client = stack.enter_context(client_for(scheduler, workers, threads_per_worker, memory_limit))
+        if executor == "serial":
+            ex: Executor = SerialExecutor(config.run.retries)
+        elif executor == "dask":
+            c = cluster or ClusterSpec()
+            client = stack.enter_context(client_for(c.scheduler, c.workers, c.threads_per_worker, c.memory_limit))
+            ex = DaskExecutor(client, config.run.window, config.run.retries)
+        else:
+            ex = as_executor(executor, retries=config.run.retries, window=config.run.window)
+        client = getattr(ex, "client", None)
         if client is not None and progress:
             summary.messages.append(f"dask dashboard: {client.dashboard_link}")
 
         t = time.perf_counter()
-        catalog, reused = _load_or_scan(input_url, work_url, storage_options,
-                                        client if executor == "dask" else None, config, progress)
+        catalog = _load_or_scan(source, work, ex if client is not None else None, config, progress)
         summary.stage_seconds["scan"] = time.perf_counter() - t
 
         t = time.perf_counter()
         plan = make_plan(catalog, config, key)
+        del catalog
         pairs = list(plan.pairs)
         if limit is not None:
             pairs = pairs[:limit]
-        write_bytes(join(work_url, "plan.json"), plan.to_json().encode("utf-8"), storage_options)
+        work.join("plan.json").write_text(plan.to_json())
         summary.n_pairs = len(pairs)
         for exc in plan.exclusions:
             reason = str(exc.get("reason", "")).split(":")[0]
@@ -395,9 +357,9 @@ def run_pipeline(input_url: str, output_url: str, work_url: str | None = None, c
         from . import __version__
 
         attrs = {"mrict_dask_version": __version__, "pairs_limited_to": limit}
-        open_or_create_store(output_url, pairs, template, config, storage_options, attrs=attrs)
+        open_or_create_store(store, pairs, template, config, attrs=attrs)
 
-        done = completed_pairs(output_url, storage_options)
+        done = completed_pairs(store)
         complete_ok = {i for i, m in done.items() if m.get("status") == "ok"}
         todo = [p for p in pairs if p.index not in complete_ok]
         summary.skipped = len(pairs) - len(todo)
@@ -405,17 +367,15 @@ def run_pipeline(input_url: str, output_url: str, work_url: str | None = None, c
             log.info("resume: %d of %d pairs already complete", summary.skipped, len(pairs))
 
         t = time.perf_counter()
-        ex = SerialExecutor(config.run.retries) if executor == "serial" else \
-            DaskExecutor(client, config.run.window, config.run.retries)
-        markers = execute_pairs(ex, todo, config, output_url, report_url, storage_options, progress)
+        markers = execute_pairs(ex, iter(todo), len(todo), config, source, store, report, progress)
         summary.processed = len(markers)
         summary.stage_seconds["pairs"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    finalize_store(output_url, storage_options)
+    finalize_store(store)
     summary.stage_seconds["finalize"] = time.perf_counter() - t
 
-    final = completed_pairs(output_url, storage_options)
+    final = completed_pairs(store)
     for m in final.values():
         status = str(m.get("status", ""))
         if status == "ok":
@@ -427,7 +387,7 @@ def run_pipeline(input_url: str, output_url: str, work_url: str | None = None, c
     if missing:
         summary.messages.append(f"{missing} pairs have no marker: re-run to finish them")
         summary.exit_code = 1
-    write_report(report_url, plan, pairs, final, summary, config, template, storage_options)
+    write_report(report, plan, pairs, final, summary, config, template)
     return summary
 
 
@@ -449,7 +409,7 @@ def run_demo(base: str, patients: int = 3, workers: int | None = None, progress:
     else:
         echo(f"reusing the synthetic corpus in {corpus}")
     store = os.path.join(base, "store.zarr")
-    summary = run_pipeline(corpus, store, config=Config(), workers=workers, progress=progress,
+    summary = run_pipeline(corpus, store, config=Config(), cluster=ClusterSpec(workers=workers), progress=progress,
                            pseudonym_key="mrict-demo-key")
     echo(summary.describe())
     ds = SlicePairs(store, split="train")

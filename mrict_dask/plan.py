@@ -21,8 +21,9 @@ import numpy as np
 
 from .config import Config, PlanConfig
 from .pseudonym import keyed_fraction, pseudonym, short_hash
+from .stacks import Stack, file_problem, stacks_from_catalog
 from .types import PairSpec
-from .volume import Stack, _s, file_problem, stacks_from_catalog
+from .values import text
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +79,11 @@ class Plan:
         return json.dumps(data, indent=1, sort_keys=False, default=_json_default)
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         data = json.loads(text)
         pairs = []
-        for p in data.get("pairs", []):
-            p = dict(p)
+        for stored in data.get("pairs", []):
+            p = dict(stored)
             p["mr_files"] = tuple(p.get("mr_files", ()))
             p["ct_files"] = tuple(p.get("ct_files", ()))
             pairs.append(PairSpec(**p))
@@ -169,10 +170,10 @@ def _mr_text(info: dict) -> tuple[str, str]:
     seq = (info.get("scanning_sequence") or "").upper()
     tags = ""
     if not OTHER_WEIGHTING.search(desc):
-        if tr is not None and te is not None and tr < T1_MAX_TR_MS and te < T1_MAX_TE_MS:
-            tags = "t1"
-        elif ti is not None and T1_IR_TI_MS[0] <= ti <= T1_IR_TI_MS[1] and te is not None and te < 10 and \
-                ("GR" in seq or not seq):
+        short_tr_te = tr is not None and te is not None and tr < T1_MAX_TR_MS and te < T1_MAX_TE_MS
+        ir_gradient_echo = (ti is not None and T1_IR_TI_MS[0] <= ti <= T1_IR_TI_MS[1] and te is not None and te < 10
+                            and ("GR" in seq or not seq))
+        if short_tr_te or ir_gradient_echo:
             tags = "t1"
         if tags and info.get("contrast_agent"):
             tags += " post contrast"
@@ -278,7 +279,7 @@ def make_plan(catalog: Any, config: Config | PlanConfig | None = None, key: byte
     patients_seen: set[str] = set()
     for r in recs:
         problem = file_problem(r)
-        series = _s(r.get("series_uid"))
+        series = text(r.get("series_uid"))
         if problem:
             plan.files_with_errors.append({"url": str(r.get("url")), "reason": problem})
         elif not series:
@@ -286,8 +287,8 @@ def make_plan(catalog: Any, config: Config | PlanConfig | None = None, key: byte
             continue
         if series:  # rows with problems go along: a stack missing a file must know it
             by_series[series].append(r)
-        if _s(r.get("patient_id")):
-            patients_seen.add(_s(r.get("patient_id")))
+        if text(r.get("patient_id")):
+            patients_seen.add(text(r.get("patient_id")))
 
     stacks_by_patient: dict[str, list[Stack]] = defaultdict(list)
     for series in sorted(by_series):
@@ -425,20 +426,14 @@ class PlanSummary:
 def plan_to_json(catalog_url: str, out_url: str, config: Config | None = None, pseudonym_key: str | None = None,
                  storage_options: dict | None = None) -> PlanSummary:
     """Read a catalog (Parquet, any fsspec URL), make the plan, write it as JSON beside it in the work area."""
-    import pandas as pd
-
-    from .errors import InputError
-    from .io import get_fs, write_bytes
+    from .catalog import read_catalog
+    from .io import Location
     from .pseudonym import resolve_key
 
-    fs, path = get_fs(catalog_url, storage_options)
-    if not fs.exists(path):
-        raise InputError(f"catalog not found: {catalog_url}")
-    with fs.open(path, "rb") as fh:
-        catalog = pd.read_parquet(fh)
-    work_url = out_url.rsplit("/", 1)[0] if "/" in out_url else "."
-    key, source = resolve_key(pseudonym_key, work_url, storage_options)
+    out = Location.of(out_url, storage_options)
+    catalog = read_catalog(Location.of(catalog_url, storage_options))
+    key, source = resolve_key(pseudonym_key, out.parent.url, storage_options)
     plan = make_plan(catalog, config or Config(), key)
-    write_bytes(out_url, plan.to_json().encode("utf-8"), storage_options)
+    out.write_text(plan.to_json())
     log.info("plan: %d pairs, %d exclusions", len(plan.pairs), len(plan.exclusions))
     return PlanSummary(plan=plan, out_url=out_url, key_source=source)

@@ -6,6 +6,10 @@ import hashlib
 import hmac
 import os
 import secrets
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .io import Location
 
 ENV_KEY = "MRICT_PSEUDONYM_KEY"
 
@@ -24,7 +28,8 @@ def short_hash(key: bytes, *parts: str, n: int = 8) -> str:
     return hmac.new(key, "\x1f".join(parts).encode("utf-8"), hashlib.sha256).hexdigest()[:n]
 
 
-def resolve_key(given: str | None, work_url: str | None, storage_options: dict | None = None) -> tuple[bytes, str]:
+def resolve_key(given: str | None, work_url: str | Location | None,
+                storage_options: dict | None = None) -> tuple[bytes, str]:
     """Return (key, source). Order: explicit option, environment, key kept in the work area, new random key.
 
     A new random key is written to the work area so that a resume produces the same pseudonyms.
@@ -36,15 +41,11 @@ def resolve_key(given: str | None, work_url: str | None, storage_options: dict |
         return env.encode("utf-8"), "environment"
     if work_url is None:
         return secrets.token_hex(32).encode("ascii"), "random (not kept)"
-    from .io import get_fs, join
+    from .io import Location
 
-    url = join(work_url, "pseudonym.key")
-    fs, path = get_fs(url, storage_options)
-    if fs.exists(path):
-        with fs.open(path, "rb") as fh:
-            return fh.read().strip(), "work area"
+    where = Location.of(work_url, storage_options).join("pseudonym.key")
+    if where.exists():
+        return where.read_bytes().strip(), "work area"
     key = secrets.token_hex(32).encode("ascii")
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    with fs.open(path, "wb") as fh:
-        fh.write(key)
+    where.write_bytes(key)
     return key, "random (kept in the work area)"

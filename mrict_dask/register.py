@@ -83,11 +83,6 @@ def affine_from_matrix(m: np.ndarray, center: np.ndarray | None = None) -> sitk.
     return tx
 
 
-def compose(mr_tx: sitk.Transform, ct_tx: sitk.Transform) -> sitk.AffineTransform:
-    """Template -> CT as one affine (``ct_tx`` after ``mr_tx``), so the CT is interpolated once."""
-    return affine_from_matrix(to_matrix(ct_tx) @ to_matrix(mr_tx))
-
-
 # ----------------------------------------------------------------------------------------------- grids
 def resample_iso(img: sitk.Image, spacing: float, interp: int = sitk.sitkLinear, default: float = 0.0) -> sitk.Image:
     """``img`` on an isotropic grid of ``spacing`` mm covering the same extent, same direction.
@@ -345,8 +340,8 @@ def _itk_reason(exc: Exception) -> str:
         return "images do not overlap (mutual information undefined: joint PDF summed to zero)"
     if "samples map outside moving image buffer" in text:
         return "images do not overlap (the samples map outside the moving image)"
-    for line in text.splitlines():
-        line = line.strip()
+    for raw in text.splitlines():
+        line = raw.strip()
         if line.startswith("Description:"):
             text = line.split(":", 1)[1]
             break

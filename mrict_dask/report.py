@@ -11,7 +11,7 @@ import math
 from collections import Counter
 from typing import Any
 
-from .io import join, write_bytes
+from .io import Location
 from .types import QA_KEYS
 
 
@@ -119,9 +119,10 @@ def render_html(rep: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def write_report(report_url: str, plan: Any, pairs: list, markers: dict[int, dict], summary: Any, config: Any,
-                 template: Any, storage_options: dict | None = None) -> dict[str, Any]:
+def write_report(report_url: str | Location, plan: Any, pairs: list, markers: dict[int, dict], summary: Any,
+                 config: Any, template: Any, storage_options: dict | None = None) -> dict[str, Any]:
     rep = build_report(plan, pairs, markers, summary, config, template)
-    write_bytes(join(report_url, "report.json"), json.dumps(rep, indent=2).encode("utf-8"), storage_options)
-    write_bytes(join(report_url, "report.html"), render_html(rep).encode("utf-8"), storage_options)
+    where = Location.of(report_url, storage_options)
+    where.join("report.json").write_json(rep, indent=2)
+    where.join("report.html").write_text(render_html(rep))
     return rep

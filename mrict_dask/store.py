@@ -28,14 +28,15 @@ import re
 import threading
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from . import __version__
 from .errors import StoreMismatchError
-from .io import get_fs, join, write_bytes
+from .io import Location, join
 from .types import QA_KEYS, PairResult, PairSpec
 
 log = logging.getLogger(__name__)
@@ -70,28 +71,22 @@ _DESCRIPTIONS = {
     "ct_affine": "template physical LPS mm -> source CT series physical LPS mm (4x4)",
     "mr_metric": "final Mattes MI of MR -> template", "ct_metric": "final Mattes MI of CT -> MR",
     "brain_dice": "Dice of the template brain mask vs the brain found in the registered MR",
-    "mr_det": "determinant of the MR affine's linear part", "valid_fraction": "share of template brain with MR and CT data",
+    "mr_det": "determinant of the MR affine's linear part",
+    "valid_fraction": "share of template brain with MR and CT data",
 }
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
-
-
-def zarr_store(url: str, storage_options: dict | None = None, read_only: bool = False):
+def zarr_store(url: str | Location, storage_options: dict | None = None, read_only: bool = False):
     """A zarr v3 store object for a local path or any fsspec URL."""
     import zarr.storage
 
-    if _is_local(url):
-        return zarr.storage.LocalStore(os.path.abspath(_local_path(url)), read_only=read_only)
+    loc = Location.of(url, storage_options)
+    if loc.is_local:
+        return zarr.storage.LocalStore(loc.local_path, read_only=read_only)
     from .io import install_storage_retries
 
-    store = zarr.storage.FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
+    store = zarr.storage.FsspecStore.from_url(loc.url, storage_options=dict(loc.storage_options), read_only=read_only)
     install_storage_retries(store.fs)  # zarr itself never retries a failed request
     return store
 
@@ -135,24 +130,23 @@ def store_fingerprint(pair_ids: Sequence[str], grid: dict, template_sha256: str,
                     "config": _fingerprint_config(config)})
 
 
-def _read_json(fs, path: str) -> dict | None:
+def _read_json(loc: Location) -> dict | None:
     # zarr.json and markers are rewritten in place: a cached listing's ETag would fail `open` (FileExpired)
-    fs.invalidate_cache(path)
+    loc.fs.invalidate_cache(loc.path)
     try:
-        return json.loads(fs.cat_file(path))
+        return loc.read_json()
     except (FileNotFoundError, NotADirectoryError):  # NotADirectoryError: the URL names a file
         return None
 
 
-def _root_attrs(url: str, storage_options: dict | None) -> dict:
+def _root_attrs(store: Location) -> dict:
     """The root group's attributes, straight from its zarr.json (one small read)."""
-    fs, path = get_fs(url, storage_options)
-    node = _read_json(fs, join(path, "zarr.json"))
+    node = _read_json(store.join("zarr.json"))
     if node is None:
-        raise FileNotFoundError(join(url, "zarr.json"))
+        raise FileNotFoundError(store.join("zarr.json").url)
     attrs = node.get("attributes", {})
     if "mrict_dask_store" not in attrs or "fingerprint" not in attrs:
-        raise StoreMismatchError(f"{url} is not a (completely created) mrict-dask store")
+        raise StoreMismatchError(f"{store.url} is not a (completely created) mrict-dask store")
     return attrs
 
 
@@ -195,7 +189,7 @@ def _describe_differences(attrs: dict, stored_ids: list[str], pair_ids: list[str
     return diffs or ["fingerprint"]
 
 
-def open_or_create_store(url: str, pairs: Sequence[PairSpec], template, config,
+def open_or_create_store(url: str | Location, pairs: Sequence[PairSpec], template, config,
                          storage_options: dict | None = None, attrs: dict | None = None) -> None:
     """Create the store's metadata and plan-derived variables once (driver side), or accept an identical one.
 
@@ -214,9 +208,10 @@ def open_or_create_store(url: str, pairs: Sequence[PairSpec], template, config,
         raise ValueError("pair_ids must be unique")
     grid = template.grid
     fingerprint = store_fingerprint(pair_ids, grid, template.sha256, config)
-    fs, path = get_fs(url, storage_options)
-    fs.invalidate_cache()
-    node = _read_json(fs, join(path, "zarr.json"))
+    store = Location.of(url, storage_options)
+    url = store.url
+    store.fs.invalidate_cache()
+    node = _read_json(store.join("zarr.json"))
     if node is not None:
         old = node.get("attributes", {})
         if "mrict_dask_store" not in old:
@@ -226,12 +221,12 @@ def open_or_create_store(url: str, pairs: Sequence[PairSpec], template, config,
             if old["fingerprint"] == fingerprint:
                 log.info("resuming the existing store at %s (same pairs, grid, template and config)", url)
                 return
-            stored_ids = _read_pair_ids(url, storage_options)
+            stored_ids = _read_pair_ids(store)
             diffs = _describe_differences(old, stored_ids, pair_ids, grid, template.sha256, config)
             raise StoreMismatchError(f"{url} holds a different store ({'; '.join(diffs)}); use a new output URL "
                                      "or delete the old store")
         log.warning("the store at %s was not completely created; creating it again", url)
-    elif fs.exists(path) and fs.ls(path):
+    elif store.exists() and store.fs.ls(store.path):
         raise StoreMismatchError(f"{url} exists and is not empty, and is not an mrict-dask store; "
                                  "choose another output URL")
 
@@ -252,7 +247,7 @@ def open_or_create_store(url: str, pairs: Sequence[PairSpec], template, config,
     zstd = ZstdCodec(level=ZSTD_LEVEL)
     c1 = max(n, 1)
     with _quiet():
-        g = zarr.open_group(zarr_store(url, storage_options), mode="w", zarr_format=3, attributes=root_attrs)
+        g = zarr.open_group(zarr_store(store), mode="w", zarr_format=3, attributes=root_attrs)
 
         def arr(name, shape, dims, dtype, fill, compressor=zstd, **kw):
             return g.create_array(name, shape=shape, dtype=dtype, fill_value=fill, dimension_names=dims,
@@ -283,11 +278,11 @@ def open_or_create_store(url: str, pairs: Sequence[PairSpec], template, config,
     log.info("created store %s: %d pairs on a %dx%dx%d grid", url, n, x, y, z)
 
 
-def _read_pair_ids(url: str, storage_options: dict | None) -> list[str]:
+def _read_pair_ids(store: Location) -> list[str]:
     import zarr
 
     with _quiet():
-        g = zarr.open_group(zarr_store(url, storage_options, read_only=True), mode="r", use_consolidated=False)
+        g = zarr.open_group(zarr_store(store, read_only=True), mode="r", use_consolidated=False)
         a = g["pair"]
         return [str(v) for v in a[:]] if a.shape[0] else []
 
@@ -311,18 +306,18 @@ _handles: dict[tuple, _Handle] = {}
 _handles_lock = threading.Lock()
 
 
-def _handle(url: str, storage_options: dict | None) -> _Handle:
+def _handle(store: Location) -> _Handle:
     """Arrays of the store, opened once per process and store (keyed by the fingerprint)."""
     import zarr
 
-    attrs = _root_attrs(url, storage_options)
-    key = (url, json.dumps(storage_options or {}, sort_keys=True, default=str), attrs["fingerprint"], os.getpid())
+    attrs = _root_attrs(store)
+    key = (store, attrs["fingerprint"], os.getpid())
     with _handles_lock:
         h = _handles.get(key)
         if h is not None:
             return h
         with _quiet():
-            g = zarr.open_group(zarr_store(url, storage_options), mode="r+", use_consolidated=False)
+            g = zarr.open_group(zarr_store(store), mode="r+", use_consolidated=False)
             arrays = {name: g[name].with_config({"write_empty_chunks": True}) for name in PAIR_VARS}
             ids = g["pair"]
             pair_ids = [str(v) for v in ids[:]] if ids.shape[0] else []
@@ -337,25 +332,8 @@ def _write_shard(array, index: int, data: np.ndarray) -> None:
     array[index:index + 1] = data
 
 
-def _marker_path(path: str, index: int) -> str:
-    return join(path, MARKER_DIR, f"{index}.json")
-
-
-def _write_marker(url: str, index: int, marker: dict, storage_options: dict | None) -> None:
-    data = json.dumps(marker, sort_keys=True, indent=1).encode()
-    if _is_local(url):
-        # rename is atomic: a reader sees the whole marker or none
-        d = os.path.join(_local_path(url), MARKER_DIR)
-        os.makedirs(d, exist_ok=True)
-        tmp = os.path.join(d, f".{index}.json.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, os.path.join(d, f"{index}.json"))
-    else:
-        fs, path = get_fs(url, storage_options)
-        fs.pipe_file(_marker_path(path, index), data)  # one PUT: atomic on object storage
+def _marker(store: Location, index: int) -> Location:
+    return store.join(MARKER_DIR, f"{index}.json")
 
 
 def _check_result(result: PairResult, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
@@ -382,29 +360,21 @@ def clean_status(status: str) -> str:
     return _DATE.sub("<date>", _UID.sub("<uid>", text))
 
 
-def _remove(fs, path: str) -> None:
-    """Delete one object if present (no existence check first: listings may be cached, deletes are not)."""
-    try:
-        fs.rm_file(path)
-    except FileNotFoundError:
-        pass
-
-
-def write_pair(url: str, index: int, result: PairResult, storage_options: dict | None = None) -> dict:
+def write_pair(url: str | Location, index: int, result: PairResult, storage_options: dict | None = None) -> dict:
     """Write one pair (worker side): its shard of mr/ct/valid and its slice_ok chunk, then LAST its marker.
 
     A failed result removes any data a previous attempt left for this pair (arrays read as fill values) and
     writes only the marker. Returns the marker.
     """
-    h = _handle(url, storage_options)
+    store = Location.of(url, storage_options)
+    h = _handle(store)
     if not 0 <= index < h.n_pairs:
         raise IndexError(f"pair index {index} outside the store's {h.n_pairs} pairs")
     if h.pair_ids[index] != result.pair_id:
         raise ValueError(f"pair index {index} is {h.pair_ids[index]} in the store, not {result.pair_id}")
-    fs, path = get_fs(url, storage_options)
-    mpath = _marker_path(path, index)
+    marker_loc = _marker(store, index)
     # an old marker must not vouch for a half-rewritten pair
-    _remove(fs, mpath)
+    marker_loc.remove()
     marker: dict[str, Any] = {
         "format": STORE_FORMAT, "index": index, "pair_id": result.pair_id, "status": clean_status(result.status),
         "fingerprint": h.fingerprint,
@@ -420,27 +390,29 @@ def write_pair(url: str, index: int, result: PairResult, storage_options: dict |
         for name in PAIR_VARS:
             _write_shard(h.arrays[name], index, arrays[name][None])
         marker["checksum"] = {"algorithm": "sha256", **{name: _sha256(arrays[name]) for name in PAIR_VARS}}
-        fs.invalidate_cache()
-        marker["objects"] = {name: {"key": h.keys[name](index), "size": int(fs.size(join(path, h.keys[name](index))))}
+        store.fs.invalidate_cache()
+        marker["objects"] = {name: {"key": h.keys[name](index), "size": store.join(h.keys[name](index)).size()}
                              for name in PAIR_VARS}
     else:
         for name in PAIR_VARS:
-            _remove(fs, join(path, h.keys[name](index)))
+            store.join(h.keys[name](index)).remove()
     if result.figure_png:
-        write_bytes(join(url, MARKER_DIR, f"{index}.png"), bytes(result.figure_png), storage_options)
+        store.join(MARKER_DIR, f"{index}.png").write_bytes(bytes(result.figure_png))
         marker["figure"] = f"{MARKER_DIR}/{index}.png"
-    _write_marker(url, index, marker, storage_options)
+    # atomic (rename locally, one PUT on object storage): a reader sees the whole marker or none
+    marker_loc.write_bytes(json.dumps(marker, sort_keys=True, indent=1).encode(), durable=True)
     return marker
 
 
 # ----------------------------------------------------------------------------------------------- read markers
-def _read_markers(url: str, storage_options: dict | None) -> tuple[dict[int, dict], list[tuple[str, str]]]:
+def _read_markers(store: Location) -> tuple[dict[int, dict], list[tuple[str, str]]]:
     """All parseable markers by index, and (name, reason) for the unreadable ones."""
-    fs, path = get_fs(url, storage_options)
-    mdir = join(path, MARKER_DIR)
+    fs = store.fs
+    mdir = store.join(MARKER_DIR).path
     fs.invalidate_cache()
     try:
-        names = [p for p in fs.ls(mdir, detail=False) if p.endswith(".json") and not p.rsplit("/", 1)[-1].startswith(".")]
+        names = [p for p in fs.ls(mdir, detail=False)
+                 if p.endswith(".json") and not p.rsplit("/", 1)[-1].startswith(".")]
     except FileNotFoundError:
         return {}, []
     blobs = fs.cat(names, on_error="return") if names else {}
@@ -460,10 +432,10 @@ def _read_markers(url: str, storage_options: dict | None) -> tuple[dict[int, dic
     return markers, bad
 
 
-def _object_sizes(url: str, storage_options: dict | None) -> dict[str, int]:
+def _object_sizes(store: Location) -> dict[str, int]:
     """Size of every pair object (shards of mr/ct/valid, chunks of slice_ok), by key relative to the store."""
-    fs, path = get_fs(url, storage_options)
-    root = path.rstrip("/")
+    fs = store.fs
+    root = store.path.rstrip("/")
     out: dict[str, int] = {}
     for name in PAIR_VARS:
         try:
@@ -475,18 +447,19 @@ def _object_sizes(url: str, storage_options: dict | None) -> dict[str, int]:
     return out
 
 
-def completed_pairs(url: str, storage_options: dict | None = None, check: bool = True) -> dict[int, dict]:
+def completed_pairs(url: str | Location, storage_options: dict | None = None, check: bool = True) -> dict[int, dict]:
     """index -> marker of every pair that is done (ok or failed) in THIS store.
 
     Markers carrying another store's fingerprint are ignored. With ``check`` (the default, cheap: one listing
     per variable), an ok marker also needs each of its objects present with the size it recorded; otherwise
     the pair counts as not done and will be rewritten. :func:`verify_store` recomputes the checksums.
     """
-    attrs = _root_attrs(url, storage_options)
-    markers, bad = _read_markers(url, storage_options)
+    store = Location.of(url, storage_options)
+    attrs = _root_attrs(store)
+    markers, bad = _read_markers(store)
     for name, reason in bad:
         log.warning("%s: %s (the pair will be redone)", name, reason)
-    sizes = _object_sizes(url, storage_options) if check else {}
+    sizes = _object_sizes(store) if check else {}
     out = {}
     for idx, m in markers.items():
         if m.get("fingerprint") != attrs["fingerprint"] or idx >= int(attrs["n_pairs"]):
@@ -505,16 +478,17 @@ def completed_pairs(url: str, storage_options: dict | None = None, check: bool =
 
 
 # ----------------------------------------------------------------------------------------------- finalize
-def finalize_store(url: str, storage_options: dict | None = None) -> None:
+def finalize_store(url: str | Location, storage_options: dict | None = None) -> None:
     """Write status, clip bounds, affines and QA from the markers (driver only), then consolidate metadata.
 
     Idempotent: pairs without a (trusted) marker are ``pending``.
     """
     import zarr
 
-    attrs = _root_attrs(url, storage_options)
+    store = Location.of(url, storage_options)
+    attrs = _root_attrs(store)
     n = int(attrs["n_pairs"])
-    markers = completed_pairs(url, storage_options)
+    markers = completed_pairs(store)
     status = np.array([markers[i]["status"] if i in markers else STATUS_PENDING for i in range(n)], dtype=object)
     scal = {k: np.full(n, np.nan, np.float32) for k in CLIP_VARS + tuple(QA_KEYS)}
     aff = {k: np.full((n, 4, 4), np.nan, np.float64) for k in AFFINE_VARS}
@@ -527,7 +501,7 @@ def finalize_store(url: str, storage_options: dict | None = None) -> None:
             aff[k][i] = np.array([[_from_json_float(v) for v in row] for row in m[k]], np.float64)
     counts = Counter("ok" if s == "ok" else ("pending" if s == STATUS_PENDING else "failed") for s in status)
     with _quiet():
-        g = zarr.open_group(zarr_store(url, storage_options), mode="r+", use_consolidated=False)
+        g = zarr.open_group(zarr_store(store), mode="r+", use_consolidated=False)
         if n:
             g["status"][:] = status
             for k, v in scal.items():
@@ -537,7 +511,7 @@ def finalize_store(url: str, storage_options: dict | None = None) -> None:
         g.update_attributes({"pairs_ok": counts["ok"], "pairs_failed": counts["failed"],
                              "pairs_pending": counts["pending"]})
         zarr.consolidate_metadata(g.store)
-    log.info("finalized %s: %d ok, %d failed, %d pending", url, counts["ok"], counts["failed"], counts["pending"])
+    log.info("finalized %s: %d ok, %d failed, %d pending", store.url, counts["ok"], counts["failed"], counts["pending"])
 
 
 # ----------------------------------------------------------------------------------------------- verify
@@ -566,23 +540,24 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def verify_store(url: str, storage_options: dict | None = None) -> VerifyReport:
+def verify_store(url: str | Location, storage_options: dict | None = None) -> VerifyReport:
     """Recompute every pair's checksums from the stored bytes (decoded by zarr) against its marker."""
     import zarr
 
-    attrs = _root_attrs(url, storage_options)
+    store = Location.of(url, storage_options)
+    attrs = _root_attrs(store)
     n = int(attrs["n_pairs"])
-    report = VerifyReport(url=url, n_pairs=n)
-    markers, bad = _read_markers(url, storage_options)
+    report = VerifyReport(url=store.url, n_pairs=n)
+    markers, bad = _read_markers(store)
     for name, reason in bad:
         try:
             report.torn.append((int(name.split(".")[0]), reason))
         except ValueError:
             report.notes.append(f"{name}: {reason}")
     bad_idx = {i for i, _ in report.torn}
-    sizes = _object_sizes(url, storage_options)
+    sizes = _object_sizes(store)
     with _quiet():
-        g = zarr.open_group(zarr_store(url, storage_options, read_only=True), mode="r", use_consolidated=False)
+        g = zarr.open_group(zarr_store(store, read_only=True), mode="r", use_consolidated=False)
         arrays = {name: g[name] for name in PAIR_VARS}
         pair_ids = [str(v) for v in g["pair"][:]] if n else []
         status = [str(v) for v in g["status"][:]] if n else []
@@ -645,20 +620,22 @@ def _display_flips(direction: Sequence[float]) -> tuple[bool, bool]:
     return bool(flip_rows), bool(flip_cols)
 
 
-def inspect_store(url: str, png: str | None = None, storage_options: dict | None = None) -> str:
+def inspect_store(url: str | Location, png: str | None = None, storage_options: dict | None = None) -> str:
     """A human summary of a store: pairs, splits, usable slices, failures by reason, QA distribution."""
     import zarr
 
-    attrs = _root_attrs(url, storage_options)
+    store = Location.of(url, storage_options)
+    url = store.url
+    attrs = _root_attrs(store)
     n = int(attrs["n_pairs"])
     with _quiet():
-        g = zarr.open_group(zarr_store(url, storage_options, read_only=True), mode="r")
+        g = zarr.open_group(zarr_store(store, read_only=True), mode="r")
         status = np.array([str(v) for v in g["status"][:]]) if n else np.array([], str)
         split = np.array([str(v) for v in g["split"][:]]) if n else np.array([], str)
         patient = np.array([str(v) for v in g["patient"][:]]) if n else np.array([], str)
         slice_ok = np.asarray(g["slice_ok"][:]) if n else np.zeros((0, 0), bool)
         qa = {k: np.asarray(g[k][:]) for k in QA_KEYS} if n else {}
-    markers, _ = _read_markers(url, storage_options)
+    markers, _ = _read_markers(store)
     ok = status == "ok"
     grid = attrs["grid"]
     lines = [
@@ -694,13 +671,13 @@ def inspect_store(url: str, png: str | None = None, storage_options: dict | None
             else:
                 lines.append(f"  {k:<16}{'n/a':>10}")
     if png:
-        shown = _montage(url, png, ok, slice_ok, split, grid, storage_options)
+        shown = _montage(store, png, ok, slice_ok, split, grid)
         lines.append(f"montage of {shown} random slice pairs written to {png}" if shown
                      else "no usable slices: no montage written")
     return "\n".join(lines)
 
 
-def _montage(url, png, ok, slice_ok, split, grid, storage_options, n_show: int = 6, seed: int = 0) -> int:
+def _montage(store: Location, png: str, ok, slice_ok, split, grid, n_show: int = 6, seed: int = 0) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -714,7 +691,7 @@ def _montage(url, png, ok, slice_ok, split, grid, storage_options, n_show: int =
     pick = cand[rng.choice(len(cand), size=min(n_show, len(cand)), replace=False)]
     flip_rows, flip_cols = _display_flips(grid["direction"])
     with _quiet():
-        g = zarr.open_group(zarr_store(url, storage_options, read_only=True), mode="r")
+        g = zarr.open_group(zarr_store(store, read_only=True), mode="r")
         mr, ct = g["mr"], g["ct"]
         ct_lo, ct_hi = np.asarray(g["ct_lo"][:]), np.asarray(g["ct_hi"][:])
         fig, axes = plt.subplots(len(pick), 2, figsize=(5, 2.5 * len(pick)), squeeze=False)
@@ -735,5 +712,5 @@ def _montage(url, png, ok, slice_ok, split, grid, storage_options, n_show: int =
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=80)
         plt.close(fig)
-    write_bytes(png, buf.getvalue())
+    Location.of(png).write_bytes(buf.getvalue())
     return len(pick)

@@ -35,7 +35,7 @@ def nilearn_data_file(kind: str) -> str:
             "the default template needs the 'nilearn' package (pip install nilearn), "
             "or give a template path/URL with --template"
         )
-    path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", _FILES[kind])
+    path = os.path.join(next(iter(spec.submodule_search_locations)), "datasets", "data", _FILES[kind])
     if not os.path.exists(path):
         raise ConfigError(f"nilearn is installed but its template file is missing: {path}")
     return path
@@ -72,9 +72,9 @@ def _read_image_url(url: str, storage_options: dict | None = None) -> tuple[sitk
     """Read a NIfTI/NRRD/MHA image from a path or fsspec URL; return it with the sha256 of its bytes."""
     import tempfile
 
-    from .io import read_bytes
+    from .io import Location
 
-    data = read_bytes(url, storage_options)
+    data = Location.of(url, storage_options).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     name = url.rstrip("/").rsplit("/", 1)[-1]
     suffix = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1] or ".nii.gz"

@@ -226,7 +226,8 @@ def test_default_render_is_a_daskjob_with_its_config(default_render):
     assert job["apiVersion"] == "kubernetes.dask.org/v1"
     assert job["spec"]["job"]["spec"]["restartPolicy"] == "Never"
     image = _container(job["spec"]["job"]["spec"], "job")["image"]
-    assert image == "registry.example.org/mrict-dask:" + yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    app_version = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+    assert image == "registry.example.org/mrict-dask:" + app_version
     for part in ("worker", "scheduler"):
         (c,) = job["spec"]["cluster"]["spec"][part]["spec"]["containers"]
         assert c["image"] == image, "runner, scheduler and workers run one image"
@@ -361,7 +362,8 @@ def _crd_schema(kind: str) -> dict:
     import dask_kubernetes
 
     crd_dir = Path(dask_kubernetes.__file__).parent / "operator/deployment/helm/dask-kubernetes-operator/crds"
-    crd = yaml.load((crd_dir / f"{kind.lower()}.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = yaml.load((crd_dir / f"{kind.lower()}.yaml").read_text(), Loader=loader)
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     return version["schema"]["openAPIV3Schema"]
 
@@ -573,8 +575,8 @@ def test_environment_references_resolve_in_the_operators_pods(rendered):
 def test_worker_and_scheduler_commands_parse_with_dask(rendered):
     import importlib.metadata
 
-    from distributed.cli import dask_scheduler, dask_worker
     from dask.utils import parse_bytes
+    from distributed.cli import dask_scheduler, dask_worker
     from distributed.worker_memory import parse_memory_limit
 
     # `dask worker` / `dask scheduler` are the entry points distributed registers for the `dask` command.
@@ -644,7 +646,7 @@ def test_full_configmap_loads_with_every_setting(full_render, full_values, tmp_p
     docs = full_render[0]
     job = _container(docs["DaskJob"]["spec"]["job"]["spec"], "job")
     _, run = _parse_run(job["args"])
-    mounted = [m for m in job["volumeMounts"] if m["name"] == "pipeline-config"][0]["mountPath"]
+    mounted = next(m for m in job["volumeMounts"] if m["name"] == "pipeline-config")["mountPath"]
     assert Path(run.params["config_url"]).parent == Path(mounted)
     # Loaded as the CLI will load it: the same storage options, which also reach this local file.
     cfg = load_config(str(_pipeline_yaml(docs, tmp_path)),

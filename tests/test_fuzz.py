@@ -30,8 +30,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mrict_dask.catalog import CATALOG_COLUMNS
+from mrict_dask.dicom_header import read_header
 from mrict_dask.errors import VolumeError
-from mrict_dask.scan import CATALOG_COLUMNS, read_header, scan
+from mrict_dask.scan import scan
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -299,14 +301,8 @@ def check_row(row: dict, url: str, size: int, what: str) -> None:
         assert isinstance(row[col], bool), (what, col)
     assert not (row["pixel_data_ok"] and row["read_error"]), (what, row["read_error"])
     if row["read_error"]:
-        assert row["read_error"].split(":")[0] in ("not DICOM", "truncated", "unreadable", "bad pixel data",
-                                                   "DICOMDIR (media directory, not an image)"), (what, row["read_error"])
-
-
-def _report(name: str, request) -> None:
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    with capman.global_and_fixture_disabled():
-        print(f"\n[fuzz] {name}: {COUNTS[name]} cases tried")
+        kinds = ("not DICOM", "truncated", "unreadable", "bad pixel data", "DICOMDIR (media directory, not an image)")
+        assert row["read_error"].split(":")[0] in kinds, (what, row["read_error"])
 
 
 # --------------------------------------------------------------------------------------------- read_header
@@ -331,9 +327,8 @@ def test_read_header_never_raises_on_mutated_files(seeds, tmp_path_factory, data
         assert row["read_error"] or not row["pixel_data_ok"], f"{what}: a cut file catalogued as a usable image"
 
 
-def test_read_header_fuzz_count(request):
-    """Runs after the fuzz test above (file order): prints how many cases it tried."""
-    _report("read_header", request)
+def test_read_header_fuzz_count():
+    """Runs after the fuzz test above (file order): it really tried that many cases."""
     assert COUNTS["read_header"] >= 100 or EXAMPLES
 
 
@@ -424,15 +419,14 @@ def test_read_volume_raises_only_volume_error(series, tmp_path_factory, data):
     assert size[2] >= 2 and all(np.isfinite(img.GetSpacing())) and min(img.GetSpacing()) > 0, what
 
 
-def test_read_volume_fuzz_count(request):
-    _report("read_volume", request)
+def test_read_volume_fuzz_count():
     assert COUNTS["read_volume"] >= 100 or EXAMPLES
 
 
 def test_read_volume_with_a_4gib_declared_element_stays_bounded(series, tmp_path):
-    from mrict_dask.volume import read_volume
-
     import SimpleITK as sitk
+
+    from mrict_dask.volume import read_volume
 
     files = series["ct"]
     truth = sitk.GetArrayFromImage(read_volume(files))
@@ -466,11 +460,11 @@ def test_read_volume_with_a_4gib_declared_element_stays_bounded(series, tmp_path
 
 
 # --------------------------------------------------------------------------------------------- scan + plan
-def test_scan_of_a_mutated_folder_accounts_for_every_file_and_plans(seeds, synthetic, tmp_path, request):
+def test_scan_of_a_mutated_folder_accounts_for_every_file_and_plans(seeds, synthetic, tmp_path):
     """Hundreds of mutated files mixed with intact series: one row each, and planning from them does not raise."""
     from mrict_dask.config import Config
     from mrict_dask.plan import make_plan
-    from mrict_dask.volume import stacks_from_catalog
+    from mrict_dask.stacks import stacks_from_catalog
 
     rnd = random.Random(20240607)
     folder = tmp_path / "in"
@@ -503,10 +497,9 @@ def test_scan_of_a_mutated_folder_accounts_for_every_file_and_plans(seeds, synth
         stacks_from_catalog(rows)
     plan = make_plan(catalog, Config(), b"fuzz-key")
     assert plan is not None
-    _report("scan_files", request)
 
 
-def test_object_storage_scan_of_mutated_files_equals_the_local_scan(seeds, s3, tmp_path, request):
+def test_object_storage_scan_of_mutated_files_equals_the_local_scan(seeds, s3, tmp_path):
     """The ranged, multi-round reads on object storage reach the same verdict as local reads, file by file."""
     from .conftest import upload_tree
 
@@ -532,11 +525,3 @@ def test_object_storage_scan_of_mutated_files_equals_the_local_scan(seeds, s3, t
             same = (x is None and y is None) or (isinstance(x, float) and isinstance(y, float) and math.isnan(x)
                                                   and math.isnan(y)) or str(x) == str(y)
             assert same, (name, col, x, y)
-    _report("s3_scan_files", request)
-
-
-def test_fuzz_summary(request):
-    """Last in the file: the total number of cases tried by this module (for the trust report)."""
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    with capman.global_and_fixture_disabled():
-        print(f"\n[fuzz] total cases tried: {sum(COUNTS.values())} ({dict(COUNTS)})")

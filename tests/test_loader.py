@@ -49,7 +49,7 @@ def tagged_result(p: PairSpec, seed: int = 0) -> PairResult:
     slice_ok[rng.choice(SHAPE[0], size=1 + p.index % 5, replace=False)] = True
     return PairResult(pair_id=p.pair_id, status="ok", mr=mr, ct=ct, valid=rng.random(SHAPE) > 0.2, slice_ok=slice_ok,
                       mr_lo=0.0, mr_hi=900.0, ct_lo=-1024.0, ct_hi=3071.0, mr_affine=np.eye(4), ct_affine=np.eye(4),
-                      qa={k: 0.5 for k in QA_KEYS})
+                      qa=dict.fromkeys(QA_KEYS, 0.5))
 
 
 def decode(mr: np.ndarray, ct: np.ndarray) -> tuple[int, int, str]:

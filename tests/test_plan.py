@@ -251,7 +251,7 @@ def test_no_patient_in_two_splits_with_many_pairs_each():
     assert len(plan.pairs) == 240
     per_patient = pd.DataFrame([(p.patient, p.split) for p in plan.pairs]).groupby(0)[1].nunique()
     assert (per_patient == 1).all()
-    assert set(p.split for p in plan.pairs) == {"train", "val", "test"}
+    assert {p.split for p in plan.pairs} == {"train", "val", "test"}
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -21,7 +21,7 @@ from .faulty_fs import Faults, faults_injected, faulty_options, to_faulty
 RATE = 0.2  # a share of failing requests far above any real store's: every code path meets several faults
 
 
-TOTAL: Counter = Counter()  # faults injected by this module's tests, by kind (printed by the last test)
+TOTAL: Counter = Counter()  # faults injected by this module's tests, by kind (printed in the session summary)
 
 
 @pytest.fixture
@@ -49,10 +49,11 @@ def test_request_faults_reach_the_retry_policy_not_absorbed_by_s3fs(s3, fault_lo
     """Without the library's retry policy, s3fs hands each injected fault to the caller; with it, none."""
     import s3fs.core
 
-    from mrict_dask.io import get_fs
+    from mrict_dask.io import Location
 
     so = faulty_options(s3.storage_options, rate=0.3, ops=("read", "write"), log=fault_log)
-    fs, path = get_fs(to_faulty(s3.url("probe", "x")), so)  # installs the library's policy
+    loc = Location(to_faulty(s3.url("probe", "x")), so)
+    fs, path = loc.fs, loc.path  # installs the library's policy
     with monkeypatch.context() as m:
         m.setattr(s3fs.core, "CUSTOM_ERROR_HANDLER", lambda exc: False)  # s3fs on its own
         seen, worst = 0, 0
@@ -77,10 +78,11 @@ def test_request_faults_reach_the_retry_policy_not_absorbed_by_s3fs(s3, fault_lo
 
 
 def test_operation_faults_reach_the_caller(s3, fault_log):
-    from mrict_dask.io import get_fs
+    from mrict_dask.io import Location
 
     so = faulty_options(s3.storage_options, rate=0.5, ops=("write",), log=fault_log, layer="operation")
-    fs, path = get_fs(to_faulty(s3.url("probe", "y")), so)
+    loc = Location(to_faulty(s3.url("probe", "y")), so)
+    fs, path = loc.fs, loc.path
     seen = 0
     for i in range(30):
         while True:
@@ -125,7 +127,7 @@ def test_scan_on_a_cluster_under_read_faults(s3, dicom_folder, fault_log, client
     # without a read fault; scan again with another seed until one was injected (every scan must be equal)
     for seed in range(2, 8):
         so = faulty_options(s3.storage_options, rate=RATE, ops=("read", "meta"), log=fault_log, seed=seed)
-        got = scan(to_faulty(url), storage_options=so, client=client, batch_size=4)
+        got = scan(to_faulty(url), storage_options=so, executor=client, batch_size=4)
         _same_catalog(truth, got)
         if faults_injected(fault_log)["read"] > 0:
             break
@@ -138,7 +140,7 @@ def test_read_volume_under_read_faults_gives_the_same_volume(s3, dicom_folder, f
 
     from mrict_dask.volume import read_volume
 
-    url = upload_tree(dicom_folder, s3, "in")
+    upload_tree(dicom_folder, s3, "in")
     so = faulty_options(s3.storage_options, rate=RATE, log=fault_log, seed=3)
     for modality in ("mr", "ct"):
         urls = [s3.url("in", modality, f"{modality}{k}") for k in range(6)]
@@ -223,7 +225,7 @@ def test_write_pair_cut_by_an_outage_is_never_torn_and_completes_on_retry(s3, fa
             try:
                 store.write_pair(to_faulty(url), p.index, results[p.index], so)
                 break
-            except Exception as exc:  # noqa: BLE001 - what the executor sees, and retries
+            except Exception as exc:
                 failures += 1
                 assert "injected fault" in str(exc) or isinstance(exc, OSError), exc
                 done = store.completed_pairs(url, plain)
@@ -238,10 +240,10 @@ def test_write_pair_cut_by_an_outage_is_never_torn_and_completes_on_retry(s3, fa
 # --------------------------------------------------------------------------------------------- the pipeline
 
 def _plan_pairs(work_url: str, so: dict) -> list:
-    from mrict_dask.io import join, read_bytes
+    from mrict_dask.io import Location
     from mrict_dask.plan import Plan
 
-    return list(Plan.from_json(read_bytes(join(work_url, "plan.json"), so).decode()).pairs)
+    return list(Plan.from_json(Location(work_url, so).join("plan.json").read_text()).pairs)
 
 
 def _check_finished(out: str, so: dict, expected) -> None:
@@ -299,7 +301,7 @@ def test_pipeline_on_a_cluster_under_faults_and_outages_loses_nothing(one_patien
     config = fast_config(**{"run.retries": 1})
     runs = []
     for _ in range(4):
-        summary = run_pipeline(to_faulty(src), to_faulty(out), config=config, client=client, pseudonym_key="k",
+        summary = run_pipeline(to_faulty(src), to_faulty(out), config=config, executor=client, pseudonym_key="k",
                                storage_options=so)
         runs.append((summary.ok, dict(summary.failed), summary.exit_code))
         report = verify_store(out, s3.storage_options)
@@ -326,7 +328,7 @@ def test_files_lost_to_an_outage_during_the_scan_are_not_frozen_into_the_plan(s3
     out = s3.url("out", "store.zarr")
     outage = Faults(layer="operation", rate=1.0, ops=("read",), max_consecutive=12, keys=r"in/mr/mr3$")
     so = faulty_options(s3.storage_options, rate=0.0, log=fault_log, more=(outage,))
-    with pytest.raises(InputError, match="1 of .* files could not be read from storage"):
+    with pytest.raises(InputError, match=r"1 of .* files could not be read from storage"):
         run_pipeline(to_faulty(url), to_faulty(out), executor="serial", pseudonym_key="k", storage_options=so)
     fs = s3.fs()
     assert not fs.exists(s3.url("out", "store.zarr.work", "catalog.parquet"))
@@ -340,10 +342,3 @@ def test_files_lost_to_an_outage_during_the_scan_are_not_frozen_into_the_plan(s3
         catalog = pd.read_parquet(fh)
     row = catalog[catalog["url"].str.endswith("in/mr/mr3")]
     assert len(row) == 1 and row["read_error"].iloc[0] == "" and row["rows"].iloc[0] == 16
-
-
-def test_fault_summary(request):
-    """Last in the file: every fault injected by the tests above, for the trust report."""
-    capman = request.config.pluginmanager.getplugin("capturemanager")
-    with capman.global_and_fixture_disabled():
-        print(f"\n[faults] total injected by this module: {sum(TOTAL.values())} ({dict(TOTAL)}); pairs lost: 0")

@@ -43,8 +43,8 @@ def small_template(size=(12, 10, 7), sha="ab" * 32) -> Template:
 
 
 def make_pairs(n: int, splits=SPLITS) -> list[PairSpec]:
-    return [PairSpec(index=i, pair_id=f"P{i // 2:016x}-{i:04x}", patient=f"P{i // 2:016x}", split=splits[(i // 2) % len(splits)],
-                     days_apart=7 * i - 10, mr_files=(f"s3://in/mr/{i}",), ct_files=(f"s3://in/ct/{i}",))
+    return [PairSpec(index=i, pair_id=f"P{i // 2:016x}-{i:04x}", patient=f"P{i // 2:016x}",
+                     split=splits[(i // 2) % len(splits)], days_apart=7 * i - 10, mr_files=(f"s3://in/mr/{i}",), ct_files=(f"s3://in/ct/{i}",))
             for i in range(n)]
 
 
@@ -78,7 +78,8 @@ def build_store(url, n=6, failed=(3,), pending=(), template=None, config=None, s
     for p in pairs:
         if p.index in pending:
             continue
-        r = make_result(p, template.shape_zyx, seed, "failed: MR registration did not converge" if p.index in failed else "ok")
+        status = "failed: MR registration did not converge" if p.index in failed else "ok"
+        r = make_result(p, template.shape_zyx, seed, status)
         store.write_pair(url, p.index, r, storage_options=storage_options)
         results[p.index] = r
     store.finalize_store(url, storage_options=storage_options)
@@ -133,7 +134,8 @@ def test_xarray_reads_consolidated_store_with_contract_attrs(tmp_path):
     with open(os.path.join(url, "zarr.json")) as fh:
         root = json.load(fh)
     consolidated = root["consolidated_metadata"]["metadata"]
-    assert {"mr", "ct", "valid", "slice_ok", "status", "patient", "split", "days_apart", "mr_affine"} <= set(consolidated)
+    names = {"mr", "ct", "valid", "slice_ok", "status", "patient", "split", "days_apart", "mr_affine"}
+    assert names <= set(consolidated)
     ds = xr.open_zarr(url, consolidated=True)
     assert dict(ds.sizes) == {"pair": 5, "z": t.shape_zyx[0], "y": t.shape_zyx[1], "x": t.shape_zyx[2],
                               "row": 4, "col": 4}
@@ -283,7 +285,7 @@ def test_a_different_store_at_the_same_url_is_refused(tmp_path):
     pairs = make_pairs(3)
     store.open_or_create_store(url, pairs, t, Config())
     store.write_pair(url, 0, make_result(pairs[0], t.shape_zyx))
-    with pytest.raises(StoreMismatchError, match="normalize.mr_percentiles"):
+    with pytest.raises(StoreMismatchError, match=r"normalize\.mr_percentiles"):
         store.open_or_create_store(url, pairs, t, Config(normalize=NormalizeConfig(mr_percentiles=(2.0, 98.0))))
     with pytest.raises(StoreMismatchError, match="pairs"):
         store.open_or_create_store(url, make_pairs(4), t, Config())
@@ -333,7 +335,7 @@ def test_marker_copied_from_another_store_is_not_trusted(tmp_path):
     assert [i for i, _ in report.torn] == [0] and "different store" in report.torn[0][1]
 
 
-# --------------------------------------------------------------------------------------------- concurrency, kill, resume
+# ------------------------------------------------------------------------------------ concurrency, kill, resume
 def _writer(url: str, indices: list[int], n: int, barrier) -> None:
     t = small_template()
     pairs = make_pairs(n)

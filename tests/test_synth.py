@@ -277,8 +277,8 @@ def test_each_quirk_alone_changes_only_what_it_says(baseline, tmp_path, quirk):
         data = open(os.path.join(root, bad), "rb").read()
         assert open(os.path.join(base_root, bad), "rb").read().startswith(data)
         ds = pydicom.dcmread(os.path.join(root, bad))  # the header is intact; the pixel data is cut short
-        with pytest.raises(Exception):
-            ds.pixel_array
+        with pytest.raises((ValueError, EOFError)):
+            _ = ds.pixel_array
         assert not series_now[entry["series_uid"]]["usable"]
         assert {f["path"]: f["kind"] for f in m["files"]}[bad] == "truncated"
     elif quirk == "non_dicom_file":

@@ -20,8 +20,10 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from mrict_dask.config import PlanConfig
 from mrict_dask.errors import VolumeError
-from mrict_dask.volume import (CT_FILL, export_series_command, read_volume, stack_geometry,
-                               stacks_from_catalog)
+from mrict_dask.export import export_series_command
+from mrict_dask.geometry import stack_geometry
+from mrict_dask.stacks import stacks_from_catalog
+from mrict_dask.volume import CT_FILL, read_volume
 
 PYDICOM_FILES = os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files")
 DICOMDIR_TESTS = os.path.join(PYDICOM_FILES, "dicomdirtests")
@@ -135,14 +137,14 @@ def header_catalog(paths) -> pd.DataFrame:
             rows.append(row)
             continue
 
-        def num(k):
+        def num(k, ds=ds):
             v = ds.get(k)
             try:
                 return float(v) if v not in (None, "") else None
             except (TypeError, ValueError):
                 return None
 
-        def lst(k):
+        def lst(k, ds=ds):
             v = ds.get(k)
             return [float(x) for x in v] if v is not None else None
 
@@ -449,7 +451,7 @@ def test_gantry_tilt_is_resampled_keeping_physical_positions(tmp_path, tilt):
 
 def test_gantry_tilt_refused_when_disabled(tmp_path):
     files, _, _ = _tilted_ct(tmp_path, 12.0)
-    with pytest.raises(VolumeError, match="gantry tilt of 12.0 degrees"):
+    with pytest.raises(VolumeError, match=r"gantry tilt of 12\.0 degrees"):
         read_volume(files, config=PlanConfig(allow_gantry_tilt=False))
 
 
@@ -613,7 +615,7 @@ def test_dicomdirtests_multislice_series_agree_with_dcm2niix(tmp_path):
     cat = header_catalog([p for p in glob.glob(DICOMDIR_TESTS + "/**/*", recursive=True) if os.path.isfile(p)])
     niis, text = _dcm2niix(DICOMDIR_TESTS, str(tmp_path / "d2n"))
     results = {}
-    for uid, rows in cat[cat["series_uid"] != ""].groupby("series_uid"):
+    for _uid, rows in cat[cat["series_uid"] != ""].groupby("series_uid"):
         if len(rows) < 2:
             continue
         for st in stacks_from_catalog(rows, PlanConfig()):
@@ -717,8 +719,7 @@ def test_read_volume_from_object_storage(tmp_path, s3):
 def _manifest_series(manifest: dict):
     for p in manifest["patients"]:
         for st in p["studies"]:
-            for s in st["series"]:
-                yield s
+            yield from st["series"]
 
 
 def _expected_voxels(series: dict, root: str) -> np.ndarray:

@@ -204,11 +204,6 @@ class PatientAnatomy:
     model: TissueModel
     _cache: dict = field(default_factory=dict, repr=False)
 
-    @property
-    def scaling_matrix(self) -> np.ndarray:
-        """4x4: template physical -> this patient's (unposed) head, scaling about the brain centre."""
-        return affine_about(np.diag(self.scale), self.model.center)
-
     def deformation(self) -> sitk.Transform:
         """The smooth deformation d: a template point y samples the anatomy at y + d(y)."""
         return sitk.DisplacementFieldTransform(sitk.Image(self.field))

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..errors import ConfigError
-from ..template import Template, load_template
+from ..template import Template
 from . import dicom_writer as dw
 from .anatomy import (
     AIR,
@@ -796,15 +796,12 @@ def _phi(patients: list[PatientPlan]) -> dict:
     return {k: sorted(set(v)) for k, v in phi.items()}
 
 
-def _template_sha(template: Template | None) -> str:
-    return (template or load_template()).sha256
-
-
 def generate_corpus(out_url: str, patients: int = 3, seed: int = 0, quirks: Sequence[str] = (), layout: str = "tcia",
                     manifest_url: str | None = None, storage_options: dict | None = None,
                     progress: bool = False, template: Template | None = None) -> SynthSummary:
     """Write a synthetic DICOM corpus to ``out_url`` (any fsspec URL) and its ground-truth manifest beside it."""
-    from ..io import get_fs, write_bytes
+    from ..io import Location
+    from ..progress import Progress
 
     t0 = time.perf_counter()
     quirks = tuple(quirks)
@@ -815,12 +812,11 @@ def generate_corpus(out_url: str, patients: int = 3, seed: int = 0, quirks: Sequ
         raise ConfigError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     if patients < 1:
         raise ConfigError("--patients must be at least 1")
-    fs, root = get_fs(out_url, storage_options)
-    root = root.rstrip("/")
+    where = Location.of(out_url, storage_options)
+    fs, root = where.fs, where.path.rstrip("/")
     if fs.exists(root) and fs.ls(root):
         raise ConfigError(f"{out_url} is not empty: choose a new location for the corpus")
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    out = _Out(fs=fs, root=root, local=protocol in ("file", "local"))
+    out = _Out(fs=fs, root=root, local=where.is_local)
     manifest_url = manifest_url or out_url.rstrip("/") + ".manifest.json"
 
     model = tissue_model(template)
@@ -834,12 +830,11 @@ def generate_corpus(out_url: str, patients: int = 3, seed: int = 0, quirks: Sequ
 
     quirk_log = assign_quirks(plans, quirks, model, seed)
     namer = _Namer(layout, seed)
-    bar = _progress(progress, patients)
     patient_entries = []
-    for plan in plans:
-        patient_entries.append(_write_patient(plan, model, out, seed, namer))
-        bar(1)
-    bar(None)
+    with Progress("synth", patients, progress, unit="patients", transient=True) as bar:
+        for plan in plans:
+            patient_entries.append(_write_patient(plan, model, out, seed, namer))
+            bar.advance()
     if "non_dicom_file" in quirks:
         quirk_log += _write_non_dicom(patient_entries, out, seed, namer)
     _add_quirk_files(quirk_log, patient_entries, out)
@@ -859,7 +854,7 @@ def generate_corpus(out_url: str, patients: int = 3, seed: int = 0, quirks: Sequ
         "phi": phi,
         "phi_strings": sorted({s for v in phi.values() for s in v}),
     }
-    write_bytes(manifest_url, json.dumps(manifest, indent=1).encode(), storage_options)
+    Location.of(manifest_url, storage_options).write_json(manifest, indent=1)
     seconds = time.perf_counter() - t0
     log.info("synthetic corpus: %d files, %d bytes, %.1f s", len(out.files), out.n_bytes, seconds)
     return SynthSummary(manifest=manifest, n_files=len(out.files), n_bytes=int(out.n_bytes), seconds=seconds,
@@ -888,24 +883,6 @@ def _add_quirk_files(quirk_log: list[dict], patient_entries: list[dict], out: _O
             e["duplicate_of"] = [f["duplicate_of"] for f in files if f["duplicate_of"]]
         else:
             e["files"] = list(series[e["series_uid"]]["files"])
-
-
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        return lambda n: None
-    from rich.progress import Progress
-
-    prog = Progress(transient=True)
-    prog.start()
-    task = prog.add_task("synth patients", total=total)
-
-    def step(n):
-        if n is None:
-            prog.stop()
-        else:
-            prog.advance(task, n)
-
-    return step
 
 
 class _Namer:
@@ -999,11 +976,3 @@ def _write_non_dicom(manifest_patients: list[dict], out: _Out, corpus_seed: int,
     out.flush()
     expected = "not DICOM: catalogued with a read error, never part of a series"
     return [{"quirk": "non_dicom_file", "files": [csv_rel, blob_rel], "expected": expected}]
-
-
-def tree_digest(paths_and_bytes: dict[str, bytes]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(paths_and_bytes):
-        h.update(k.encode())
-        h.update(hashlib.sha256(paths_and_bytes[k]).digest())
-    return h.hexdigest()

@@ -7,6 +7,7 @@ Everything here is pure: plain values in, ``pydicom.Dataset`` / bytes out. Deter
 from __future__ import annotations
 
 import io
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -276,7 +277,7 @@ class SeriesEncoder:
         self._tags = sorted(Tag(kw) for kw in PER_SLICE)
         edges = [-1, *self._tags, 0x100000000]
         self._segments = []
-        for lo, hi in zip(edges[:-1], edges[1:]):
+        for lo, hi in itertools.pairwise(edges):
             sub = Dataset({t: e for t, e in header._dict.items() if lo < t < hi})
             fp = _buffer()
             write_dataset(fp, sub, parent_encoding=_charset(header))

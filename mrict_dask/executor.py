@@ -1,0 +1,84 @@
+"""How a task function is mapped over items: the one interface every stage that fans out uses (scan, pairs).
+
+An executor's ``run(fn, items, key=...)`` yields one :class:`Outcome` per item, in completion order, with the
+task's value or the error that remained after its retries; it never raises for a failed item. Items may be
+a lazy iterable: an executor takes them only as it has room, so a caller can build each item (a pair's file
+list, a scan batch) just before it is submitted.
+
+:class:`SerialExecutor` (here) runs the very same task function in a plain loop and is the reference;
+:class:`~mrict_dask.orchestrate.DaskExecutor` runs it on a Dask cluster with a bounded window of futures.
+Only :mod:`mrict_dask.orchestrate` knows Dask; :func:`as_executor` turns a Dask client given by a caller into its
+executor without this module importing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """What became of one item: ``value`` when the task returned, else ``error`` (type and first line)."""
+
+    item: Any
+    value: Any = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+def error_reason(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters): what a summary or marker records."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+class Executor(Protocol):
+    name: str
+
+    def run(self, fn: Callable[[Any], Any], items: Iterable[Any],
+            key: Callable[[Any], str] | None = None) -> Iterator[Outcome]: ...
+
+
+class SerialExecutor:
+    """A plain loop over the same task function, with the same retry rule as the Dask executor."""
+
+    name = "serial"
+
+    def __init__(self, retries: int = 0):
+        self.retries = max(0, int(retries))
+
+    def run(self, fn: Callable[[Any], Any], items: Iterable[Any],
+            key: Callable[[Any], str] | None = None) -> Iterator[Outcome]:
+        for item in items:
+            for attempt in range(self.retries + 1):
+                try:
+                    value = fn(item)
+                except Exception as exc:
+                    if attempt == self.retries:
+                        log.debug("task %s failed: %s", key(item) if key else "", traceback.format_exc())
+                        yield Outcome(item, None, error_reason(exc))
+                    continue
+                yield Outcome(item, value)
+                break
+
+
+def as_executor(executor: Any = None, retries: int = 2, window: int = 0) -> Executor:
+    """``executor`` itself when it is one; a Dask client becomes a Dask executor; None runs serially here."""
+    if executor is None:
+        return SerialExecutor(retries)
+    if hasattr(executor, "submit") and hasattr(executor, "nthreads"):  # a distributed.Client
+        from .orchestrate import DaskExecutor
+
+        return DaskExecutor(executor, window=window, retries=retries)
+    if hasattr(executor, "run") and hasattr(executor, "name"):
+        return executor
+    raise TypeError(f"not an executor or a Dask client: {type(executor).__name__}")
