@@ -16,25 +16,21 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-import numpy as np  # noqa: E402
-import SimpleITK as sitk  # noqa: E402
+import numpy as np
+import SimpleITK as sitk
 
-from mrict_dask import store  # noqa: E402
-from mrict_dask.config import Config  # noqa: E402
-from mrict_dask.loader import SlicePairs  # noqa: E402
-from mrict_dask.template import load_template  # noqa: E402
-from mrict_dask.types import QA_KEYS, PairResult, PairSpec  # noqa: E402
+from mrict_dask import store
+from mrict_dask.config import Config
+from mrict_dask.loader import SlicePairs
+from mrict_dask.template import load_template
+from mrict_dask.types import QA_KEYS, PairResult, PairSpec
 
 WINDOW = (-1024.0, 3071.0)
 
@@ -100,7 +96,7 @@ def synth_pair(template, index: int, seed: int = 0) -> PairResult:
     slice_ok = (brain & valid).sum(axis=(1, 2)) > 0.05 * brain.shape[1] * brain.shape[2]
     return PairResult(pair_id=f"P{index:016x}-bench", status="ok", mr=mr_n, ct=ct_n, valid=valid, slice_ok=slice_ok,
                       mr_lo=float(lo), mr_hi=float(hi), ct_lo=WINDOW[0], ct_hi=WINDOW[1],
-                      mr_affine=np.eye(4), ct_affine=np.eye(4), qa={k: 0.0 for k in QA_KEYS})
+                      mr_affine=np.eye(4), ct_affine=np.eye(4), qa=dict.fromkeys(QA_KEYS, 0.0))
 
 
 def _ct_quantization_gain(ct_npy: str) -> tuple[float, float]:
@@ -124,30 +120,6 @@ def _du(path: str) -> int:
     for d, _, files in os.walk(path):
         total += sum(os.path.getsize(os.path.join(d, f)) for f in files)
     return total
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_moto():
-    exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
-    port = _free_port()
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            return proc, endpoint
-        except Exception:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.1)
 
 
 def _rate(fn, picks) -> tuple[float, float]:
@@ -218,17 +190,18 @@ def main() -> None:
     t_load = time.perf_counter() - t0
     rows.append((f".npy, np.load() whole (+{t_load:.1f} s load, {npy_bytes / 2**30:.2f} GiB RAM)",
                  _rate(lambda p, zz: (full_mr[p, zz].copy(), full_ct[p, zz].copy()), picks), args.reads))
-    del full_mr, full_ct
+    full_mr = full_ct = None  # free the RAM copies before the S3 rows
     # bit-exact spot check against the .npy
     for p, zz in picks[:50]:
         a, b = sp[pos[(p, zz)]]
         assert a.tobytes() == mm_mr[p, zz].tobytes() and b.tobytes() == mm_ct[p, zz].tobytes()
 
-    moto, endpoint = _start_moto()
-    try:
+    from mrict_dask.testing import moto_server, s3_options
+
+    with moto_server() as endpoint:
         import s3fs
 
-        so = {"endpoint_url": endpoint, "key": "bench", "secret": "bench"}
+        so = s3_options(endpoint)
         fs = s3fs.S3FileSystem(**so)
         fs.mkdir("bench")
         t0 = time.perf_counter()
@@ -259,9 +232,6 @@ def main() -> None:
         fs.cat_file("bench/mr.npy")
         fs.cat_file("bench/ct.npy")
         t_dl = time.perf_counter() - t0
-    finally:
-        moto.terminate()
-        moto.wait(10)
 
     print()
     print(f"{'reader':<62}{'pairs/s wall':>13}{'pairs/CPU-s':>13}{'reads':>7}")

@@ -15,14 +15,11 @@ the same (2-core) machine: it competes with the workers for CPU, so S3 numbers h
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 
 
 def _plain_loop(files: list[tuple[str, int]]) -> tuple[float, int]:
@@ -38,46 +35,21 @@ def _plain_loop(files: list[tuple[str, int]]) -> tuple[float, int]:
     return time.perf_counter() - t, errors
 
 
+@contextlib.contextmanager
 def _cluster(workers: int):
-    from distributed import Client, LocalCluster
+    from mrict_dask.orchestrate import client_for
 
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           memory_limit="4GiB")
-    client = Client(cluster)
-    client.run(lambda: __import__("mrict_dask.scan") and __import__("pydicom"))  # imports are not scan time
-    return cluster, client
+    with client_for(workers=workers, memory_limit="4GiB") as client:
+        client.run(lambda: __import__("mrict_dask.scan") and __import__("pydicom"))  # imports are not scan time
+        yield client
 
 
 def _timed_scan(url: str, so: dict | None, client, batch_size: int) -> tuple[float, object]:
     from mrict_dask.scan import scan
 
     t = time.perf_counter()
-    df = scan(url, storage_options=so, client=client, batch_size=batch_size)
+    df = scan(url, storage_options=so, executor=client, batch_size=batch_size)
     return time.perf_counter() - t, df
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_moto() -> tuple[subprocess.Popen, str]:
-    exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
-    port = _free_port()
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            return proc, endpoint
-        except Exception:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.2)
 
 
 def main() -> None:
@@ -120,19 +92,15 @@ def main() -> None:
     print(f"load average at start: {os.getloadavg()[0]:.1f}")
     _plain_loop(files[: min(n, 200)])  # warm the page cache and imports alike for every row
     best = {"plain": float("inf"), "serial": float("inf"), 1: float("inf"), 2: float("inf")}
-    clusters = {w: _cluster(w) for w in (1, 2)}
-    try:
+    with contextlib.ExitStack() as stack:
+        clients = {w: stack.enter_context(_cluster(w)) for w in (1, 2)}
         for _ in range(max(1, args.repeat)):  # interleaved, so a burst of load on the machine hits all rows
             plain_s, plain_err = _plain_loop(files)
             best["plain"] = min(best["plain"], plain_s)
             best["serial"] = min(best["serial"], _timed_scan(corpus, None, None, args.batch_size)[0])
             for w in (1, 2):
-                secs, df = _timed_scan(corpus, None, clusters[w][1], args.batch_size)
+                secs, df = _timed_scan(corpus, None, clients[w], args.batch_size)
                 best[w] = min(best[w], secs)
-    finally:
-        for cluster, client in clusters.values():
-            client.close()
-            cluster.close()
     n_err = int((df["read_error"] != "").sum())
     plain_s = best["plain"]
     local_times = {1: best[1], 2: best[2]}
@@ -146,9 +114,10 @@ def main() -> None:
     if not args.no_s3:
         import s3fs
 
-        proc, endpoint = _start_moto()
-        try:
-            so = {"endpoint_url": endpoint, "key": "bench", "secret": "bench"}
+        from mrict_dask.testing import moto_server, s3_options
+
+        with moto_server() as endpoint:
+            so = s3_options(endpoint)
             fs = s3fs.S3FileSystem(skip_instance_cache=True, **so)
             fs.mkdir("bench")
             t = time.perf_counter()
@@ -164,25 +133,18 @@ def main() -> None:
             rows.append(("S3 (moto), raw 4 KiB GETs only", "1 proc", time.perf_counter() - t,
                          "(endpoint ceiling, no parsing)"))
             for w in (1, 2):
-                cluster, client = _cluster(w)
-                try:
+                with _cluster(w) as client:
                     secs, df = _timed_scan(url, so, client, args.batch_size)
-                finally:
-                    client.close()
-                    cluster.close()
                 s3_times[w] = secs
                 fetched = int(df.attrs.get("bytes_read", 0))
                 s3_share = fetched / total
                 rows.append(("S3 (moto), scan LocalCluster", w, secs,
                              f"{fetched / 2**20:.1f} MiB = {100 * s3_share:.2f} % of corpus"))
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
     print(f"{'source / method':32} {'workers':>8} {'seconds':>8} {'files/s':>8} {'vs plain':>8}  bytes fetched")
     for name, w, secs, note in rows:
-        print(f"{name:32} {str(w):>8} {secs:8.1f} {n / secs:8.0f} {plain_s / secs:7.2f}x  {note}")
+        print(f"{name:32} {w!s:>8} {secs:8.1f} {n / secs:8.0f} {plain_s / secs:7.2f}x  {note}")
     print(f"\n(plain loop: {plain_err} files pydicom could not read; scan: {n_err} files with a read_error)")
 
     print("\ntargets:")

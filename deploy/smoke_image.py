@@ -14,26 +14,19 @@ Exit 0 when the run ends with a store and a report in S3.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET_VALUES = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}  # moto accepts any
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _render(image: str, endpoint: str, limit: int) -> dict:
@@ -93,18 +86,14 @@ def main() -> int:
 
     from dask_kubernetes.operator.controller import controller as op
 
-    s3_port, sched_port = _free_port(), 8786
-    endpoint = f"http://127.0.0.1:{s3_port}"
-    moto = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(s3_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from mrict_dask.testing import moto_server
+
+    sched_port = 8786
     containers: list[str] = []
-    try:
-        for _ in range(50):
-            try:
-                urllib.request.urlopen(endpoint, timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
+    with contextlib.ExitStack() as stack:
+        endpoint = stack.enter_context(moto_server())
+        stack.callback(lambda: [subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
+                                for cid in containers])
         host_env = {**os.environ, **SECRET_VALUES, "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
         os.environ.update({k: v for k, v in host_env.items() if k.startswith("AWS_")})
         import s3fs
@@ -150,10 +139,6 @@ def main() -> int:
         status = [str(s) for s in xr.open_zarr("s3://smoke-out/store.zarr")["status"].values]
         print(f"pair status in the store: {status}  report: {have_report}")
         return 0 if code == 0 and have_report and status and all(s == "ok" for s in status) else 1
-    finally:
-        for cid in containers:
-            subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
-        moto.terminate()
 
 
 if __name__ == "__main__":

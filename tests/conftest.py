@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 
 import pytest
@@ -102,12 +98,6 @@ def one_patient(corpus, tmp_path_factory):
 
 
 # --------------------------------------------------------------------------------------------- [s3]
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class S3:
     endpoint: str
@@ -126,34 +116,21 @@ class S3:
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 endpoint on 127.0.0.1: moto's standalone server as a subprocess."""
-    exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable), "moto_server")
-    port = _free_port()
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/", timeout=1)
-            break
-        except Exception:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.1)
-    yield endpoint
-    proc.terminate()
-    proc.wait(10)
+    from mrict_dask.testing import moto_server
+
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
 def s3(s3_endpoint, monkeypatch) -> S3:
     """A fresh, empty bucket on the local S3 endpoint (the server is reset for each test)."""
-    req = urllib.request.Request(s3_endpoint + "/moto-api/reset", method="POST")
-    urllib.request.urlopen(req, timeout=10)
+    from mrict_dask.testing import reset_moto, s3_options
+
+    reset_moto(s3_endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    so = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
+    so = s3_options(s3_endpoint)
     s = S3(endpoint=s3_endpoint, bucket="mrict-test", storage_options=so)
     s.fs().mkdir("mrict-test")
     return s
@@ -164,6 +141,20 @@ def upload_tree(local_dir: str, s3: S3, prefix: str) -> str:
     fs = s3.fs()
     fs.put(local_dir.rstrip("/") + "/", s3.url(prefix) + "/", recursive=True)
     return s3.url(prefix)
+
+
+# --------------------------------------------------------------------------------------------- [summary]
+# Counters that the fuzz and storage-fault modules fill as they run (each test asserts that nothing was lost):
+# printed once at the end of the session, so the trust figures in the README come from a real run.
+_COUNTERS = (("tests.test_fuzz", "COUNTS", "fuzz cases tried"),
+             ("tests.test_storage_faults", "TOTAL", "storage faults injected"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    for module, name, label in _COUNTERS:
+        counts = getattr(sys.modules.get(module), name, None)
+        if counts:
+            terminalreporter.write_line(f"{label}: {sum(counts.values())} ({dict(sorted(counts.items()))})")
 
 
 # --------------------------------------------------------------------------------------------- [dask]

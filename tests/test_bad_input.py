@@ -17,8 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from mrict_dask.cli import main
-
-from .conftest import _free_port
+from mrict_dask.testing import free_port as _free_port
 
 
 def clear_error(res, *needles: str) -> str:
@@ -241,3 +240,46 @@ def test_real_process_prints_one_line_and_exits_non_zero(case, junk, tmp_path):
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+
+
+# --------------------------------------------------------------------------------------------- every command
+def _sweep_cases(tmp_path, junk) -> list[tuple[list[str], tuple[str, ...]]]:
+    """(command line, words the one error line must hold) for bad URLs, schedulers, catalogs and counts."""
+    not_parquet = tmp_path / "catalog.parquet"
+    not_parquet.write_text("url,series_uid\nnot,parquet\n")
+    dead = f"tcp://127.0.0.1:{_free_port()}"
+    out = str(tmp_path / "o.zarr")
+    cases: list[tuple[list[str], tuple[str, ...]]] = []
+    for command in (["scan", "{url}", "--out", str(tmp_path / "c.parquet")], ["run", "{url}", out],
+                    ["export-series", "{url}", "--all", str(tmp_path / "x")], ["plan", "{url}", "--out", "p.json"],
+                    ["inspect", "{url}"], ["verify", "{url}"], ["synth", "{url}"]):
+        args = [a.replace("{url}", "foo://bucket/data") for a in command]
+        cases.append((args, ("foo://",)))
+    cases += [
+        (["scan", junk, "--out", str(tmp_path / "c.parquet"), "--scheduler", dead], ("scheduler", dead)),
+        (["run", junk, out, "--scheduler", dead], ("scheduler", dead)),
+        (["plan", str(not_parquet), "--out", str(tmp_path / "p.json")], ("not a readable Parquet catalog",)),
+        (["plan", str(tmp_path), "--out", str(tmp_path / "p.json")], ("folder",)),
+        (["export-series", junk, "--all", str(tmp_path / "x"), "--catalog", str(not_parquet)], ("Parquet",)),
+        (["run", junk, out, "--workers", "0"], ("--workers", "0")),
+        (["scan", junk, "--out", str(tmp_path / "c.parquet"), "--workers", "-1"], ("--workers",)),
+        (["scan", junk, "--out", str(tmp_path / "c.parquet"), "--batch-size", "0"], ("--batch-size",)),
+        (["run", junk, out, "--threads-per-worker", "0"], ("--threads-per-worker",)),
+        (["synth", str(tmp_path / "s"), "--patients", "0"], ("--patients",)),
+        (["demo", "--dir", str(tmp_path / "d"), "--workers", "0"], ("--workers",)),
+        (["run", "dicomweb+http://127.0.0.1:1/dicom-web", out, "--work", "dicomweb+http://127.0.0.1:1/w"],
+         ("DICOMweb",)),
+    ]
+    return cases
+
+
+def test_every_command_refuses_bad_urls_schedulers_catalogs_and_counts_in_one_line(junk, tmp_path, monkeypatch):
+    import mrict_dask.orchestrate as orchestrate
+
+    monkeypatch.setattr(orchestrate, "SCHEDULER_TIMEOUT_S", 2)  # a dead address: do not wait the default
+    seen = set()
+    for args, needles in _sweep_cases(tmp_path, junk):
+        line = clear_error(invoke(*args), *needles)
+        seen.add(args[0])
+        assert "foo://" not in line or "unknown URL scheme" in line, line
+    assert seen == {"scan", "run", "export-series", "plan", "inspect", "verify", "synth", "demo"}

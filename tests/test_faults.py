@@ -14,8 +14,7 @@ import pytest
 
 from mrict_dask.config import Config, GridConfig
 from mrict_dask.orchestrate import run_pipeline
-
-from .conftest import _free_port
+from mrict_dask.testing import free_port as _free_port
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +93,7 @@ def test_worker_killed_mid_run_loses_nothing(corpus, tmp_path):
         t = threading.Thread(target=killer, daemon=True)
         t.start()
         with Client(cluster.address, set_as_default=False) as client:
-            summary = run_pipeline(corpus.url, out, config=FAST, client=client, pseudonym_key="k")
+            summary = run_pipeline(corpus.url, out, config=FAST, executor=client, pseudonym_key="k")
         t.join(5)
         assert killed.is_set()
         markers = completed_pairs(out)
