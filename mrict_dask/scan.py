@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .catalog import catalog_frame, catalog_table, empty_row, write_catalog
+from .catalog import SCAN_TASK_FAILED, bytes_read, catalog_frame, catalog_table, empty_row, write_catalog
 from .dicom_header import read_headers, unreadable
 from .errors import InputError
 from .io import Location, redact
@@ -78,6 +78,11 @@ def scan_batch(items: list[tuple[str, int]], storage_options: dict | None):
     return catalog_table(read_headers(items, fs))
 
 
+def _scan_numbered(numbered: tuple[int, list[tuple[str, int]]], storage_options: dict | None):
+    """:func:`scan_batch` of a batch given with its position in the listing (the executor's item)."""
+    return scan_batch(numbered[1], storage_options)
+
+
 def scan(url: str | Location, storage_options: dict | None = None, executor: Any = None,
          batch_size: int = 256, progress: bool = False):
     """Catalog DataFrame of every file under ``url`` (one row per file, sorted by URL).
@@ -100,49 +105,58 @@ def scan_table(url: str | Location, storage_options: dict | None = None, executo
     loc = Location.of(url, storage_options)
     items = list_files(loc)
     batch_size = max(1, int(batch_size))
-    batches = (items[i:i + batch_size] for i in range(0, len(items), batch_size))
+    batches = ((i, items[i:i + batch_size]) for i in range(0, len(items), batch_size))
     ex = as_executor(executor, retries=2)
     log.info("scan %s: %d files in batches of %d on the %s executor (storage options %s)", loc.url, len(items),
              batch_size, ex.name, redact(loc.storage_options))
-    task = functools.partial(scan_batch, storage_options=loc.storage_options)
-    tables = []
+    task = functools.partial(_scan_numbered, storage_options=loc.storage_options)
+    tables: dict[int, Any] = {}
     with Progress("scan", len(items), progress, unit="files") as bar:
-        for outcome in ex.run(task, batches, key=lambda b: f"scan-batch-{b[0][0]}"):
+        for outcome in ex.run(task, batches, key=lambda b: f"scan-batch-{b[0]}"):
+            start, batch = outcome.item
             if outcome.ok:
-                tables.append(outcome.value)
+                tables[start] = outcome.value
             else:  # the task itself failed (worker lost repeatedly, or a bug): its files still get rows
-                tables.append(catalog_table(_lost_rows(outcome.item, "unreadable: scan task failed: " + outcome.error)))
-            bar.advance(len(outcome.item))
+                tables[start] = catalog_table(_lost_rows(batch, f"{SCAN_TASK_FAILED}: {outcome.error}"))
+            bar.advance(len(batch))
     del items
-    return concat_tables(tables)
+    # the batches are consecutive runs of the sorted listing: in batch order, the rows are in URL order
+    return concat_tables([tables.pop(start) for start in sorted(tables)], sort=False)
 
 
 @dataclass
 class ScanSummary:
-    catalog: Any  # pandas.DataFrame
+    catalog: Any  # the catalog as an Arrow table
     seconds: float
     out: str | None = None
     bytes_read: int = field(default=0)
 
     def describe(self) -> str:
         """Counts only: no PatientIDs, names, UIDs or file names (those stay in the private catalog)."""
-        df = self.catalog
-        n = len(df)
-        total = int(df["size"].fillna(0).sum()) if n else 0
-        ok = df[df["read_error"] == ""]
+        import pyarrow.compute as pc
+
+        t = self.catalog
+        n = t.num_rows
+        total = int(pc.sum(t.column("size")).as_py() or 0) if n else 0
+        errors = t.column("read_error").cast("string")
+        ok = t.select(["series_uid", "study_uid", "patient_id"]).filter(pc.equal(errors, ""))
         rate = n / self.seconds if self.seconds > 0 else float("nan")
         lines = [f"scanned {n:,} files ({_human(total)}) in {self.seconds:.1f} s ({rate:,.0f} files/s)"]
         if self.bytes_read and total:
             share = 100 * self.bytes_read / total
             lines.append(f"  header bytes read: {_human(self.bytes_read)} ({share:.1f} % of the files)")
-        lines.append(f"  readable DICOM objects: {len(ok):,} in {ok['series_uid'].nunique():,} series, "
-                     f"{ok['study_uid'].nunique():,} studies, {ok['patient_id'].nunique():,} patients")
-        bad = df[df["read_error"] != ""]
+
+        def distinct(col: str) -> int:
+            return int(pc.count_distinct(ok.column(col).cast("string")).as_py())
+
+        lines.append(f"  readable DICOM objects: {ok.num_rows:,} in {distinct('series_uid'):,} series, "
+                     f"{distinct('study_uid'):,} studies, {distinct('patient_id'):,} patients")
+        bad = errors.filter(pc.not_equal(errors, "")).cast("string")
         if len(bad):
-            kinds = bad["read_error"].map(lambda r: r.split(":")[0].strip()).value_counts()
+            kinds = pc.value_counts(pc.utf8_trim_whitespace(pc.replace_substring_regex(bad, r"(?s):.*", "")))
             lines.append(f"  not catalogued as images: {len(bad):,} files")
-            for kind, count in kinds.items():
-                lines.append(f"    {kind}: {count:,}")
+            for item in sorted(kinds.to_pylist(), key=lambda d: (-d["counts"], d["values"])):
+                lines.append(f"    {item['values']}: {item['counts']:,}")
         else:
             lines.append("  no read errors")
         if self.out:
@@ -174,7 +188,5 @@ def scan_to_parquet(url: str | Location, out: str | Location, storage_options: d
             dest = Location(out, src.storage_options)
     table = scan_table(src, executor=executor, batch_size=batch_size, progress=progress)
     write_catalog(table, dest)
-    df = catalog_frame(table)
-    del table
     seconds = time.perf_counter() - t0
-    return ScanSummary(catalog=df, seconds=seconds, out=dest.url, bytes_read=int(df.attrs.get("bytes_read", 0)))
+    return ScanSummary(catalog=table, seconds=seconds, out=dest.url, bytes_read=bytes_read(table))

@@ -508,8 +508,8 @@ def test_parquet_catalog_and_summary(written, tmp_path):
     table = pq.read_table(out)
     assert tuple(table.column_names) == CATALOG_COLUMNS
     back = table.to_pandas()
-    assert len(back) == len(summary.catalog)
-    assert list(back["url"]) == list(summary.catalog["url"])
+    assert len(back) == summary.catalog.num_rows
+    assert list(back["url"]) == summary.catalog.column("url").to_pylist()
     enhanced = back[back["url"].str.endswith("enhanced/mf")].iloc[0]
     assert len(enhanced["frame_positions"]) == 4
     text = summary.describe()
