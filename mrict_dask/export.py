@@ -7,11 +7,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .errors import VolumeError
 from .io import Location
 from .progress import Progress
-from .stacks import stacks_from_catalog
-from .values import text
+from .stacks import CatalogStacks
 from .volume import plan_config, read_volume
 
 
@@ -62,13 +63,14 @@ def _write_image(img: Any, target: Location) -> None:
 
 
 def _load_catalog(source: Location, catalog: str | None, progress: bool) -> Any:
+    """The catalog as an Arrow table: the given Parquet file, or a scan of the input."""
     if catalog:
-        from .catalog import read_catalog
+        from .catalog import read_catalog_table
 
-        return read_catalog(Location.of(catalog, source.storage_options))
-    from .scan import scan
+        return read_catalog_table(Location.of(catalog, source.storage_options))
+    from .scan import scan_table
 
-    return scan(source, progress=progress)
+    return scan_table(source, progress=progress)
 
 
 def export_series_command(input_url: str, series_uid: str | None = None, out: str | None = None,
@@ -89,21 +91,16 @@ def export_series_command(input_url: str, series_uid: str | None = None, out: st
         raise ConfigError("give a series UID and an output file, or an output folder for every usable series")
     cfg = plan_config(config)
     source = Location.of(input_url, storage_options)
-    cat = _load_catalog(source, catalog, progress)
-    summary = ExportSummary()
-    if "read_error" in cat.columns:
-        summary.files_with_errors = int(cat["read_error"].map(lambda x: bool(text(x))).sum())
-    if series_uid:
-        cat = cat[cat["series_uid"].map(text) == series_uid]
-        if len(cat) == 0:
-            from .errors import InputError
+    catalog_stacks = CatalogStacks(_load_catalog(source, catalog, progress), cfg)
+    summary = ExportSummary(files_with_errors=int((catalog_stacks.c["read_error"].codes >= 0).sum()))
+    uids = catalog_stacks.c["series_uid"]
+    if series_uid and series_uid not in uids.values:
+        from .errors import InputError
 
-            raise InputError("no file of the requested series was found under the input")
-    cat = cat[cat["series_uid"].map(lambda x: bool(text(x)))]
-    groups = list(cat.groupby("series_uid", sort=True))
-    bar = Progress("export", len(groups), progress, unit="series", transient=True)
-    for uid, rows in groups:
-        stacks = stacks_from_catalog(rows, cfg)
+        raise InputError("no file of the requested series was found under the input")
+    n_series = 1 if series_uid else len(np.unique(uids.codes[uids.codes >= 0]))
+    bar = Progress("export", n_series, progress, unit="series", transient=True)
+    for uid, stacks in catalog_stacks.series(only=series_uid):
         usable = [s for s in stacks if s.usable]
         for st in stacks:
             if not st.usable:

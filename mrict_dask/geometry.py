@@ -62,15 +62,18 @@ def unit_axes(iop: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     v = np.asarray(iop, dtype=float).reshape(-1)
     if v.size != 6 or not np.all(np.isfinite(v)):
         raise Refusal("missing or malformed ImageOrientationPatient")
-    r, c = v[:3], v[3:]
-    nr, nc = np.linalg.norm(r), np.linalg.norm(c)
+    (r0, r1, r2), (c0, c1, c2) = v[:3].tolist(), v[3:].tolist()  # plain floats: called once per stack
+    nr, nc = math.sqrt(r0 * r0 + r1 * r1 + r2 * r2), math.sqrt(c0 * c0 + c1 * c1 + c2 * c2)
     # vendors write 5-6 significant digits; 1e-3 off unit length is still clearly a direction cosine
-    if abs(nr - 1) > 1e-3 or abs(nc - 1) > 1e-3 or abs(float(r @ c)) > 1e-3:
+    if abs(nr - 1) > 1e-3 or abs(nc - 1) > 1e-3 or abs(r0 * c0 + r1 * c1 + r2 * c2) > 1e-3:
         raise Refusal("ImageOrientationPatient is not two orthogonal unit vectors")
-    r = r / nr
-    c = c - (c @ r) * r  # remove the rounding residue so the direction matrix is orthonormal
-    c = c / np.linalg.norm(c)
-    return r, c, np.cross(r, c)
+    r0, r1, r2 = r0 / nr, r1 / nr, r2 / nr
+    d = c0 * r0 + c1 * r1 + c2 * r2  # remove the rounding residue so the direction matrix is orthonormal
+    c0, c1, c2 = c0 - d * r0, c1 - d * r1, c2 - d * r2
+    nc = math.sqrt(c0 * c0 + c1 * c1 + c2 * c2)
+    c0, c1, c2 = c0 / nc, c1 / nc, c2 / nc
+    return (np.array([r0, r1, r2]), np.array([c0, c1, c2]),
+            np.array([r1 * c2 - r2 * c1, r2 * c0 - r0 * c2, r0 * c1 - r1 * c0]))
 
 
 def stack_geometry(positions: np.ndarray, iop: Sequence[float], pixel_spacing: Sequence[float],
@@ -114,9 +117,8 @@ def stack_geometry(positions: np.ndarray, iop: Sequence[float], pixel_spacing: S
     # in-plane coordinates of each slice origin; a regular stack has them on a straight line in t
     u, v = pos @ r, pos @ c
     tc = t - t[0]
-    A = np.stack([np.ones_like(tc), tc], axis=1)
-    (u0, a), res_u = np.linalg.lstsq(A, u, rcond=None)[:2]
-    (v0, b), res_v = np.linalg.lstsq(A, v, rcond=None)[:2]
+    u0, a = _line_fit(tc, u)
+    v0, b = _line_fit(tc, v)
     dev_u = np.abs(u - (u0 + a * tc)).max() / dx
     dev_v = np.abs(v - (v0 + b * tc)).max() / dy
     if max(dev_u, dev_v) > COLLINEAR_TOL_PX:
@@ -142,6 +144,14 @@ def stack_geometry(positions: np.ndarray, iop: Sequence[float], pixel_spacing: S
                     origin=tuple(float(x) for x in origin), direction=direction, tilt_deg=tilt_deg,
                     shear=(float(a), float(b)))
     return geom, order
+
+
+def _line_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of y on x (x not all equal)."""
+    mx, my = float(x.mean()), float(y.mean())
+    dx = x - mx
+    slope = float(dx @ (y - my)) / float(dx @ dx)
+    return my - slope * mx, slope
 
 
 def unique_positions(t: np.ndarray) -> np.ndarray:

@@ -255,27 +255,28 @@ def execute_pairs(executor: Executor, pairs: Iterable[PairSpec], total: int, con
 
 
 def _load_or_scan(source: Location, work: Location, executor: Executor | None, config: Config,
-                  progress: bool) -> Any:
-    """The catalog: reused from the work area on a resume (the plan must not change under a store)."""
-    from .catalog import STORAGE_ERROR, read_catalog, write_catalog
+                  progress: bool) -> Location:
+    """Where the catalog is: reused from the work area on a resume (the plan must not change under a store), or
+    scanned and written there (the planner then reads it back column by column)."""
+    from .catalog import lost_to_storage, write_catalog
     from .errors import InputError
-    from .scan import scan
+    from .scan import scan_table
 
     where = work.join("catalog.parquet")
     if where.exists():
         log.info("reusing the catalog in the work area (delete it to rescan)")
-        return read_catalog(where)
-    catalog = scan(source, executor=executor, batch_size=config.run.scan_batch, progress=progress)
+        return where
+    catalog = scan_table(source, executor=executor, batch_size=config.run.scan_batch, progress=progress)
     # The plan (and so the store) is made from this catalog and it is reused on resume: a file that only
     # failed to download must not be frozen into it as unreadable (its pair would be lost for good).
-    lost = catalog["read_error"].str.startswith((STORAGE_ERROR, "unreadable: scan task failed"))
-    if lost.any():
-        kinds = sorted({":".join(r.split(":")[:3]) for r in catalog.loc[lost, "read_error"]})  # no file names (PHI)
-        raise InputError(f"{int(lost.sum())} of {len(catalog)} files could not be read from storage after retries "
+    lost = lost_to_storage(catalog)
+    if lost:
+        kinds = sorted({":".join(r.split(":")[:3]) for r in lost})  # no file names (PHI)
+        raise InputError(f"{len(lost)} of {catalog.num_rows} files could not be read from storage after retries "
                          f"({'; '.join(kinds)[:200]}); no catalog, plan or store was written: re-run when the "
                          "storage answers again")
     write_catalog(catalog, where)
-    return catalog
+    return where
 
 
 @dataclass(frozen=True)

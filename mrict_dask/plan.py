@@ -14,16 +14,15 @@ import logging
 import math
 import re
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 from .config import Config, PlanConfig
 from .pseudonym import keyed_fraction, pseudonym, short_hash
-from .stacks import Stack, file_problem, stacks_from_catalog
+from .stacks import CatalogStacks, Stack
 from .types import PairSpec
-from .values import text
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +68,15 @@ class Plan:
     def to_json(self) -> str:
         data = {
             "format": "mrict-dask plan v1 (private: holds file URLs, UIDs and the PatientID map)",
-            "pairs": [asdict(p) for p in self.pairs],
+            "pairs": [{f.name: getattr(p, f.name) for f in fields(PairSpec)} for p in self.pairs],
             "exclusions": self.exclusions,
             "series": self.series,
             "files_with_errors": self.files_with_errors,
             "patients": self.patients,
             "config": self.config,
         }
-        return json.dumps(data, indent=1, sort_keys=False, default=_json_default)
+        # compact: at 100x the seed the plan lists millions of file URLs
+        return json.dumps(data, separators=(",", ":"), default=_json_default)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -270,33 +270,27 @@ def split_of(key: bytes, patient_id: str, ratios: tuple[float, float, float]) ->
 
 
 def make_plan(catalog: Any, config: Config | PlanConfig | None = None, key: bytes = b"") -> Plan:
-    """Build the plan from a catalog DataFrame (one row per file, the scan's columns)."""
+    """Build the plan from a catalog (Arrow table, DataFrame or list of rows with the scan's columns).
+
+    Works on the catalog's columns (:class:`~mrict_dask.stacks.CatalogStacks`): Python objects exist per stack,
+    series and patient, never per file.
+    """
     cfg = getattr(config, "plan", config) or PlanConfig()
     plan = Plan(config=asdict(cfg))
-    recs = catalog.to_dict("records") if hasattr(catalog, "to_dict") else [dict(r) for r in catalog]
-
-    by_series: dict[str, list[dict]] = defaultdict(list)
-    patients_seen: set[str] = set()
-    for r in recs:
-        problem = file_problem(r)
-        series = text(r.get("series_uid"))
-        if problem:
-            plan.files_with_errors.append({"url": str(r.get("url")), "reason": problem})
-        elif not series:
-            plan.files_with_errors.append({"url": str(r.get("url")), "reason": "no SeriesInstanceUID"})
-            continue
-        if series:  # rows with problems go along: a stack missing a file must know it
-            by_series[series].append(r)
-        if text(r.get("patient_id")):
-            patients_seen.add(text(r.get("patient_id")))
+    cs = CatalogStacks(catalog, cfg)
+    c = cs.c
+    for i in cs.rows_with_problems().tolist():
+        problem = cs.problems.text(i)
+        plan.files_with_errors.append({"url": c.url(i), "reason": problem or "no SeriesInstanceUID"})
 
     stacks_by_patient: dict[str, list[Stack]] = defaultdict(list)
-    for series in sorted(by_series):
-        for st in stacks_from_catalog(by_series[series], cfg):
+    for _, stacks in cs.series():
+        for st in stacks:
             stacks_by_patient[st.info.get("patient_id", "")].append(st)
     # patients known only through unreadable files still count (as having no usable series)
-    for pid in patients_seen:
-        stacks_by_patient.setdefault(pid, [])
+    patients = c["patient_id"]
+    for code in np.unique(patients.codes[patients.codes >= 0]).tolist():
+        stacks_by_patient.setdefault(patients.values[code], [])
 
     pairs: list[dict] = []
     for pid in sorted(stacks_by_patient):
@@ -310,6 +304,22 @@ def make_plan(catalog: Any, config: Config | PlanConfig | None = None, key: byte
     return plan
 
 
+@dataclass
+class _Option:
+    """A possible MR/CT pair of one patient: the chosen series of an MR study and of a CT study."""
+
+    mr: _Candidate
+    ct: _Candidate
+    mr_study: str
+    ct_study: str
+    days: int  # CT study date minus MR study date
+
+    @property
+    def order(self) -> tuple:
+        """Closest in time first; then the better-ranked series; then study UIDs (deterministic)."""
+        return (abs(self.days), self.mr.rank, self.ct.rank, self.mr_study, self.ct_study)
+
+
 def _plan_patient(plan: Plan, pid: str, pseud: str, stacks: list[Stack], cfg: PlanConfig,
                   key: bytes) -> list[dict]:
     studies: dict[str, dict[str, list[_Candidate]]] = defaultdict(lambda: {"MR": [], "CT": []})
@@ -319,7 +329,7 @@ def _plan_patient(plan: Plan, pid: str, pseud: str, stacks: list[Stack], cfg: Pl
         info = st.info
         mod = info.get("modality", "")
         entry = {"patient": pseud, "modality": mod, "description": info.get("description", ""),
-                 "series_number": info.get("series_number"), "n_files": len(st.urls),
+                 "series_number": info.get("series_number"), "n_files": st.n_files,
                  "decision": "refused" if not st.usable else "not chosen", "reason": st.refused or "",
                  "notes": list(st.notes), "series_uid": st.series_uid, "stack": st.key,
                  "study_uid": info.get("study_uid", "")}
@@ -367,7 +377,7 @@ def _plan_patient(plan: Plan, pid: str, pseud: str, stacks: list[Stack], cfg: Pl
     if not chosen["CT"]:
         return exclude("no usable CT series: " + _brief(why_not["CT"]))
 
-    options = []
+    options: list[_Option] = []
     gaps = []
     for ms, mc in chosen["MR"].items():
         for cs, cc in chosen["CT"].items():
@@ -376,30 +386,27 @@ def _plan_patient(plan: Plan, pid: str, pseud: str, stacks: list[Stack], cfg: Pl
             days = (dates[cs] - dates[ms]).days
             gaps.append(abs(days))
             if abs(days) <= cfg.max_days:
-                options.append((abs(days), mc.rank, cc.rank, ms, cs, days, mc, cc))
+                options.append(_Option(mc, cc, ms, cs, days))
     if not options:
         if not gaps:
             return exclude("too far apart: study dates are missing, the gap cannot be measured")
         return exclude(f"too far apart: the closest MR and CT studies are {min(gaps)} days apart "
                        f"(at most {cfg.max_days} allowed)")
-    options.sort(key=lambda o: o[:5])
+    options.sort(key=lambda o: o.order)
     picked = options if cfg.pair_all else options[:1]
-    used = {id(o[6]) for o in picked} | {id(o[7]) for o in picked}
+    used = {id(o.mr) for o in picked} | {id(o.ct) for o in picked}
     for mod in ("MR", "CT"):
         for c in chosen[mod].values():
             if id(c) not in used:
                 c.entry.update(decision="not chosen",
                                reason=f"best {mod} series of its study, but another study pairs closer in time")
     split = split_of(key, pid, cfg.split_ratios)
-    out = []
-    for _, _, _, _, _, days, mc, cc in picked:
-        out.append({
-            "pair_id": f"{pseud}-{short_hash(key, mc.stack.series_uid, cc.stack.series_uid)}",
-            "patient": pseud, "split": split, "days_apart": int(days),
-            "mr_files": tuple(mc.stack.urls), "ct_files": tuple(cc.stack.urls),
-            "mr_series_uid": mc.stack.series_uid, "ct_series_uid": cc.stack.series_uid,
-        })
-    return out
+    return [{
+        "pair_id": f"{pseud}-{short_hash(key, o.mr.stack.series_uid, o.ct.stack.series_uid)}",
+        "patient": pseud, "split": split, "days_apart": int(o.days),
+        "mr_files": o.mr.stack.urls, "ct_files": o.ct.stack.urls,
+        "mr_series_uid": o.mr.stack.series_uid, "ct_series_uid": o.ct.stack.series_uid,
+    } for o in picked]
 
 
 def _brief(reasons: list[str], n: int = 3) -> str:
@@ -426,12 +433,12 @@ class PlanSummary:
 def plan_to_json(catalog_url: str, out_url: str, config: Config | None = None, pseudonym_key: str | None = None,
                  storage_options: dict | None = None) -> PlanSummary:
     """Read a catalog (Parquet, any fsspec URL), make the plan, write it as JSON beside it in the work area."""
-    from .catalog import read_catalog
+    from .columns import Columns
     from .io import Location
     from .pseudonym import resolve_key
 
     out = Location.of(out_url, storage_options)
-    catalog = read_catalog(Location.of(catalog_url, storage_options))
+    catalog = Columns.from_parquet(Location.of(catalog_url, storage_options))
     key, source = resolve_key(pseudonym_key, out.parent.url, storage_options)
     plan = make_plan(catalog, config or Config(), key)
     out.write_text(plan.to_json())

@@ -6,15 +6,15 @@ the actual files. Reasons name the series by its description and number, never b
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from .columns import Coded, Columns
 from .config import PlanConfig
 from .geometry import ORIENTATION_TOL, Geometry, Refusal, has_repeats, stack_geometry, unique_positions, unit_axes
-from .values import is_missing, is_number, number, text, vector
+from .values import is_missing, is_number, number, text
 
 # SOP classes whose instances are images we can stack (single-frame and enhanced multi-frame CT/MR).
 IMAGE_SOP_CLASSES = {
@@ -30,17 +30,26 @@ IMAGE_SOP_CLASSES = {
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 
 
-@dataclass
+@dataclass(eq=False)
 class Stack:
     """One geometric stack of a series: the unit that becomes one volume (or is refused with a reason)."""
 
     key: str  # private: the series UID, plus "#n" when the series splits into several stacks
     series_uid: str
-    urls: tuple[str, ...]  # in spatial order (ascending along the slice normal) when usable
+    rows: np.ndarray  # catalog rows, in spatial order (ascending along the slice normal) when usable
+    columns: Columns | None = field(default=None, repr=False)  # the catalog the rows index
     geometry: Geometry | None = None
     refused: str | None = None  # the reason, PHI-free; None when usable
     notes: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # header facts the selection rules use
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(self.columns.urls(self.rows)) if self.columns is not None else ()
+
+    @property
+    def n_files(self) -> int:
+        return len(self.rows)
 
     @property
     def usable(self) -> bool:
@@ -87,209 +96,6 @@ def non_volume_reason(image_type: Any, sop_class_uid: Any, rows: Any = None) -> 
     return None
 
 
-def _orientation_clusters(iops: list[np.ndarray | None]) -> list[int]:
-    reps: list[np.ndarray] = []
-    out = []
-    for v in iops:
-        if v is None:
-            out.append(-1)
-            continue
-        for i, rep in enumerate(reps):
-            if np.max(np.abs(rep - v)) <= ORIENTATION_TOL:
-                out.append(i)
-                break
-        else:
-            reps.append(v)
-            out.append(len(reps) - 1)
-    return out
-
-
-def _stack_info(rows: list[dict]) -> dict[str, Any]:
-    first = rows[0]
-
-    def most_common(name: str) -> Any:
-        vals = [text(r.get(name)) for r in rows if text(r.get(name))]
-        return Counter(vals).most_common(1)[0][0] if vals else None
-
-    iop = vector(first.get("image_orientation"), 6)
-    return {
-        "patient_id": text(first.get("patient_id")),
-        "study_uid": text(first.get("study_uid")),
-        "modality": text(first.get("modality")).upper(),
-        "description": text(first.get("series_description")),
-        "series_number": number(first.get("series_number")),
-        "image_type": most_common("image_type") or "",
-        "study_date": text(first.get("study_date")),
-        "series_date": text(first.get("series_date")),
-        "slice_thickness": number(first.get("slice_thickness")),
-        "convolution_kernel": most_common("convolution_kernel") or "",
-        "body_part": text(first.get("body_part")),
-        "echo_time": number(first.get("echo_time")),
-        "repetition_time": number(first.get("repetition_time")),
-        "inversion_time": number(first.get("inversion_time")),
-        "scanning_sequence": text(first.get("scanning_sequence")),
-        "sequence_variant": text(first.get("sequence_variant")),
-        "sequence_name": text(first.get("sequence_name")),
-        "mr_acquisition_type": text(first.get("mr_acquisition_type")),
-        "contrast_agent": text(first.get("contrast_agent")),
-        "n_files": len(rows),
-        "image_orientation": None if iop is None else [float(x) for x in iop],
-        "rows": number(first.get("rows")),
-        "columns": number(first.get("columns")),
-    }
-
-
-def _group_key(row: dict) -> tuple:
-    ps = vector(row.get("pixel_spacing"), 2)
-    et = number(row.get("echo_time"))
-    return (
-        int(number(row.get("rows")) or 0), int(number(row.get("columns")) or 0),
-        (round(float(ps[0]), 4), round(float(ps[1]), 4)) if ps is not None else None,
-        text(row.get("echo_numbers")), None if et is None else round(et, 2),
-        text(row.get("image_type")).upper(),
-    )
-
-
-def _records(rows: Any) -> list[dict]:
-    if isinstance(rows, list):
-        return [dict(r) for r in rows]
-    return rows.to_dict("records")
-
-
-def _frames(r: dict) -> int:
-    return int(number(r.get("number_of_frames")) or 1)
-
-
-def stacks_from_catalog(rows: Any, config: PlanConfig | None = None) -> list[Stack]:
-    """Split one series' catalog rows into geometric stacks, each usable (with geometry) or refused (with reason).
-
-    ``rows``: a DataFrame (or list of dicts) with the scan's columns, all of one SeriesInstanceUID.
-    Splits by orientation, matrix size/pixel spacing, echo and image type; by acquisition only when that
-    resolves repeated positions (CT acquisitions often split one contiguous stack, which stays whole). Drops
-    localizers, scouts, derived/secondary and non-image objects with reasons. Two files of one SOP instance
-    count once. A file with a read error is never used, and a stack it may belong to is refused rather than
-    assembled around the hole.
-    """
-    config = config or PlanConfig()
-    recs = [r for r in _records(rows) if not (not is_missing(r.get("is_dicomdir")) and bool(r.get("is_dicomdir")))]
-    if not recs:
-        return []
-    series_uid = text(recs[0].get("series_uid"))
-    problems = [file_problem(r) for r in recs]
-    bad = [(r, p) for r, p in zip(recs, problems) if p]
-    recs = sorted((r for r, p in zip(recs, problems) if not p), key=lambda r: str(r.get("url")))
-    out: list[Stack] = []
-
-    def new_stack(sub: list[dict], suffix: str, refused: str | None = None, notes: list[str] | None = None) -> Stack:
-        return Stack(key=series_uid + suffix, series_uid=series_uid, urls=tuple(str(r["url"]) for r in sub),
-                     refused=refused, notes=list(notes or []), info=_stack_info(sub))
-
-    # kinds of instance that never enter a volume
-    kept: list[dict] = []
-    never: dict[str, list[dict]] = {}
-    for r in recs:
-        why = non_volume_reason(r.get("image_type"), r.get("sop_class_uid"), r.get("rows"))
-        if why:
-            never.setdefault(why, []).append(r)
-        else:
-            kept.append(r)
-    for why in sorted(never):
-        out.append(new_stack(never[why], "", refused=why))
-
-    groups: list[tuple[str, list[dict]]] = []
-    for r in kept:
-        if _frames(r) > 1:
-            groups.append(("multi-frame object", [r]))
-    single = [r for r in kept if _frames(r) <= 1]
-    if single:
-        orient = _orientation_clusters([vector(r.get("image_orientation"), 6) for r in single])
-        parts: dict[tuple, list[dict]] = {}
-        for o, r in zip(orient, single):
-            parts.setdefault((o, _group_key(r)), []).append(r)
-        n_orient = len(set(orient))
-        for (o, _), sub in parts.items():
-            label = []
-            if n_orient > 1:
-                label.append(f"orientation {o + 1} of {n_orient}" if o >= 0 else "no orientation")
-            if len(parts) > n_orient:
-                label.append("echo/image type/matrix group")
-            groups.append((", ".join(label), sub))
-
-    # dedupe, split by acquisition when positions repeat, then geometry
-    final: list[tuple[list[dict], list[str], str | None]] = []
-    for label, sub in groups:
-        notes = [label] if label else []
-        seen: set[str] = set()
-        dedup = []
-        for r in sub:
-            sop = text(r.get("sop_instance_uid"))
-            if sop and sop in seen:
-                continue
-            seen.add(sop)
-            dedup.append(r)
-        if len(dedup) < len(sub):
-            notes.append(f"{len(sub) - len(dedup)} duplicate file(s) of one instance ignored")
-        sub = dedup  # noqa: PLW2901 - the deduplicated group replaces the group from here on
-        if len(sub) == 1 and _frames(sub[0]) > 1:
-            final.append((sub, notes, None))
-            continue
-        pos = [vector(r.get("image_position"), 3) for r in sub]
-        if any(p is None for p in pos):
-            final.append((sub, notes, "missing ImagePositionPatient"))
-            continue
-        try:
-            iop = vector(sub[0].get("image_orientation"), 6)
-            _, _, nrm = unit_axes(iop if iop is not None else [np.nan] * 6)
-        except Refusal as err:
-            final.append((sub, notes, str(err)))
-            continue
-        t = np.asarray(pos) @ nrm
-        if has_repeats(t):
-            acq = [text(r.get("acquisition_number")) for r in sub]
-            values = sorted(set(acq), key=_num_key)
-            if len(values) > 1 and not any(has_repeats(t[[a == v for a in acq]]) for v in values):
-                for v in values:
-                    final.append(([r for r, a in zip(sub, acq) if a == v], notes + [f"acquisition {v}"], None))
-                continue
-            k = int(len(t) - len(unique_positions(t)))
-            final.append((sub, notes, f"duplicate slice positions: {k} image(s) at an already occupied position "
-                                      "with a different instance"))
-            continue
-        final.append((sub, notes, None))
-
-    multi_stack = len(final) > 1
-    for i, (sub, notes, refused) in enumerate(final):
-        suffix = f"#{i + 1}" if multi_stack else ""
-        st = new_stack(sub, suffix, refused=refused, notes=notes)
-        if not refused:
-            try:
-                st.geometry, order = _catalog_geometry(sub, config)
-                st.urls = tuple(st.urls[j] for j in order)
-                if st.geometry.tilt_deg:
-                    st.notes.append(f"gantry tilt {st.geometry.tilt_deg:.1f} degrees: resampled onto an "
-                                    "orthogonal grid")
-            except Refusal as err:
-                st.refused = str(err)
-        out.append(st)
-
-    # a file of the series that cannot be read may be a slice of a stack: never assemble around the hole
-    good_sops = {text(r.get("sop_instance_uid")) for r in recs} - {""}
-    for b, problem in bad:
-        if text(b.get("sop_instance_uid")) in good_sops:
-            continue
-        b_iop, b_rows, b_cols = vector(b.get("image_orientation"), 6), number(b.get("rows")), number(b.get("columns"))
-        for st in out:
-            if not st.usable:
-                continue
-            s_iop = st.info.get("image_orientation")
-            if b_iop is not None and s_iop is not None and np.max(np.abs(b_iop - np.asarray(s_iop))) > ORIENTATION_TOL:
-                continue
-            if b_rows and b_cols and (b_rows, b_cols) != (st.info.get("rows"), st.info.get("columns")):
-                continue
-            st.refused = f"a file of this stack is unreadable ({problem})"
-    return out
-
-
 def file_problem(row: Any) -> str:
     """Why a catalog row cannot be used as an image file ('' when it can): its read error, or missing pixels."""
     err = text(row.get("read_error"))
@@ -307,18 +113,269 @@ def _num_key(x: str) -> tuple:
     except ValueError:
         return (1, 0.0, x)
 
-def _catalog_geometry(sub: list[dict], config: PlanConfig) -> tuple[Geometry, np.ndarray]:
-    r0 = sub[0]
-    iop = vector(r0.get("image_orientation"), 6)
-    ps = vector(r0.get("pixel_spacing"), 2)
+
+# ------------------------------------------------------------------------------------------- columns
+def _orientation_clusters(iops: np.ndarray) -> np.ndarray:
+    """Cluster ids of (n, 6) orientations in order of first appearance (within ORIENTATION_TOL); -1 for NaN rows."""
+    out = np.full(len(iops), -1, dtype=np.int64)
+    finite = ~np.isnan(iops).any(axis=1)
+    if not finite.any():
+        return out
+    idx = np.flatnonzero(finite)
+    if np.all(iops[idx] == iops[idx[0]]):
+        out[idx] = 0
+        return out
+    uniq, first, inverse = np.unique(iops[idx], axis=0, return_index=True, return_inverse=True)
+    reps: list[np.ndarray] = []
+    cluster_of_uniq = np.empty(len(uniq), dtype=np.int64)
+    for u in np.argsort(first, kind="stable"):
+        for c, rep in enumerate(reps):
+            if np.max(np.abs(rep - uniq[u])) <= ORIENTATION_TOL:
+                cluster_of_uniq[u] = c
+                break
+        else:
+            reps.append(uniq[u])
+            cluster_of_uniq[u] = len(reps) - 1
+    out[idx] = cluster_of_uniq[inverse.reshape(-1)]
+    return out
+
+
+def _group_keys(c: Columns) -> np.ndarray:
+    """Per row, a code for (matrix, pixel spacing, echo, image type): files of one stack share it."""
+    import pandas as pd
+
+    ps = np.round(c.pixel_spacing, 4)
+    et = np.round(c.num["echo_time"], 2)
+    frame = pd.DataFrame({
+        "rows": np.nan_to_num(c.num["rows"]).astype(np.int64), "cols": np.nan_to_num(c.num["columns"]).astype(np.int64),
+        "ps0": ps[:, 0], "ps1": ps[:, 1], "echo": c["echo_numbers"].codes, "et": et,
+        "type": c["image_type_upper"].codes})
+    return frame.groupby(list(frame.columns), sort=False, dropna=False).ngroup().to_numpy()
+
+
+def _nonvolume(c: Columns) -> Coded:
+    """Per row, why the instance never enters a volume (:func:`non_volume_reason`), -1 if it may."""
+    sop, it = c["sop_class_uid"], c["image_type"]
+    has_rows = (np.nan_to_num(c.num["rows"]) != 0).astype(np.int64)
+    key = np.stack([sop.codes, it.codes, has_rows], axis=1)
+    uniq, inverse = np.unique(key, axis=0, return_inverse=True)
+    values: list[str] = []
+    code_of: dict[str, int] = {}
+    per_uniq = np.full(len(uniq), -1, dtype=np.int64)
+    for u, (s, t, r) in enumerate(uniq):
+        why = non_volume_reason(it.values[t] if t >= 0 else None, sop.values[s] if s >= 0 else None, int(r))
+        if why:
+            if why not in code_of:
+                code_of[why] = len(values)
+                values.append(why)
+            per_uniq[u] = code_of[why]
+    return Coded(per_uniq[inverse.reshape(-1)], values)
+
+
+class CatalogStacks:
+    """A catalog's series, each split into stacks: the planner's and the exporter's one way to group files.
+
+    ``series()`` yields (series UID, stacks) in UID order. Row-level facts (problems, never-volume reasons, group
+    keys, URL order) are computed once for the whole catalog, as arrays.
+    """
+
+    def __init__(self, catalog: Any, config: PlanConfig | None = None):
+        self.c = Columns.of(catalog)
+        self.config = config or PlanConfig()
+        c = self.c
+        self.problems = c.problems()
+        self.nonvolume = _nonvolume(c)
+        self.group_key = _group_keys(c)
+        series = c["series_uid"].codes
+        self._order = np.lexsort((c.url_rank, series))  # by series, then URL
+        self._bounds = np.flatnonzero(np.diff(series[self._order])) + 1
+
+    def rows_with_problems(self) -> np.ndarray:
+        """Rows (in catalog order) that cannot be image files, or belong to no series."""
+        return np.flatnonzero((self.problems.codes >= 0) | (self.c["series_uid"].codes < 0))
+
+    def series(self, only: str | None = None):
+        """(series UID, its stacks) for every series, in UID order; ``only``: just that series."""
+        c = self.c
+        uids = c["series_uid"]
+        runs = [r for r in np.split(self._order, self._bounds) if len(r) and uids.codes[r[0]] >= 0
+                and (only is None or uids.values[uids.codes[r[0]]] == only)]
+        runs.sort(key=lambda r: uids.values[uids.codes[r[0]]])
+        for run in runs:
+            yield uids.values[uids.codes[run[0]]], self.stacks(run)
+
+    def stacks(self, rows: np.ndarray, series_uid: str | None = None) -> list[Stack]:
+        """The stacks of one series' rows (any order); see :func:`stacks_from_catalog`."""
+        c = self.c
+        rows = np.asarray(rows, dtype=np.int64)
+        rows = rows[~c.is_dicomdir[rows]]
+        if not len(rows):
+            return []
+        if series_uid is None:
+            series_uid = c["series_uid"].text(rows[np.argmin(rows)])
+        problem = self.problems.codes[rows] >= 0
+        bad = np.sort(rows[problem])  # catalog order
+        good = rows[~problem]
+        good = good[np.argsort(c.url_rank[good], kind="stable")]
+        return _series_stacks(self, good, bad, series_uid)
+
+
+def _stack_info(c: Columns, rows: np.ndarray) -> dict[str, Any]:
+    i = int(rows[0])
+    iop = c.vector(c.iop, i)
+    return {
+        "patient_id": c["patient_id"].text(i),
+        "study_uid": c["study_uid"].text(i),
+        "modality": c["modality"].text(i),
+        "description": c["series_description"].text(i),
+        "series_number": c.number("series_number", i),
+        "image_type": c["image_type"].most_common(rows) or "",
+        "study_date": c["study_date"].text(i),
+        "series_date": c["series_date"].text(i),
+        "slice_thickness": c.number("slice_thickness", i),
+        "convolution_kernel": c["convolution_kernel"].most_common(rows) or "",
+        "body_part": c["body_part"].text(i),
+        "echo_time": c.number("echo_time", i),
+        "repetition_time": c.number("repetition_time", i),
+        "inversion_time": c.number("inversion_time", i),
+        "scanning_sequence": c["scanning_sequence"].text(i),
+        "sequence_variant": c["sequence_variant"].text(i),
+        "sequence_name": c["sequence_name"].text(i),
+        "mr_acquisition_type": c["mr_acquisition_type"].text(i),
+        "contrast_agent": c["contrast_agent"].text(i),
+        "n_files": len(rows),
+        "image_orientation": None if iop is None else [float(x) for x in iop],
+        "rows": c.number("rows", i),
+        "columns": c.number("columns", i),
+    }
+
+
+def _dedupe(c: Columns, sub: np.ndarray) -> np.ndarray:
+    """``sub`` without later files of an instance already present (same SOPInstanceUID), order kept."""
+    sop = c["sop_instance_uid"].codes[sub]
+    known = sop >= 0
+    if not known.any():
+        return sub
+    _, first = np.unique(sop[known], return_index=True)
+    keep = ~known
+    keep[np.flatnonzero(known)[first]] = True
+    return sub[keep]
+
+
+def _series_stacks(cs: CatalogStacks, good: np.ndarray, bad: np.ndarray, series_uid: str) -> list[Stack]:
+    """Stacks of one series: ``good`` rows in URL order, ``bad`` (rows with a problem) in catalog order."""
+    c, config = cs.c, cs.config
+    out: list[Stack] = []
+
+    def new_stack(sub: np.ndarray, suffix: str, refused: str | None = None, notes: list[str] | None = None) -> Stack:
+        return Stack(key=series_uid + suffix, series_uid=series_uid, rows=np.asarray(sub, dtype=np.int64),
+                     columns=c, refused=refused, notes=list(notes or []), info=_stack_info(c, sub))
+
+    # kinds of instance that never enter a volume
+    nv = cs.nonvolume.codes[good]
+    for code in sorted({int(k) for k in nv[nv >= 0]}, key=lambda k: cs.nonvolume.values[k]):
+        out.append(new_stack(good[nv == code], "", refused=cs.nonvolume.values[code]))
+    kept = good[nv < 0]
+
+    groups: list[tuple[str, np.ndarray]] = [("multi-frame object", kept[j:j + 1])
+                                            for j in np.flatnonzero(c.frames[kept] > 1)]
+    single = kept[c.frames[kept] <= 1]
+    if len(single):
+        orient = _orientation_clusters(c.iop[single])
+        parts: dict[tuple[int, int], list[int]] = {}
+        for o, g, i in zip(orient.tolist(), cs.group_key[single].tolist(), single.tolist()):
+            parts.setdefault((o, g), []).append(i)
+        n_orient = len(set(orient.tolist()))
+        for (o, _), sub in parts.items():
+            label = []
+            if n_orient > 1:
+                label.append(f"orientation {o + 1} of {n_orient}" if o >= 0 else "no orientation")
+            if len(parts) > n_orient:
+                label.append("echo/image type/matrix group")
+            groups.append((", ".join(label), np.asarray(sub, dtype=np.int64)))
+
+    # dedupe, split by acquisition when positions repeat, then geometry
+    final: list[tuple[np.ndarray, list[str], str | None]] = []
+    for label, group in groups:
+        notes = [label] if label else []
+        sub = _dedupe(c, group)
+        if len(sub) < len(group):
+            notes.append(f"{len(group) - len(sub)} duplicate file(s) of one instance ignored")
+        if len(sub) == 1 and c.frames[sub[0]] > 1:
+            final.append((sub, notes, None))
+            continue
+        pos = c.ipp[sub]
+        if np.isnan(pos).any():
+            final.append((sub, notes, "missing ImagePositionPatient"))
+            continue
+        try:
+            _, _, nrm = unit_axes(c.iop[sub[0]])
+        except Refusal as err:
+            final.append((sub, notes, str(err)))
+            continue
+        t = pos @ nrm
+        if has_repeats(t):
+            acq = np.asarray([c["acquisition_number"].text(i) for i in sub], dtype=object)
+            values = sorted(set(acq.tolist()), key=_num_key)
+            if len(values) > 1 and not any(has_repeats(t[acq == v]) for v in values):
+                for v in values:
+                    final.append((sub[acq == v], [*notes, f"acquisition {v}"], None))
+                continue
+            k = int(len(t) - len(unique_positions(t)))
+            final.append((sub, notes, f"duplicate slice positions: {k} image(s) at an already occupied position "
+                                      "with a different instance"))
+            continue
+        final.append((sub, notes, None))
+
+    multi_stack = len(final) > 1
+    for i, (sub, notes, refused) in enumerate(final):
+        suffix = f"#{i + 1}" if multi_stack else ""
+        st = new_stack(sub, suffix, refused=refused, notes=notes)
+        if not refused:
+            try:
+                st.geometry, order = _catalog_geometry(c, sub, config)
+                st.rows = st.rows[order]
+                if st.geometry.tilt_deg:
+                    st.notes.append(f"gantry tilt {st.geometry.tilt_deg:.1f} degrees: resampled onto an "
+                                    "orthogonal grid")
+            except Refusal as err:
+                st.refused = str(err)
+        out.append(st)
+
+    # a file of the series that cannot be read may be a slice of a stack: never assemble around the hole
+    if len(bad):
+        good_sops = set(c["sop_instance_uid"].codes[good].tolist()) - {-1}
+        for b in bad.tolist():
+            sop = int(c["sop_instance_uid"].codes[b])
+            if sop >= 0 and sop in good_sops:
+                continue
+            problem = cs.problems.text(b)
+            b_iop, b_rows, b_cols = c.vector(c.iop, b), c.number("rows", b), c.number("columns", b)
+            for st in out:
+                if not st.usable:
+                    continue
+                s_iop = st.info.get("image_orientation")
+                if b_iop is not None and s_iop is not None and \
+                        np.max(np.abs(b_iop - np.asarray(s_iop))) > ORIENTATION_TOL:
+                    continue
+                if b_rows and b_cols and (b_rows, b_cols) != (st.info.get("rows"), st.info.get("columns")):
+                    continue
+                st.refused = f"a file of this stack is unreadable ({problem})"
+    return out
+
+
+def _catalog_geometry(c: Columns, sub: np.ndarray, config: PlanConfig) -> tuple[Geometry, np.ndarray]:
+    r0 = int(sub[0])
+    iop = c.vector(c.iop, r0)
+    ps = c.vector(c.pixel_spacing, r0)
     if iop is None:
         raise Refusal("missing ImageOrientationPatient")
     if ps is None:
         raise Refusal("missing PixelSpacing")
-    rows, cols = int(number(r0.get("rows")) or 0), int(number(r0.get("columns")) or 0)
-    nf = _frames(r0)
+    rows, cols = int(c.number("rows", r0) or 0), int(c.number("columns", r0) or 0)
+    nf = int(c.frames[r0])
     if len(sub) == 1 and nf > 1:
-        fp = r0.get("frame_positions")
+        fp = c.frame_positions(r0)
         try:
             pos = np.asarray([list(p) for p in fp], dtype=float).reshape(-1, 3)
         except (TypeError, ValueError):
@@ -329,5 +386,23 @@ def _catalog_geometry(sub: list[dict], config: PlanConfig) -> tuple[Geometry, np
             raise Refusal("multi-frame object holds several frames at one position (more than one volume)")
         geom, _ = stack_geometry(pos, iop, ps, rows, cols, config.gap_tolerance, config.allow_gantry_tilt)
         return geom, np.zeros(1, dtype=int)
-    pos = np.asarray([vector(r.get("image_position"), 3) for r in sub], dtype=float)
-    return stack_geometry(pos, iop, ps, rows, cols, config.gap_tolerance, config.allow_gantry_tilt)
+    return stack_geometry(c.ipp[sub], iop, ps, rows, cols, config.gap_tolerance, config.allow_gantry_tilt)
+
+
+def stacks_from_catalog(rows: Any, config: PlanConfig | None = None) -> list[Stack]:
+    """Split one series' catalog rows into geometric stacks, each usable (with geometry) or refused (with reason).
+
+    ``rows``: an Arrow table, DataFrame or list of dicts with the scan's columns, all of one SeriesInstanceUID.
+    Splits by orientation, matrix size/pixel spacing, echo and image type; by acquisition only when that
+    resolves repeated positions (CT acquisitions often split one contiguous stack, which stays whole). Drops
+    localizers, scouts, derived/secondary and non-image objects with reasons. Two files of one SOP instance
+    count once. A file with a read error is never used, and a stack it may belong to is refused rather than
+    assembled around the hole.
+    """
+    cs = CatalogStacks(rows, config)
+    if not cs.c.n:
+        return []
+    keep = np.flatnonzero(~cs.c.is_dicomdir)
+    if not len(keep):
+        return []
+    return cs.stacks(np.arange(cs.c.n), series_uid=cs.c["series_uid"].text(keep[0]))
