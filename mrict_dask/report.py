@@ -76,53 +76,82 @@ def _fmt(v: Any) -> str:
     return "" if v is None else (f"{v:.3f}" if isinstance(v, float) else html.escape(str(v)))
 
 
-def render_html(rep: dict[str, Any]) -> str:
+_STYLE = ("<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+          "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#eee}"
+          ".fail{color:#b00}img{max-width:900px;display:block;margin:.5em 0 2em}</style>")
+PAGES = {"pairs": "pairs.html", "series": "series.html"}
+"""The detail pages beside report.html (the summary): one row per pair (QA, status, figure link), and every
+series decision and patient exclusion."""
+
+
+def _page(title: str, body: list[str]) -> str:
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{_STYLE}"
+            f"</head><body><h1>{html.escape(title)}</h1>" + "".join(body) + "</body></html>")
+
+
+def _qa_summary(pairs: list[dict]) -> list[list[Any]]:
+    """min / median / max of each QA metric over the ok pairs."""
+    import numpy as np
+
+    rows = []
+    for k in QA_KEYS:
+        v = np.array([r["qa"][k] for r in pairs if r["status"] == "ok" and r["qa"][k] is not None], float)
+        rows.append([html.escape(k), *(_fmt(float(f(v))) if v.size else "" for f in (np.min, np.median, np.max))])
+    return rows
+
+
+def render_html(rep: dict[str, Any]) -> dict[str, str]:
+    """The report's pages: ``report.html`` (a summary that stays small at any number of pairs) and the detail
+    pages of :data:`PAGES`, by file name."""
     e = html.escape
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>mrict-dask run report</title>",
-             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#eee}"
-             ".fail{color:#b00}img{max-width:900px;display:block;margin:.5em 0 2em}</style></head><body>",
-             "<h1>mrict-dask run report</h1>"]
-    parts.append("<h2>Counts</h2>" + _table(["what", "n"], [[e(k), v] for k, v in rep["counts"].items()]))
-    parts.append("<h2>Time by stage (s)</h2>" + _table(["stage", "seconds"],
-                                                        [[e(k), v] for k, v in rep["stage_seconds"].items()]))
+    links = " | ".join(f"<a href='{name}'>{e(what)}</a>" for what, name in
+                       (("every pair: QA, status, overlay figure", PAGES["pairs"]),
+                        ("every series decision and excluded patient", PAGES["series"])))
+    summary = [f"<p>{links}</p>",
+               "<h2>Counts</h2>" + _table(["what", "n"], [[e(k), v] for k, v in rep["counts"].items()]),
+               "<h2>Time by stage (s)</h2>" + _table(["stage", "seconds"],
+                                                       [[e(k), v] for k, v in rep["stage_seconds"].items()])]
     for title, key in (("Failed pairs by reason", "failures_by_reason"),
                        ("Patients without a pair, by reason", "exclusions_by_reason"),
                        ("Files not usable, by reason", "file_errors_by_reason")):
         if rep[key]:
-            parts.append(f"<h2>{title}</h2>" + _table(["reason", "n"], [[e(k), v] for k, v in rep[key].items()]))
-    if rep["exclusions"]:
-        parts.append("<h2>Exclusions</h2>" + _table(["patient", "reason"],
-                                                    [[e(str(x["patient"])), e(str(x["reason"]))]
-                                                     for x in rep["exclusions"]]))
+            summary.append(f"<h2>{title}</h2>" + _table(["reason", "n"], [[e(k), v] for k, v in rep[key].items()]))
+    summary.append("<h2>QA metrics over the ok pairs</h2>" + _table(["metric", "min", "median", "max"],
+                                                                    _qa_summary(rep["pairs"])))
+    t = rep["template"]
+    summary.append(f"<h2>Template</h2><p>{e(t['name'])} (sha256 {e(t['sha256'])}), grid size {t['grid']['size']}, "
+                   f"spacing {t['grid']['spacing']}</p>")
+    summary.append("<h2>Configuration</h2><pre>" + e(json.dumps(rep["config"], indent=2)) + "</pre>")
+
     qa_rows = []
     for r in rep["pairs"]:
         cls = "" if r["status"] == "ok" else " class='fail'"
+        figure = f"<a href='{e(r['figure'])}'>overlay</a>" if r["figure"] else ""
         qa_rows.append([r["index"], e(r["pair_id"]), e(r["split"]), r["days_apart"],
                         f"<span{cls}>{e(r['status'])}</span>"] + [_fmt(r["qa"][k]) for k in QA_KEYS]
-                       + [_fmt(r["timings"].get("total"))])
-    parts.append("<h2>Pairs and QA metrics</h2>" + _table(
-        ["#", "pair", "split", "days apart", "status", *QA_KEYS, "seconds"], qa_rows))
+                       + [_fmt(r["timings"].get("total")), figure])
+    pairs = ["<p><a href='report.html'>summary</a>; figures: CT edges on MR in template space</p>",
+             _table(["#", "pair", "split", "days apart", "status", *QA_KEYS, "seconds", "figure"], qa_rows)]
+
+    series = ["<p><a href='report.html'>summary</a></p>"]
+    if rep["exclusions"]:
+        series.append("<h2>Patients without a pair</h2>" + _table(
+            ["patient", "reason"], [[e(str(x["patient"])), e(str(x["reason"]))] for x in rep["exclusions"]]))
     if rep["series_decisions"]:
-        parts.append("<h2>Series decisions</h2>" + _table(
+        series.append("<h2>Series decisions</h2>" + _table(
             ["patient", "modality", "series", "decision", "reason"],
             [[_fmt(s.get(k)) for k in ("patient", "modality", "description", "decision", "reason")]
              for s in rep["series_decisions"]]))
-    parts.append("<h2>Registration overlays (CT edges on MR, template space)</h2>")
-    for r in rep["pairs"]:
-        if r["figure"]:
-            parts.append(f"<h3>{e(r['pair_id'])}</h3><img src='{e(r['figure'])}' alt='overlay {e(r['pair_id'])}'>")
-    t = rep["template"]
-    parts.append(f"<h2>Template</h2><p>{e(t['name'])} (sha256 {e(t['sha256'])}), grid size {t['grid']['size']}, "
-                 f"spacing {t['grid']['spacing']}</p>")
-    parts.append("<h2>Configuration</h2><pre>" + e(json.dumps(rep["config"], indent=2)) + "</pre></body></html>")
-    return "".join(parts)
+    return {"report.html": _page("mrict-dask run report", summary),
+            PAGES["pairs"]: _page("mrict-dask run report: pairs", pairs),
+            PAGES["series"]: _page("mrict-dask run report: series and exclusions", series)}
 
 
 def write_report(report_url: str | Location, plan: Any, pairs: list, markers: dict[int, dict], summary: Any,
                  config: Any, template: Any, storage_options: dict | None = None) -> dict[str, Any]:
     rep = build_report(plan, pairs, markers, summary, config, template)
     where = Location.of(report_url, storage_options)
-    where.join("report.json").write_json(rep, indent=2)
-    where.join("report.html").write_text(render_html(rep))
+    where.join("report.json").write_json(rep, indent=1)
+    for name, page in render_html(rep).items():
+        where.join(name).write_text(page)
     return rep
