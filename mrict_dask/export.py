@@ -10,6 +10,7 @@ from typing import Any
 from .errors import VolumeError
 from .io import Location
 from .progress import Progress
+from .sources import Source, open_source
 from .stacks import stacks_from_catalog
 from .values import text
 from .volume import plan_config, read_volume
@@ -61,7 +62,7 @@ def _write_image(img: Any, target: Location) -> None:
             target.write_bytes(fh.read())
 
 
-def _load_catalog(source: Location, catalog: str | None, progress: bool) -> Any:
+def _load_catalog(source: Source, catalog: str | None, progress: bool) -> Any:
     if catalog:
         from .catalog import read_catalog
 
@@ -88,7 +89,7 @@ def export_series_command(input_url: str, series_uid: str | None = None, out: st
 
         raise ConfigError("give a series UID and an output file, or an output folder for every usable series")
     cfg = plan_config(config)
-    source = Location.of(input_url, storage_options)
+    source = open_source(input_url, storage_options)
     cat = _load_catalog(source, catalog, progress)
     summary = ExportSummary()
     if "read_error" in cat.columns:
