@@ -114,15 +114,18 @@ def _uids(url: str) -> tuple[str, str, str | None]:
 
 
 # ------------------------------------------------------------------------------------------------ HTTP
-_clients: dict[str, Any] = {}
+_clients: dict[tuple, Any] = {}
 _clients_lock = threading.Lock()
 
 
-def _session() -> Any:
+def _credentials() -> tuple[str | None, ...]:
+    return tuple(os.environ.get(k) for k in (USER_ENV, PASSWORD_ENV, TOKEN_ENV))
+
+
+def _session(user: str | None, password: str | None, token: str | None) -> Any:
     import requests
 
     session = requests.Session()
-    user, password, token = (os.environ.get(k) for k in (USER_ENV, PASSWORD_ENV, TOKEN_ENV))
     if user:
         session.auth = (user, password or "")
     elif token:
@@ -137,18 +140,20 @@ def client_for(root: str) -> Any:
     """The process's ``dicomweb_client.DICOMwebClient`` for a service root (``http(s)://host/root``).
 
     Its own retries are off: :func:`call` retries with the object-storage rules. Its logger says which UIDs it
-    fetches at INFO, so it is kept at WARNING.
+    fetches at INFO, so it is kept at WARNING. Credentials are read from the environment now (a changed
+    environment gets a new client).
     """
+    creds = _credentials()
     with _clients_lock:
-        client = _clients.get(root)
+        client = _clients.get((root, creds))
         if client is None:
             from dicomweb_client.api import DICOMwebClient
 
             logging.getLogger("dicomweb_client").setLevel(max(logging.WARNING,
                                                               logging.getLogger("dicomweb_client").level))
-            client = DICOMwebClient(url=root, session=_session(), timeout=TIMEOUT_S)
+            client = DICOMwebClient(url=root, session=_session(*creds), timeout=TIMEOUT_S)
             client.set_http_retry_params(retry=False)
-            _clients[root] = client
+            _clients[(root, creds)] = client
         return client
 
 

@@ -170,12 +170,10 @@ class OrthancServer:
         paths = sorted(os.path.join(d, f) for d, _, files in os.walk(folder) for f in files)
         return self.upload(paths)
 
-    def delete_series(self, series_uid: str) -> None:
-        """Delete a series by its SeriesInstanceUID (Orthanc's own REST API)."""
-        found = json.loads(self._request("POST", "/tools/lookup", series_uid.encode()))
-        for item in found:
-            if item.get("Type") == "Series":
-                self._request("DELETE", item["Path"])
+    def delete(self, uid: str) -> None:
+        """Delete the study, series or instance with this DICOM UID (Orthanc's own REST API)."""
+        for item in json.loads(self._request("POST", "/tools/lookup", uid.encode())):
+            self._request("DELETE", item["Path"])
 
     def statistics(self) -> dict:
         return json.loads(self._request("GET", "/statistics"))
@@ -199,19 +197,22 @@ def orthanc_server(folder: str, user: str = "user", password: str = "password") 
 class CountingProxy:
     """A threaded reverse proxy on 127.0.0.1 that counts the bytes it relays, optionally adding latency.
 
-    Every request is forwarded as it came (headers included) to ``upstream``; ``before(path)`` is called before
-    each request is forwarded (a test can stop the server there). An upstream that cannot be reached gives
-    502, as a real gateway would. ``counts`` maps a request kind ("metadata", "instance", "qido", "other") to
-    [requests, response bytes].
+    Every request is forwarded as it came (headers included) to ``upstream``. ``before(path)`` is called before
+    each request is forwarded: a test can stop the server there, or return ``(status, headers)`` to answer with
+    that instead (a 429 or a 503 as an overloaded server gives). An upstream that cannot be reached gives 502, as
+    a gateway would, or with ``drop_when_down`` a connection closed without an answer. ``counts`` maps a request
+    kind ("metadata", "instance", "qido", "other") to [requests, response bytes].
     """
 
-    def __init__(self, upstream: str, latency_s: float = 0.0, before: Callable[[str], None] | None = None):
+    def __init__(self, upstream: str, latency_s: float = 0.0,
+                 before: Callable[[str], tuple[int, dict] | None] | None = None, drop_when_down: bool = False):
         import http.server
         import threading
 
         self.upstream = upstream.rstrip("/")
         self.latency_s = latency_s
         self.before = before
+        self.drop_when_down = drop_when_down
         self.counts: dict[str, list[int]] = {}
         self._lock = threading.Lock()
         proxy = self
@@ -248,21 +249,26 @@ class CountingProxy:
         import http.client
         import urllib.parse
 
-        if self.before is not None:
-            self.before(handler.path)
+        answer = self.before(handler.path) if self.before is not None else None
         if self.latency_s:
             time.sleep(self.latency_s)
         target = urllib.parse.urlsplit(self.upstream)
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "connection")}
-        try:
-            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
-            conn.request("GET", handler.path, headers=headers)
-            resp = conn.getresponse()
-            body = resp.read()
-            status, reply_headers = resp.status, resp.getheaders()
-            conn.close()
-        except OSError:
-            status, reply_headers, body = 502, [("Content-Type", "text/plain")], b"upstream not reachable"
+        if answer is not None:
+            status, reply_headers, body = answer[0], list(answer[1].items()), b""
+        else:
+            try:
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
+                conn.request("GET", handler.path, headers=headers)
+                resp = conn.getresponse()
+                body = resp.read()
+                status, reply_headers = resp.status, resp.getheaders()
+                conn.close()
+            except OSError:
+                if self.drop_when_down:
+                    handler.close_connection = True
+                    return
+                status, reply_headers, body = 502, [("Content-Type", "text/plain")], b"upstream not reachable"
         handler.send_response(status)
         for k, v in reply_headers:
             if k.lower() not in ("content-length", "transfer-encoding", "connection"):
