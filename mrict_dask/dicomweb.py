@@ -30,6 +30,7 @@ where a file scan would have refused the series at plan time.
 from __future__ import annotations
 
 import email.utils
+import functools
 import logging
 import os
 import re
@@ -222,7 +223,10 @@ def instance_row(series_url: str, item: dict, k: int = 0) -> dict:
     sop = _first(item, "00080018")
     url = f"{series_url}/instances/{sop}" if sop else f"{series_url}#item{k + 1}"
     try:
-        ds = pydicom.Dataset.from_json(item, bulk_data_uri_handler=lambda tag, vr, uri: None)
+        # only the elements the file scan reads: most of the time goes to converting the others
+        tags = _wanted_tags()
+        wanted = {tag: value for tag, value in item.items() if tag.upper() in tags}
+        ds = pydicom.Dataset.from_json(wanted, bulk_data_uri_handler=lambda tag, vr, uri: None)
         row = row_from_dataset(url, None, ds)
     except Exception as exc:  # a malformed element: the instance keeps its row, with the reason
         row = empty_row(url, 0)
@@ -237,6 +241,14 @@ def instance_row(series_url: str, item: dict, k: int = 0) -> dict:
     declared = any(tag in item for tag in _PIXEL_TAGS) or bool(row["rows"])
     row["pixel_data_ok"] = declared and not row["read_error"]
     return row
+
+
+@functools.cache
+def _wanted_tags() -> frozenset[str]:
+    """The tags of the elements the file scan reads, as DICOM JSON keys."""
+    from .dicom_header import _SPECIFIC_TAGS
+
+    return frozenset(f"{t:08X}" for t in _SPECIFIC_TAGS)
 
 
 def series_rows(series_url: str, metadata: list[dict]) -> list[dict]:
