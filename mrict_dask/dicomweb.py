@@ -194,7 +194,8 @@ def call(fn: Callable[[], T], what: str, attempts: int = ATTEMPTS) -> T:
             if code != 429 and code < 500:
                 raise DicomwebError(f"{what}: the DICOMweb service answered HTTP {code}") from None
             reason = f"HTTP {code}"
-            delay = _retry_after(response) if _retry_after(response) is not None else delay
+            asked = _retry_after(response)
+            delay = asked if asked is not None else delay
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
             reason = type(exc).__name__
         except ValueError as exc:  # a body that does not decode (JSON, multipart, DICOM)

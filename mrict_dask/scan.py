@@ -135,7 +135,8 @@ class ScanSummary:
         total = int(df["size"].fillna(0).sum()) if n else 0
         ok = df[df["read_error"] == ""]
         rate = n / self.seconds if self.seconds > 0 else float("nan")
-        lines = [f"scanned {n:,} files ({_human(total)}) in {self.seconds:.1f} s ({rate:,.0f} files/s)"]
+        size = f" ({_human(total)})" if n and df["size"].notna().any() else ""  # DICOMweb metadata has no size
+        lines = [f"scanned {n:,} files{size} in {self.seconds:.1f} s ({rate:,.0f} files/s)"]
         if self.bytes_read and total:
             share = 100 * self.bytes_read / total
             lines.append(f"  header bytes read: {_human(self.bytes_read)} ({share:.1f} % of the files)")

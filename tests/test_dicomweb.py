@@ -280,6 +280,22 @@ def test_bad_pacs_access_is_one_error_line_and_a_non_zero_exit(case, orthanc, tm
         assert not os.path.exists(out), "nothing written for an input that cannot be read"
 
 
+def test_cli_scan_on_a_local_cluster_equals_the_serial_scan(orthanc, scans, tmp_path):
+    """The CLI's workers (separate processes) read the credentials from the environment they inherit."""
+    from mrict_dask.catalog import read_catalog
+    from mrict_dask.io import Location
+
+    out = str(tmp_path / "catalog.parquet")
+    proc = _cli(["-q", "scan", orthanc.dicomweb_url, "--out", out, "--workers", "2", "--batch-size", "100"], _env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"scanned {len(scans[0]):,} files in" in proc.stdout, proc.stdout
+    got, want = _by_instance(read_catalog(Location(out))), _by_instance(scans[0])
+    assert list(got.index) == list(want.index)
+    for col in got.columns:
+        if col != "url":  # the serial scan went through a proxy (another host:port)
+            assert [str(v) for v in got[col]] == [str(v) for v in want[col]], col
+
+
 def test_export_series_from_the_pacs_equals_the_export_from_files(orthanc, corpus, scans, tmp_path):
     import SimpleITK as sitk
 
