@@ -117,16 +117,18 @@ def bytes_read(table: Any) -> int:
     return int(meta.get(b"bytes_read", b"0"))
 
 
-def concat_tables(tables: list, sort: bool = True) -> Any:
-    """One catalog table from per-batch tables (as :func:`catalog_table` makes them), ``bytes_read`` summed;
-    sorted by URL unless ``sort`` is False (the batches are already in URL order)."""
+def concat_tables(tables: list) -> Any:
+    """One catalog table from per-batch tables (as :func:`catalog_table` makes them), sorted by URL, ``bytes_read``
+    summed. Tables given in URL order (a scan's batches) are not copied again by a sort."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     total = sum(bytes_read(t) for t in tables)
     if not tables:
         return catalog_schema(encoded=True).empty_table().replace_schema_metadata({"bytes_read": "0"})
     out = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
-    if sort:
+    url = out.column("url")
+    if out.num_rows > 1 and not pc.all(pc.less_equal(url.slice(0, out.num_rows - 1), url.slice(1))).as_py():
         out = out.sort_by("url")
     return out.replace_schema_metadata({"bytes_read": str(total)})
 

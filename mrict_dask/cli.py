@@ -27,8 +27,9 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # Third-party loggers stay at WARNING at every verbosity: botocore/s3fs debug output carries request
     # headers (access key ids), and distributed's carries task arguments (file URLs that may name patients).
+    # dicomweb_client logs the UIDs it fetches at INFO.
     for name in ("distributed", "asyncio", "botocore", "boto3", "s3fs", "aiobotocore", "urllib3", "fsspec",
-                 "numcodecs", "matplotlib", "PIL"):
+                 "numcodecs", "matplotlib", "PIL", "dicomweb_client", "requests"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -142,9 +143,10 @@ def scan(ctx, input_url, out, scheduler, workers, batch_size, storage_options):
     from .io import Location, parse_storage_options
     from .orchestrate import client_for
     from .scan import scan_to_parquet
+    from .sources import open_source
 
     so = parse_storage_options(storage_options)
-    source, dest = Location(input_url, so), Location(out)  # refuse unusable URLs before starting a cluster
+    source, dest = open_source(input_url, so), Location(out)  # refuse unusable URLs before starting a cluster
     with client_for(scheduler, workers) as client:
         summary = scan_to_parquet(source, dest.url, executor=client, batch_size=batch_size,
                                   progress=ctx.obj["progress"])

@@ -12,6 +12,7 @@ import numpy as np
 from .errors import VolumeError
 from .io import Location
 from .progress import Progress
+from .sources import Source, open_source
 from .stacks import CatalogStacks
 from .volume import plan_config, read_volume
 
@@ -62,7 +63,7 @@ def _write_image(img: Any, target: Location) -> None:
             target.write_bytes(fh.read())
 
 
-def _load_catalog(source: Location, catalog: str | None, progress: bool) -> Any:
+def _load_catalog(source: Source, catalog: str | None, progress: bool) -> Any:
     """The catalog as an Arrow table: the given Parquet file, or a scan of the input."""
     if catalog:
         from .catalog import read_catalog_table
@@ -90,7 +91,7 @@ def export_series_command(input_url: str, series_uid: str | None = None, out: st
 
         raise ConfigError("give a series UID and an output file, or an output folder for every usable series")
     cfg = plan_config(config)
-    source = Location.of(input_url, storage_options)
+    source = open_source(input_url, storage_options)
     catalog_stacks = CatalogStacks(_load_catalog(source, catalog, progress), cfg)
     summary = ExportSummary(files_with_errors=int((catalog_stacks.c["read_error"].codes >= 0).sum()))
     uids = catalog_stacks.c["series_uid"]

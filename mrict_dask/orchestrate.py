@@ -19,6 +19,7 @@ from .config import Config
 from .executor import Executor, Outcome, error_reason
 from .io import Location, join, redact
 from .progress import Progress
+from .sources import Source
 from .types import PairResult, PairSpec
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def _reason_class(status: str) -> str:
     return text.split(":")[0].strip()[:120]
 
 
-def execute_pairs(executor: Executor, pairs: Iterable[PairSpec], total: int, config: Config, source: Location,
+def execute_pairs(executor: Executor, pairs: Iterable[PairSpec], total: int, config: Config, source: Source,
                   store: Location, report: Location, progress: bool = False) -> list[dict]:
     """Run the pair task over ``pairs`` (possibly lazy) with ``executor``; every pair ends with a marker."""
     import functools
@@ -254,7 +255,7 @@ def execute_pairs(executor: Executor, pairs: Iterable[PairSpec], total: int, con
     return markers
 
 
-def _load_or_scan(source: Location, work: Location, executor: Executor | None, config: Config,
+def _load_or_scan(source: Source, work: Location, executor: Executor | None, config: Config,
                   progress: bool) -> Location:
     """Where the catalog is: reused from the work area on a resume (the plan must not change under a store), or
     scanned and written there (the planner then reads it back column by column)."""
@@ -289,7 +290,7 @@ class ClusterSpec:
     memory_limit: str = "auto"
 
 
-def run_pipeline(input_url: str | Location, output_url: str | Location, *, work_url: str | None = None,
+def run_pipeline(input_url: str | Location | Source, output_url: str | Location, *, work_url: str | None = None,
                  config: Config | None = None, executor: Any = "dask", cluster: ClusterSpec | None = None,
                  limit: int | None = None, pseudonym_key: str | None = None, storage_options: dict | None = None,
                  progress: bool = False) -> RunSummary:
@@ -303,6 +304,7 @@ def run_pipeline(input_url: str | Location, output_url: str | Location, *, work_
     from .plan import make_plan
     from .pseudonym import resolve_key
     from .report import write_report
+    from .sources import open_source
     from .store import completed_pairs, finalize_store, open_or_create_store
     from .template import template_from_config
 
@@ -311,7 +313,7 @@ def run_pipeline(input_url: str | Location, output_url: str | Location, *, work_
         from .errors import ConfigError
 
         raise ConfigError(f"limit must be at least 0, got {limit}")
-    source = Location.of(input_url, storage_options)
+    source = open_source(input_url, storage_options)
     store = Location.of(output_url, storage_options)
     work = Location.of(work_url, store.storage_options) if work_url else store.sibling(".work")
     report = store.sibling("-report")

@@ -16,6 +16,7 @@ Rows returned by ``read_header``/``scan_batch`` hold every column of ``CATALOG_C
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from .dicom_header import read_headers, unreadable
 from .errors import InputError
 from .io import Location, redact
 from .progress import Progress
+from .sources import Source, batches, open_source, rows_task
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,8 @@ def list_files(url: str | Location, storage_options: dict | None = None) -> list
     return out
 
 
-def _lost_rows(items: list[tuple[str, int]], reason: str) -> list[dict]:
+def lost_rows(items: list[tuple[str, int]], reason: str) -> list[dict]:
+    """One row per (URL, size) recording ``reason``."""
     rows = [empty_row(url, size) for url, size in items]
     for row in rows:
         row["read_error"] = reason
@@ -74,16 +77,16 @@ def scan_batch(items: list[tuple[str, int]], storage_options: dict | None):
     try:
         fs = Location.of(items[0][0], storage_options).fs
     except Exception as exc:  # no filesystem for these URLs: every file still gets its row
-        return catalog_table(_lost_rows(items, unreadable(exc)))
+        return catalog_table(lost_rows(items, unreadable(exc)))
     return catalog_table(read_headers(items, fs))
 
 
-def _scan_numbered(numbered: tuple[int, list[tuple[str, int]]], storage_options: dict | None):
-    """:func:`scan_batch` of a batch given with its position in the listing (the executor's item)."""
-    return scan_batch(numbered[1], storage_options)
+def _numbered(item: tuple[int, Any], fn: Any) -> Any:
+    """``fn`` of a batch given with its position (the executor's item): results can be put back in order."""
+    return fn(item[1])
 
 
-def scan(url: str | Location, storage_options: dict | None = None, executor: Any = None,
+def scan(url: str | Location | Source, storage_options: dict | None = None, executor: Any = None,
          batch_size: int = 256, progress: bool = False):
     """Catalog DataFrame of every file under ``url`` (one row per file, sorted by URL).
 
@@ -94,34 +97,36 @@ def scan(url: str | Location, storage_options: dict | None = None, executor: Any
     return catalog_frame(scan_table(url, storage_options, executor, batch_size, progress))
 
 
-def scan_table(url: str | Location, storage_options: dict | None = None, executor: Any = None,
+def scan_table(url: str | Location | Source, storage_options: dict | None = None, executor: Any = None,
                batch_size: int = 256, progress: bool = False):
-    """:func:`scan`, as the Arrow table (sorted by URL; ``bytes_read`` in its metadata)."""
-    import functools
+    """:func:`scan`, as the Arrow table (sorted by URL; ``bytes_read`` in its metadata).
 
+    ``url`` is any input (see :func:`~mrict_dask.sources.open_source`): the source lists its units (files, or
+    series of a DICOMweb service) on the driver and each task reads the rows of a batch of units.
+    """
     from .catalog import concat_tables
     from .executor import as_executor
 
-    loc = Location.of(url, storage_options)
-    items = list_files(loc)
-    batch_size = max(1, int(batch_size))
-    batches = ((i, items[i:i + batch_size]) for i in range(0, len(items), batch_size))
+    source = open_source(url, storage_options)
+    units = source.list_units()
+    total = sum(source.weight(u) for u in units)
     ex = as_executor(executor, retries=2)
-    log.info("scan %s: %d files in batches of %d on the %s executor (storage options %s)", loc.url, len(items),
-             batch_size, ex.name, redact(loc.storage_options))
-    task = functools.partial(_scan_numbered, storage_options=loc.storage_options)
+    log.info("scan %s: %d %s in %d units, batches of %d on the %s executor (storage options %s)", source.url, total,
+             source.unit_name, len(units), batch_size, ex.name, redact(source.storage_options))
+    task = functools.partial(_numbered, fn=rows_task(source))
+    numbered = enumerate(batches(source, units, max(1, int(batch_size))))
     tables: dict[int, Any] = {}
-    with Progress("scan", len(items), progress, unit="files") as bar:
-        for outcome in ex.run(task, batches, key=lambda b: f"scan-batch-{b[0]}"):
-            start, batch = outcome.item
+    with Progress("scan", total, progress, unit=source.unit_name) as bar:
+        for outcome in ex.run(task, numbered, key=lambda item: f"scan-batch-{item[0]}"):
+            k, batch = outcome.item
             if outcome.ok:
-                tables[start] = outcome.value
-            else:  # the task itself failed (worker lost repeatedly, or a bug): its files still get rows
-                tables[start] = catalog_table(_lost_rows(batch, f"{SCAN_TASK_FAILED}: {outcome.error}"))
-            bar.advance(len(batch))
-    del items
-    # the batches are consecutive runs of the sorted listing: in batch order, the rows are in URL order
-    return concat_tables([tables.pop(start) for start in sorted(tables)], sort=False)
+                tables[k] = outcome.value
+            else:  # the task itself failed (worker lost repeatedly, or a bug): its units still get rows
+                tables[k] = catalog_table(source.lost_rows(batch, f"{SCAN_TASK_FAILED}: {outcome.error}"))
+            bar.advance(sum(source.weight(u) for u in batch))
+    del units
+    # batches are consecutive runs of the sorted units: in batch order the rows are (almost always) sorted already
+    return concat_tables([tables.pop(k) for k in sorted(tables)])
 
 
 @dataclass
@@ -141,7 +146,8 @@ class ScanSummary:
         errors = t.column("read_error").cast("string")
         ok = t.select(["series_uid", "study_uid", "patient_id"]).filter(pc.equal(errors, ""))
         rate = n / self.seconds if self.seconds > 0 else float("nan")
-        lines = [f"scanned {n:,} files ({_human(total)}) in {self.seconds:.1f} s ({rate:,.0f} files/s)"]
+        size = f" ({_human(total)})" if n and t.column("size").null_count < n else ""  # DICOMweb gives no size
+        lines = [f"scanned {n:,} files{size} in {self.seconds:.1f} s ({rate:,.0f} files/s)"]
         if self.bytes_read and total:
             share = 100 * self.bytes_read / total
             lines.append(f"  header bytes read: {_human(self.bytes_read)} ({share:.1f} % of the files)")
@@ -172,19 +178,20 @@ def _human(n: float) -> str:
     return f"{n} B"
 
 
-def scan_to_parquet(url: str | Location, out: str | Location, storage_options: dict | None = None,
+def scan_to_parquet(url: str | Location | Source, out: str | Location, storage_options: dict | None = None,
                     executor: Any = None, batch_size: int = 256, progress: bool = False) -> ScanSummary:
     """Scan ``url`` and write the catalog as Parquet to ``out`` (a path or fsspec URL).
 
     The input's storage options apply to ``out`` when both are on the same kind of store (endpoint, keys).
     """
     t0 = time.perf_counter()
-    src = Location.of(url, storage_options)
+    src = open_source(url, storage_options)
     if isinstance(out, Location):
         dest = out
     else:
         dest = Location(out)
-        if type(dest.fs) is type(src.fs):
+        loc = getattr(src, "location", None)  # an fsspec input: its options serve an output on the same store
+        if loc is not None and type(dest.fs) is type(loc.fs):
             dest = Location(out, src.storage_options)
     table = scan_table(src, executor=executor, batch_size=batch_size, progress=progress)
     write_catalog(table, dest)

@@ -75,33 +75,20 @@ def plan_config(config: Any) -> PlanConfig:
     return getattr(config, "plan", config)
 
 
-def fetch_bytes(urls: Sequence[str], storage_options: dict | None = None) -> list[bytes | Exception]:
-    """Whole-file bytes for each URL (local paths read directly; object storage fetched concurrently)."""
-    urls = list(urls)
-    if not urls:
-        return []
-    if all("://" not in u or u.startswith("file://") for u in urls):
-        out: list[bytes | Exception] = []
-        for u in urls:
-            try:
-                with open(u[7:] if u.startswith("file://") else u, "rb") as fh:
-                    out.append(fh.read())
-            except OSError as exc:
-                out.append(exc)
-        return out
-    from .io import Location
+def fetch_bytes(urls: Sequence[str], storage_options: dict | None = None) -> list[Any]:
+    """Each instance named by ``urls``, from whichever source holds them (:func:`~mrict_dask.sources.fetch_instances`):
+    a file's bytes, a data set already parsed from them, or the exception that stopped it."""
+    from .sources import fetch_instances
 
-    fs = Location.of(urls[0], storage_options).fs
-    paths = [fs._strip_protocol(u) for u in urls]
-    got = fs.cat(paths, on_error="return")
-    if not isinstance(got, dict):  # a single path gives bytes
-        got = {paths[0]: got}
-    return [got.get(p, FileNotFoundError(p)) for p in paths]
+    return fetch_instances(urls, storage_options)
 
 
-def _parse(data: bytes) -> Any:
+def _parse(data: Any) -> Any:
     import pydicom
     from pydicom.errors import InvalidDicomError
+
+    if isinstance(data, pydicom.Dataset):  # parsed by the source as it arrived
+        return data
 
     try:
         return pydicom.dcmread(io.BytesIO(data))

@@ -1,6 +1,7 @@
-"""Shared fixtures: template, generated corpora, a real S3 endpoint (moto server), a real LocalCluster.
+"""Shared fixtures: template, generated corpora, a real S3 endpoint (moto server), a real PACS (Orthanc), a real
+LocalCluster.
 
-Sections: [template] [corpora] [s3] [dask]. Everything is generated and seeded; nothing is downloaded.
+Sections: [template] [corpora] [s3] [dicomweb] [dask]. Everything is generated and seeded; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -141,6 +142,44 @@ def upload_tree(local_dir: str, s3: S3, prefix: str) -> str:
     fs = s3.fs()
     fs.put(local_dir.rstrip("/") + "/", s3.url(prefix) + "/", recursive=True)
     return s3.url(prefix)
+
+
+# --------------------------------------------------------------------------------------------- [dicomweb]
+PACS_USER, PACS_PASSWORD = "mrict-reader", "pacs-Secret-7xQ2"
+
+
+def _orthanc(folder: str):
+    from mrict_dask.testing import OrthancServer, orthanc_missing
+
+    why = orthanc_missing()
+    if why:
+        pytest.skip(f"no Orthanc PACS here: {why}")
+    return OrthancServer(folder, PACS_USER, PACS_PASSWORD)
+
+
+@pytest.fixture(scope="session")
+def orthanc(corpus, tmp_path_factory):
+    """A real Orthanc PACS (DICOMweb plugin, basic auth) holding the shared corpus. Tests never change it."""
+    with _orthanc(str(tmp_path_factory.mktemp("orthanc"))) as server:
+        server.upload_tree(corpus.url)
+        yield server
+
+
+@pytest.fixture
+def small_orthanc(one_patient, tmp_path):
+    """A fresh Orthanc holding one patient (one pair), for tests that change, stop or restart the server."""
+    with _orthanc(str(tmp_path / "orthanc")) as server:
+        server.upload_tree(one_patient[0])
+        yield server
+
+
+@pytest.fixture
+def pacs_credentials(monkeypatch):
+    """The PACS user and password in the environment, as the CLI and its workers read them."""
+    monkeypatch.setenv("MRICT_DICOMWEB_USER", PACS_USER)
+    monkeypatch.setenv("MRICT_DICOMWEB_PASSWORD", PACS_PASSWORD)
+    monkeypatch.delenv("MRICT_DICOMWEB_TOKEN", raising=False)
+    return PACS_USER, PACS_PASSWORD
 
 
 # --------------------------------------------------------------------------------------------- [summary]

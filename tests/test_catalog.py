@@ -79,7 +79,7 @@ def test_same_plan_from_every_form_and_row_order(quirky_table, tmp_path):
 
 def test_batches_in_listing_order_need_no_sort(quirky_table):
     pieces = [quirky_table.slice(i, 37) for i in range(0, quirky_table.num_rows, 37)]
-    joined = concat_tables(pieces, sort=False)
+    joined = concat_tables(pieces)
     assert joined.column("url").to_pylist() == quirky_table.column("url").to_pylist()
     shuffled = pieces[::-1]
     assert concat_tables(shuffled).column("url").to_pylist() == sorted(quirky_table.column("url").to_pylist())

@@ -90,6 +90,11 @@ s3:
 storageOptions:
   config_kwargs: {max_pool_connections: 32}
   requester_pays: false
+dicomweb:
+  credentialsSecret: pacs-reader
+  userKey: pacs-user
+  passwordKey: pacs-password
+  tokenKey: pacs-token
 pseudonymKey:
   secretName: mrct-pseudonym
   secretKey: hmac-key
@@ -314,6 +319,8 @@ def test_missing_required_value_fails_the_schema(chart, path):
     ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
     ({"s3": {"credentialsSecret": "Not A Name"}}, "credentialsSecret"),
     ({"s3": {"accessKey": "AKIA..."}}, "accessKey"),  # credentials have no place in values
+    ({"dicomweb": {"password": "hunter2"}}, "password"),
+    ({"dicomweb": {"credentialsSecret": "PACS Secret"}}, "credentialsSecret"),
     ({"config": {"plan": {"max_dayz": 9}}}, "max_dayz"),
     ({"config": {"normalize": {"ct_window": [-1024]}}}, "ct_window"),
     ({"autoscaler": {"enabled": True, "maximum": 0}}, "maximum"),
@@ -476,7 +483,31 @@ def test_credentials_only_by_secret_reference(full_render, full_values):
         assert env["TZ"]["value"] == "UTC"
     assert runner["MRICT_PSEUDONYM_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "mrct-pseudonym", "key": "hmac-key"}
     assert "MRICT_PSEUDONYM_KEY" not in worker, "only the runner makes pseudonyms"
-    assert not set(expected) & set(scheduler), "the scheduler never touches the data"
+    dw = full_values["dicomweb"]
+    pacs = {"MRICT_DICOMWEB_USER": dw["userKey"], "MRICT_DICOMWEB_PASSWORD": dw["passwordKey"],
+            "MRICT_DICOMWEB_TOKEN": dw["tokenKey"]}
+    for env in (runner, worker):  # the runner scans the PACS, the workers fetch the pairs' instances
+        for var, key in pacs.items():
+            assert env[var]["valueFrom"]["secretKeyRef"] == {"name": dw["credentialsSecret"], "key": key}
+            assert "value" not in env[var]
+    assert not (set(expected) | set(pacs)) & set(scheduler), "the scheduler never touches the data"
+
+
+def test_dicomweb_input_takes_its_token_from_a_secret(chart, default_render):
+    values = _merge(REQUIRED, {"inputUrl": "dicomweb+https://pacs.example.org/dicom-web",
+                               "dicomweb": {"credentialsSecret": "pacs", "userKey": "", "passwordKey": "",
+                                            "tokenKey": "token"}})
+    docs, _ = render(chart, values)
+    objs = _operator_objects(docs["DaskJob"])
+    _, run = _parse_run(_container(objs["runner"]["spec"], "job")["args"])
+    assert run.params["input_url"] == values["inputUrl"]
+    for env in (_env(_container(objs["runner"]["spec"], "job")),
+                _env(_container(objs["worker"]["spec"]["template"]["spec"], "worker"))):
+        pacs = {k: v for k, v in env.items() if k.startswith("MRICT_DICOMWEB_")}
+        assert pacs == {"MRICT_DICOMWEB_TOKEN": {"name": "MRICT_DICOMWEB_TOKEN",
+                                                 "valueFrom": {"secretKeyRef": {"name": "pacs", "key": "token"}}}}
+    default_env = _env(_container(default_render[0]["DaskJob"]["spec"]["job"]["spec"], "job"))
+    assert not [k for k in default_env if k.startswith("MRICT_DICOMWEB_")], "no Secret named: no credentials"
 
 
 def test_scheduling_values_reach_their_pods(full_render, full_values):

@@ -56,6 +56,24 @@ def _store_blobs(fs, root: str) -> list[tuple[str, bytes]]:
     return [(p, fs.cat_file(p)) for p in fs.find(root)]
 
 
+def _assert_nothing_leaks(manifest: dict, logs: list[bytes], written: list[tuple[str, bytes]], ds,
+                          secrets: tuple[str, ...]) -> None:
+    """No planted identifier and no secret in the logs, the store's strings and attrs, or any file written."""
+    assert any(p.endswith(".png") for p, _ in written), "the report should hold QA figures"
+    strings = "\n".join(str(v) for name in ("patient", "split", "status") for v in np.ravel(ds[name].values))
+    attrs = json.dumps(ds.attrs, default=str)
+    haystacks = [("log", b"\n".join(logs)), ("store strings", strings.encode()), ("attrs", attrs.encode())]
+    haystacks += [(p, blob) for p, blob in written]
+    haystacks += [(p + " (png text)", _png_text(blob)) for p, blob in written if p.endswith(".png")]
+
+    markers = _markers(manifest)
+    assert len(markers) >= 20
+    leaks = [(m, where) for m in markers for where, blob in haystacks if m.encode() in blob]
+    assert not leaks, leaks[:10]
+    for secret in secrets:
+        assert not [where for where, blob in haystacks if secret.encode() in blob], secret
+
+
 def test_no_identifier_or_credential_leaves_the_work_area(corpus, s3, tmp_path):
     src = upload_tree(corpus.url, s3, "in/dicom")
     out = s3.url("out", "store.zarr")
@@ -76,20 +94,8 @@ def test_no_identifier_or_credential_leaves_the_work_area(corpus, s3, tmp_path):
 
     fs = s3.fs()
     written = _store_blobs(fs, out) + _store_blobs(fs, out + "-report")
-    assert any(p.endswith(".png") for p, _ in written), "the report should hold QA figures"
     ds = xr.open_zarr(out, storage_options=so)
-    strings = "\n".join(str(v) for name in ("patient", "split", "status") for v in np.ravel(ds[name].values))
-    attrs = json.dumps(ds.attrs, default=str)
-    haystacks = [("log", b"\n".join(logs)), ("store strings", strings.encode()), ("attrs", attrs.encode())]
-    haystacks += [(p, blob) for p, blob in written]
-    haystacks += [(p + " (png text)", _png_text(blob)) for p, blob in written if p.endswith(".png")]
-
-    markers = _markers(corpus.manifest)
-    assert len(markers) >= 20
-    leaks = [(m, where) for m in markers for where, blob in haystacks if m.encode() in blob]
-    assert not leaks, leaks[:10]
-    for secret in (ACCESS_KEY, SECRET_KEY):
-        assert not [where for where, blob in haystacks if secret.encode() in blob], secret
+    _assert_nothing_leaks(corpus.manifest, logs, written, ds, secrets=(ACCESS_KEY, SECRET_KEY))
 
     # the pseudonyms follow the contract and the private mapping lives in the work area only
     from mrict_dask.pseudonym import pseudonym
@@ -98,3 +104,33 @@ def test_no_identifier_or_credential_leaves_the_work_area(corpus, s3, tmp_path):
     expected = {pseudonym(b"privacy-test-key", pid) for pid in ids}
     assert set(ds["patient"].values) <= expected
     assert fs.exists(work + "/plan.json")
+
+
+def _local_blobs(root: str) -> list[tuple[str, bytes]]:
+    out = []
+    for folder, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(folder, f), "rb") as fh:
+                out.append((os.path.join(folder, f), fh.read()))
+    return out
+
+
+def test_dicomweb_input_leaks_no_identifier_and_the_password_nowhere(corpus, orthanc, tmp_path):
+    """A PACS input: identifiers stay in the work area; the password is nowhere, the work area included."""
+    from .conftest import PACS_PASSWORD, PACS_USER
+
+    out, work = str(tmp_path / "store.zarr"), str(tmp_path / "private-work")
+    env = dict(os.environ, MRICT_DICOMWEB_USER=PACS_USER, MRICT_DICOMWEB_PASSWORD=PACS_PASSWORD)
+    config = fast_config_file(tmp_path / "fast.yaml")
+    logs = []
+    for _ in range(2):  # computed, then resumed over the same store, both at -vv
+        args = [sys.executable, "-m", "mrict_dask.cli", "-vv", "run", orthanc.dicomweb_url, out, "--work", work,
+                "--config", config, "--workers", "2", "--pseudonym-key", "privacy-test-key"]
+        proc = subprocess.run(args, capture_output=True, env=env, timeout=900)
+        logs.append(proc.stdout + proc.stderr)
+        assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    written = _local_blobs(out) + _local_blobs(out + "-report")
+    _assert_nothing_leaks(corpus.manifest, logs, written, xr.open_zarr(out), secrets=(PACS_PASSWORD,))
+    private = _local_blobs(work)
+    assert {os.path.basename(p) for p, _ in private} >= {"catalog.parquet", "plan.json"}
+    assert not [p for p, blob in private if PACS_PASSWORD.encode() in blob]

@@ -56,8 +56,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "mrict-dask.configPath" -}}/etc/mrict-dask/pipeline.yaml{{- end }}
 
 {{/*
-Storage environment for the pods that touch the data (job runner and workers; not the scheduler).
-Credentials are references to an existing Secret only.
+Storage environment for the pods that touch the data (job runner and workers; not the scheduler):
+object storage and the DICOMweb input. Credentials are references to an existing Secret only.
 */}}
 {{- define "mrict-dask.storageEnv" -}}
 {{- with .Values.s3.endpoint }}
@@ -85,6 +85,17 @@ Credentials are references to an existing Secret only.
     secretKeyRef:
       name: {{ . | quote }}
       key: {{ $.Values.s3.sessionTokenKey | quote }}
+{{- end }}
+{{- end }}
+{{- with .Values.dicomweb.credentialsSecret }}
+{{- range $var, $key := dict "MRICT_DICOMWEB_USER" $.Values.dicomweb.userKey "MRICT_DICOMWEB_PASSWORD" $.Values.dicomweb.passwordKey "MRICT_DICOMWEB_TOKEN" $.Values.dicomweb.tokenKey }}
+{{- if $key }}
+- name: {{ $var }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $.Values.dicomweb.credentialsSecret | quote }}
+      key: {{ $key | quote }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- with .Values.env }}
