@@ -22,14 +22,16 @@ CATALOG_COLUMNS: tuple[str, ...] = (
     "gantry_tilt", "acquisition_number", "echo_time", "echo_numbers", "repetition_time", "inversion_time",
     "scanning_sequence", "sequence_variant", "sequence_name", "mr_acquisition_type", "contrast_agent",
     "convolution_kernel", "body_part", "manufacturer", "frame_positions", "pixel_data_offset", "pixel_data_ok",
+    "acquisition_time", "temporal_position", "trigger_time", "diffusion_b_value", "diffusion_direction",
 )
 
 # Column kinds, for the DataFrame dtypes and the Parquet schema.
 _INT_COLS = ("size", "series_number", "instance_number", "rows", "columns", "number_of_frames", "bits_allocated",
-             "samples_per_pixel", "pixel_padding_value", "acquisition_number", "echo_numbers", "pixel_data_offset")
+             "samples_per_pixel", "pixel_padding_value", "acquisition_number", "echo_numbers", "pixel_data_offset",
+             "temporal_position")
 _FLOAT_COLS = ("slice_thickness", "spacing_between_slices", "rescale_slope", "rescale_intercept", "gantry_tilt",
-               "echo_time", "repetition_time", "inversion_time")
-_LIST_COLS = ("image_position", "image_orientation", "pixel_spacing")
+               "echo_time", "repetition_time", "inversion_time", "trigger_time", "diffusion_b_value")
+_LIST_COLS = ("image_position", "image_orientation", "pixel_spacing", "diffusion_direction")
 _BOOL_COLS = ("is_dicomdir", "pixel_data_ok")
 _NESTED_COLS = ("frame_positions",)
 

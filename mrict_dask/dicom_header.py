@@ -89,16 +89,34 @@ _FIELDS: tuple[tuple[str, int, str], ...] = (
     ("convolution_kernel", 0x00181210, "mstr"),
     ("body_part", 0x00180015, "str"),
     ("manufacturer", 0x00080070, "str"),
+    # what tells the volumes of a 4D series apart (time, diffusion weighting)
+    ("acquisition_time", 0x00080032, "str"),
+    ("temporal_position", 0x00200100, "int"),
+    ("trigger_time", 0x00181060, "float"),
+    ("diffusion_b_value", 0x00189087, "float"),
+    ("diffusion_direction", 0x00189089, "floats3"),
 )
+# Vendors' private diffusion tags (classic single-frame MR), each trusted only under its private creator:
+# (column, private creator element, the creator's name, tag, kind).
+_PRIVATE_DIFFUSION: tuple[tuple[str, int, str, int, str], ...] = (
+    ("diffusion_b_value", 0x00190010, "SIEMENS MR HEADER", 0x0019100C, "float"),
+    ("diffusion_direction", 0x00190010, "SIEMENS MR HEADER", 0x0019100E, "floats3"),
+    ("diffusion_b_value", 0x00430010, "GEMS_PARM_01", 0x00431039, "float"),
+    ("diffusion_b_value", 0x20010010, "Philips Imaging DD 001", 0x20011003, "float"),
+)
+_GE_GRADIENT = (0x00190010, "GEMS_ACQU_01", (0x001910BB, 0x001910BC, 0x001910BD))
 _PIXEL_REPRESENTATION = 0x00280103
 _SHARED_FG = 0x52009229
 _PER_FRAME_FG = 0x52009230
 # Everything else is skipped by seeking, without being read or decoded.
 _SPECIFIC_TAGS = sorted({t for _, t, _ in _FIELDS} | {_PIXEL_REPRESENTATION, _SHARED_FG, _PER_FRAME_FG}
+                        | {t for _, c, _, t, _ in _PRIVATE_DIFFUSION} | {c for _, c, _, _, _ in _PRIVATE_DIFFUSION}
+                        | {_GE_GRADIENT[0], *_GE_GRADIENT[2]}
                         | set(_DICOMDIR_TAGS[:4]))
 
 # Implicit VR files carry no VR: the dictionary VR of the binary-valued tags we read.
-_BINARY_VR = {0x00280010: "US", 0x00280011: "US", 0x00280100: "US", 0x00280002: "US", 0x00280103: "US",
+_BINARY_VR = {0x00189087: "FD", 0x00189089: "FD", 0x0019100E: "FD", 0x20011003: "FL",
+              0x00280010: "US", 0x00280011: "US", 0x00280100: "US", 0x00280002: "US", 0x00280103: "US",
               0x00280120: "US or SS"}
 _BINARY_CODES = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d", "UV": "Q", "SV": "q"}
 _CHARSET_VRS = {"SH", "LO", "ST", "LT", "UT", "UC", "PN"}
@@ -348,6 +366,40 @@ def _fill_fields(row: dict, ds: Any) -> None:
             _fill_functional_groups(row, ds)
         except Exception:
             log.debug("functional groups unreadable", exc_info=True)
+    if row["diffusion_b_value"] is None or row["diffusion_direction"] is None:
+        _fill_private_diffusion(row, ds, els)
+
+
+def _fill_private_diffusion(row: dict, ds: Any, els: dict[int, Any]) -> None:
+    """b-value and gradient direction from the vendor's private tags, where the standard ones are absent."""
+
+    def creator(tag: int) -> str:
+        raw = els.get(tag)
+        try:
+            return (_text(raw, ds) or "") if raw is not None else ""
+        except Exception:
+            return ""
+
+    for col, creator_tag, name, tag, kind in _PRIVATE_DIFFUSION:
+        raw = els.get(tag)
+        if row[col] is not None or raw is None or creator(creator_tag).upper() != name.upper():
+            continue
+        try:
+            value = _convert(raw, ds, tag, kind)
+        except Exception:
+            continue
+        if col == "diffusion_b_value" and value is not None:
+            value = float(value) % 1e9  # GE adds 1e9 (or multiples) to flag how the b-value was set
+        row[col] = value
+    creator_tag, name, tags = _GE_GRADIENT
+    if row["diffusion_direction"] is None and all(t in els for t in tags) and \
+            creator(creator_tag).upper() == name.upper():
+        try:
+            vec = [_convert(els[t], ds, t, "float") for t in tags]
+            if all(v is not None for v in vec):
+                row["diffusion_direction"] = [float(v) for v in vec]
+        except Exception:
+            pass
 
 
 def _meta_str(meta: Any, tag: int) -> str | None:
