@@ -342,11 +342,13 @@ def _elements(ds: Any) -> dict[int, Any]:
     return els
 
 
-def _fill_fields(row: dict, ds: Any) -> None:
+def _fill_fields(row: dict, ds: Any, end: int | None = None) -> None:
+    """Fill ``row`` from ``ds``; with ``end`` (the file is cut there), only from values that end before it: what
+    a cut value holds depends on how many bytes were read, never on the file."""
     els = _elements(ds)
     for col, tag, kind in _FIELDS:
         raw = els.get(tag)
-        if raw is None:
+        if raw is None or (end is not None and _runs_past(raw, end)):
             continue
         try:
             row[col] = _convert(raw, ds, tag, kind)
@@ -400,6 +402,11 @@ def _fill_private_diffusion(row: dict, ds: Any, els: dict[int, Any]) -> None:
                 row["diffusion_direction"] = [float(v) for v in vec]
         except Exception:
             pass
+
+
+def _runs_past(raw: Any, end: int) -> bool:
+    start, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
+    return start is None or length is None or length == 0xFFFFFFFF or start + length > end
 
 
 def _meta_str(meta: Any, tag: int) -> str | None:
@@ -637,7 +644,7 @@ def _parse(url: str, buf: bytes, size: int) -> dict | int:
         if isinstance(problem, _NeedMore):
             return problem.end
         if fast_ds is not None:
-            _fill_fields(row, fast_ds)
+            _fill_fields(row, fast_ds, end=size if isinstance(problem, _Truncated) else None)
         if isinstance(problem, _Truncated):
             row["read_error"] = (f"truncated: a value at byte {problem.pos} needs {problem.n} bytes, "
                                  f"the file ends at {problem.size}")
@@ -648,7 +655,7 @@ def _parse(url: str, buf: bytes, size: int) -> dict | int:
         if isinstance(sio.problem, _NeedMore):
             return sio.problem.end
         if fast_ds is not None:
-            _fill_fields(row, fast_ds)
+            _fill_fields(row, fast_ds, end=size)
         p = sio.problem
         row["read_error"] = f"truncated: a value at byte {p.pos} needs {p.n} bytes, the file ends at {p.size}"
         return row
