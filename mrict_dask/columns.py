@@ -27,8 +27,12 @@ class Coded:
     values: list[str]
 
     def text(self, i: int) -> str:
-        k = int(self.codes[i])
-        return self.values[k] if k >= 0 else ""
+        """The value of row ``i`` ('' when missing)."""
+        return self.text_of(int(self.codes[i]))
+
+    def text_of(self, code: int) -> str:
+        """The value a code stands for ('' for -1)."""
+        return self.values[int(code)] if code >= 0 else ""
 
     def most_common(self, rows: np.ndarray) -> str | None:
         """The most frequent non-blank value among ``rows`` (ties: the one seen first), or None."""
@@ -125,13 +129,14 @@ def _bools(col: Any) -> np.ndarray:
 
 
 _TEXT = ("read_error", "sop_class_uid", "series_uid", "study_uid", "patient_id", "series_description", "study_date",
-         "series_date", "convolution_kernel", "body_part", "scanning_sequence", "sequence_variant", "sequence_name",
-         "mr_acquisition_type", "contrast_agent", "echo_numbers", "acquisition_number", "image_type")
+         "study_time", "series_date", "series_time", "convolution_kernel", "body_part", "scanning_sequence",
+         "sequence_variant", "sequence_name", "mr_acquisition_type", "contrast_agent", "echo_numbers",
+         "acquisition_number", "image_type", "photometric", "temporal_position", "acquisition_time")
 _NUMBERS = ("series_number", "rows", "columns", "number_of_frames", "slice_thickness", "echo_time",
-            "repetition_time", "inversion_time")
+            "repetition_time", "inversion_time", "trigger_time", "diffusion_b_value")
 PLAN_COLUMNS: tuple[str, ...] = (
     "url", "is_dicomdir", "pixel_data_ok", "modality", "sop_instance_uid", "image_position", "image_orientation",
-    "pixel_spacing", "frame_positions", *_TEXT, *_NUMBERS)
+    "pixel_spacing", "frame_positions", "diffusion_direction", *_TEXT, *_NUMBERS)
 """The catalog columns the planner reads."""
 
 
@@ -155,6 +160,7 @@ class Columns:
         self.ipp = _vectors(column("image_position"), 3)
         self.iop = _vectors(column("image_orientation"), 6)
         self.pixel_spacing = _vectors(column("pixel_spacing"), 2)
+        self.diffusion_direction = _vectors(column("diffusion_direction"), 3)
         self.is_dicomdir = _bools(column("is_dicomdir")) == 1
         self.pixel_data_ok = _bools(column("pixel_data_ok"))
         frames = self.num["number_of_frames"]

@@ -18,13 +18,14 @@ from .errors import ConfigError
 @dataclass(frozen=True)
 class PlanConfig:
     max_days: int = 183
-    pair_all: bool = False  # every admissible MR/CT study pair per patient, not only the closest
+    pair_all: bool = False  # every admissible MR/CT session pair per patient, not only the closest
+    session_hours: float = 12.0  # studies of one modality on one date, or this close in time: one session
     split_ratios: tuple[float, float, float] = (0.70, 0.15, 0.15)
-    # MR series selection: SeriesDescription regexes tried in order (first match class wins),
-    # then thinner slices. Case-insensitive.
-    mr_prefer: tuple[str, ...] = (r"t1.*(post|\+c|gd|contrast|ce\b|mprage.*post)", r"t1", r"mprage|spgr|bravo|tfe")
-    mr_reject: tuple[str, ...] = (r"loc|scout|survey|localizer|dwi|adc|perfusion|dti|swi",)
-    ct_reject: tuple[str, ...] = (r"scout|topo|localizer|bone|lung|dose|mip",)
+    # MR: what counts as T1-weighted, as SeriesDescription/SequenceName regexes (case-insensitive; sequence tags
+    # count too). With several, an earlier one ranks first, after contrast (see mrict_dask/selection.py).
+    mr_prefer: tuple[str, ...] = (r"t1|mp-?rage|spgr|bravo|tfe|flash|fl3d|vibe|tfl",)
+    mr_reject: tuple[str, ...] = (r"(?<![a-z])(loc|scout|survey|localizer|dwi|adc|perfusion|dti|swi)(?![a-z])",)
+    ct_reject: tuple[str, ...] = (r"scout|topo|localizer|dose|mip",)
     gap_tolerance: float = 0.2  # relative deviation of slice spacing from its median that counts as a gap
     allow_gantry_tilt: bool = True  # tilted CT is resampled onto an orthogonal grid
 
@@ -157,6 +158,7 @@ def _typed(where: str, default: Any, value: Any) -> Any:
 # (key, test, what it must be): values of the right type that would still fail mid-run
 _RULES: tuple[tuple[str, Any, str], ...] = (
     ("plan.max_days", lambda v: v >= 0, "at least 0"),
+    ("plan.session_hours", lambda v: v >= 0, "at least 0 (hours)"),
     ("plan.split_ratios", lambda v: len(v) == 3 and min(v) >= 0 and sum(v) > 0, "three shares >= 0 (train, val, test)"),
     ("plan.gap_tolerance", lambda v: v > 0, "> 0"),
     ("registration.mr_bins", lambda v: v >= 2, "at least 2"),

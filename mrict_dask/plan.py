@@ -1,9 +1,14 @@
-"""Plan: catalog -> stacks -> chosen MR/CT series per study -> MR/CT pairs per patient -> patient-level split.
+"""Plan: catalog -> stacks (volumes) -> imaging sessions -> the best MR and CT volume per session -> MR/CT
+session pairs per patient -> patient-level split.
 
-Plain pandas on the driver, no pixel reading. Every candidate stack gets a decision ("chosen", "not chosen",
-"refused") with its reason, and every patient without a pair gets an exclusion reason starting with one of
-:data:`EXCLUSION_REASONS`. The plan JSON is private (file URLs, UIDs, the PatientID -> pseudonym map); what
-:meth:`Plan.summary` prints is not (pseudonyms, counts and reasons only).
+Works on the catalog's columns on the driver, no pixel reading. A session is a patient's studies of one modality
+on one date (or within ``plan.session_hours``): sites store a session as one study or as one study per
+sequence, and candidates are compared across the whole session either way (:mod:`mrict_dask.selection` says
+how, with the evidence). Every series gets a decision ("chosen", "not chosen", "refused") with its reason, its
+session, and for candidates their rank and evidence; a series holding several volumes (4D: diffusion, perfusion,
+multi-echo) is one entry with its volume count. Every patient without a pair gets an exclusion reason starting
+with one of :data:`EXCLUSION_REASONS`. The plan JSON is private (file URLs, UIDs, the PatientID -> pseudonym
+map); what :meth:`Plan.summary` prints is not (pseudonyms, counts and reasons only).
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import math
 import re
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, fields
@@ -21,39 +25,13 @@ import numpy as np
 
 from .config import Config, PlanConfig
 from .pseudonym import keyed_fraction, pseudonym, short_hash
+from .selection import Candidate, evaluate
 from .stacks import CatalogStacks, Stack
 from .types import PairSpec
 
 log = logging.getLogger(__name__)
 
 EXCLUSION_REASONS = ("no MR study", "no CT study", "no usable MR series", "no usable CT series", "too far apart")
-
-AXIAL_MAX_ANGLE_DEG = 45.0
-"""A stack is axial(-ish) when its slice normal is within this angle of the patient's head-foot axis. Oblique
-axial acquisitions and tilted CT gantries stay well inside it; sagittal and coronal stacks are far outside."""
-
-MIN_EXTENT_MM = 60.0
-"""Least coverage along the slice normal (first to last slice centre) for a stack to be registered to a head
-template; localizer and partial-coverage stacks fall below it."""
-
-MIN_FOV_MM = 100.0
-"""Least in-plane field of view (along each image axis) for a head volume."""
-
-T1_MAX_TR_MS, T1_MAX_TE_MS = 800.0, 30.0
-"""Spin-echo/gradient-echo T1 weighting from sequence tags: short TR and short TE."""
-
-T1_IR_TI_MS = (300.0, 1300.0)
-"""Inversion-prepared gradient echo (MPRAGE/BRAVO-like) T1: inversion time in this range with a short TE."""
-
-OTHER_WEIGHTING = re.compile(r"t2|flair|\bpd\b|proton|dwi|diff|adc|swi|perf|stir|dti|tof|angio", re.I)
-"""A description naming another weighting: tags never turn such a series into a T1."""
-
-BONE_KERNEL = re.compile(r"bone|sharp|lung|edge|detail|^[bhj]r?[6-9]\d", re.I)
-"""Reconstruction kernels that are sharp/bone (GE BONE/BONEPLUS/LUNG/EDGE/DETAIL, Siemens B/H/J 60 and up):
-ranked after soft-tissue kernels for the CT."""
-
-HEAD_BODY_PART = re.compile(r"head|brain|skull|neuro|cran|cerebr", re.I)
-
 
 # ------------------------------------------------------------------------------------------------ records
 @dataclass
@@ -130,120 +108,6 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-# ------------------------------------------------------------------------------------------------ selection
-@dataclass
-class _Candidate:
-    stack: Stack
-    modality: str
-    eligible: bool
-    reason: str  # why not eligible, or what it is (for the "chosen"/ranking reasons)
-    rank: tuple = ()
-    entry: dict = field(default_factory=dict)  # the plan's series record (shared, updated in place)
-
-
-def _as_patterns(v: Any) -> tuple[str, ...]:
-    # a lone string would otherwise be iterated character by character
-    return (v,) if isinstance(v, str) else tuple(v)
-
-
-def _axial_angle(stack: Stack) -> float:
-    n = stack.geometry.normal
-    return math.degrees(math.acos(min(1.0, abs(float(n[2])) / float(np.linalg.norm(n)))))
-
-
-def _coverage(stack: Stack) -> str | None:
-    g = stack.geometry
-    extent = g.spacing[2] * (g.size[2] - 1)
-    if extent < MIN_EXTENT_MM:
-        return (f"too little coverage ({g.size[2]} slices over {extent:.0f} mm; a head volume needs "
-                f"{MIN_EXTENT_MM:.0f} mm)")
-    fov = min(g.spacing[0] * g.size[0], g.spacing[1] * g.size[1])
-    if fov < MIN_FOV_MM:
-        return f"field of view too small ({fov:.0f} mm; a head volume needs {MIN_FOV_MM:.0f} mm)"
-    return None
-
-
-def _mr_text(info: dict) -> tuple[str, str]:
-    """(text the selection rules match, what the tags said): description + sequence name + weighting from tags."""
-    desc = " ".join(x for x in (info.get("description"), info.get("sequence_name")) if x)
-    tr, te, ti = info.get("repetition_time"), info.get("echo_time"), info.get("inversion_time")
-    seq = (info.get("scanning_sequence") or "").upper()
-    tags = ""
-    if not OTHER_WEIGHTING.search(desc):
-        short_tr_te = tr is not None and te is not None and tr < T1_MAX_TR_MS and te < T1_MAX_TE_MS
-        ir_gradient_echo = (ti is not None and T1_IR_TI_MS[0] <= ti <= T1_IR_TI_MS[1] and te is not None and te < 10
-                            and ("GR" in seq or not seq))
-        if short_tr_te or ir_gradient_echo:
-            tags = "t1"
-        if tags and info.get("contrast_agent"):
-            tags += " post contrast"
-    return (desc + (" " + tags if tags else "")).strip(), tags
-
-
-def _evaluate_mr(st: Stack, cfg: PlanConfig) -> _Candidate:
-    info = st.info
-    text, tags = _mr_text(info)
-    post = re.search(r"post|\+c|gd|contrast", text, re.I)
-    if info.get("contrast_agent") and re.search(r"t1", text, re.I) and not post:
-        text += " post contrast"  # ContrastBolusAgent set on a T1: post-contrast whatever the description says
-    for pat in _as_patterns(cfg.mr_reject):
-        if re.search(pat, info.get("description") or "", re.I):
-            return _Candidate(st, "MR", False, f"rejected by rule '{pat}' on its description")
-    angle = _axial_angle(st)
-    if angle > AXIAL_MAX_ANGLE_DEG:
-        return _Candidate(st, "MR", False, f"not axial (slice normal {angle:.0f} degrees from the head-foot axis)")
-    cov = _coverage(st)
-    if cov:
-        return _Candidate(st, "MR", False, cov)
-    prefer = _as_patterns(cfg.mr_prefer)
-    plain = " ".join(x for x in (info.get("description"), info.get("sequence_name")) if x)
-    by_desc = next((i for i, pat in enumerate(prefer) if re.search(pat, plain, re.I)), None)
-    cls = next((i for i, pat in enumerate(prefer) if re.search(pat, text, re.I)), None)
-    if cls is None:
-        return _Candidate(st, "MR", False, "not T1-weighted by the selection rules (description and sequence tags)")
-    g = st.geometry
-    from_tags = " (weighting/contrast from sequence tags)" if by_desc != cls else ""
-    what = f"rule {cls + 1} of {len(prefer)}{from_tags}, {g.spacing[2]:.2f} mm slices"
-    rank = (cls, round(g.spacing[2], 3), -g.size[2], info.get("series_number") or 0, st.key)
-    return _Candidate(st, "MR", True, what, rank)
-
-
-def _evaluate_ct(st: Stack, cfg: PlanConfig) -> _Candidate:
-    info = st.info
-    for pat in _as_patterns(cfg.ct_reject):
-        if re.search(pat, info.get("description") or "", re.I):
-            return _Candidate(st, "CT", False, f"rejected by rule '{pat}' on its description")
-    angle = _axial_angle(st)
-    if angle > AXIAL_MAX_ANGLE_DEG:
-        return _Candidate(st, "CT", False, f"not axial (slice normal {angle:.0f} degrees from the head-foot axis)")
-    cov = _coverage(st)
-    if cov:
-        return _Candidate(st, "CT", False, cov)
-    kernel = info.get("convolution_kernel") or ""
-    bone = bool(BONE_KERNEL.search(kernel.replace("\\", " ")))
-    body = info.get("body_part") or ""
-    not_head = bool(body) and not HEAD_BODY_PART.search(body)
-    g = st.geometry
-    what = ("bone/sharp kernel" if bone else "soft-tissue kernel") + (f", body part '{body}'" if not_head else "") + \
-        f", {g.spacing[2]:.2f} mm slices"
-    rank = (int(bone), int(not_head), round(g.spacing[2], 3), -g.size[2], info.get("series_number") or 0, st.key)
-    return _Candidate(st, "CT", True, what, rank)
-
-
-def _choose(cands: list[_Candidate]) -> _Candidate | None:
-    """Mark the best eligible candidate of a study "chosen" and give every other one its reason."""
-    eligible = sorted((c for c in cands if c.eligible), key=lambda c: c.rank)
-    best = eligible[0] if eligible else None
-    for c in cands:
-        if c is best:
-            c.entry.update(decision="chosen", reason=f"best {c.modality} series of its study ({c.reason})")
-        elif c.eligible:
-            c.entry.update(decision="not chosen", reason=f"ranked below {best.stack.label} ({c.reason})")
-        elif c.entry["decision"] != "refused":
-            c.entry.update(decision="not chosen", reason=c.reason)
-    return best
-
-
 # ------------------------------------------------------------------------------------------------ planning
 def _date(info: dict) -> dt.date | None:
     for k in ("study_date", "series_date"):
@@ -255,6 +119,18 @@ def _date(info: dict) -> dt.date | None:
             except ValueError:
                 continue
     return None
+
+
+def _when(info: dict) -> dt.datetime | None:
+    """The study's date and time (StudyTime, else SeriesTime; midnight when neither is readable)."""
+    day = _date(info)
+    if day is None:
+        return None
+    for k in ("study_time", "series_time"):
+        m = re.match(r"^(\d{2})(\d{2})?(\d{2})?", (info.get(k) or "").replace(":", "").strip())
+        if m and int(m[1]) < 24 and int(m[2] or 0) < 60 and int(m[3] or 0) < 60:
+            return dt.datetime.combine(day, dt.time(int(m[1]), int(m[2] or 0), int(m[3] or 0)))
+    return dt.datetime.combine(day, dt.time())
 
 
 def split_of(key: bytes, patient_id: str, ratios: tuple[float, float, float]) -> str:
@@ -305,108 +181,184 @@ def make_plan(catalog: Any, config: Config | PlanConfig | None = None, key: byte
 
 
 @dataclass
-class _Option:
-    """A possible MR/CT pair of one patient: the chosen series of an MR study and of a CT study."""
+class _Session:
+    """A patient's studies of one modality close together in time: where candidates are compared."""
 
-    mr: _Candidate
-    ct: _Candidate
-    mr_study: str
-    ct_study: str
+    modality: str
+    label: str  # "MR session 1", in time order (PHI-free)
+    start: dt.datetime | None
+    studies: list[str] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
+    chosen: Candidate | None = None
+
+
+def _sessions(modality: str, studies: dict[str, list[Stack]], hours: float) -> list[_Session]:
+    """Group studies into sessions: the same date, or within ``hours`` of the previous study (in time order).
+    A study without a readable date is a session of its own."""
+    when = {uid: _when(stacks[0].info) for uid, stacks in studies.items()}
+    order = sorted(studies, key=lambda u: (when[u] is None, when[u] or dt.datetime.min, u))
+    out: list[_Session] = []
+    for uid in order:
+        t, last = when[uid], out[-1] if out else None
+        prev = when[last.studies[-1]] if last is not None else None
+        same = t is not None and prev is not None and (
+            t.date() == prev.date() or abs((t - prev).total_seconds()) <= hours * 3600)
+        if not same:
+            last = _Session(modality, f"{modality} session {len(out) + 1}", t)
+            out.append(last)
+        last.studies.append(uid)
+    return out
+
+
+@dataclass
+class _Option:
+    """A possible MR/CT pair of one patient: the chosen volumes of an MR session and of a CT session."""
+
+    mr: Candidate
+    ct: Candidate
+    mr_session: str
+    ct_session: str
     days: int  # CT study date minus MR study date
 
     @property
     def order(self) -> tuple:
-        """Closest in time first; then the better-ranked series; then study UIDs (deterministic)."""
-        return (abs(self.days), self.mr.rank, self.ct.rank, self.mr_study, self.ct_study)
+        """Closest in time first; then the better-ranked volumes; then the sessions' order (deterministic)."""
+        return (abs(self.days), self.mr.rank, self.ct.rank, self.mr_session, self.ct_session)
+
+
+def _entry_key(st: Stack) -> str:
+    """The plan entry a stack belongs to: one per stack, one for all volumes of a split series."""
+    return st.key if st.split is None else f"{st.series_uid}|split{st.split.group}"
+
+
+def _choose(session: _Session) -> None:
+    """Rank the session's eligible candidates, choose the best, and give every candidate its decision."""
+    eligible = sorted((c for c in session.candidates if c.eligible), key=lambda c: c.rank)
+    session.chosen = eligible[0] if eligible else None
+    n = len(eligible)
+    for c in session.candidates:
+        if c is session.chosen:
+            c.decision = "chosen"
+            c.why = f"best {c.modality} volume of {session.label} ({c.summary})"
+        elif c.eligible:
+            c.decision = "not chosen"
+            c.why = f"ranked {eligible.index(c) + 1} of {n} in {session.label}, below {session.chosen.stack.label} " \
+                    f"({c.summary})"
+        elif c.stack.usable:
+            c.decision, c.why = "not chosen", c.reason
+        else:
+            c.decision, c.why = "refused", c.reason
 
 
 def _plan_patient(plan: Plan, pid: str, pseud: str, stacks: list[Stack], cfg: PlanConfig,
                   key: bytes) -> list[dict]:
-    studies: dict[str, dict[str, list[_Candidate]]] = defaultdict(lambda: {"MR": [], "CT": []})
-    dates: dict[str, dt.date | None] = {}
-    has_modality = {"MR": False, "CT": False}
+    by_modality: dict[str, dict[str, list[Stack]]] = {"MR": defaultdict(list), "CT": defaultdict(list)}
+    others: list[Stack] = []
     for st in sorted(stacks, key=lambda s: (s.info.get("study_uid", ""), s.info.get("series_number") or 0, s.key)):
-        info = st.info
-        mod = info.get("modality", "")
-        entry = {"patient": pseud, "modality": mod, "description": info.get("description", ""),
-                 "series_number": info.get("series_number"), "n_files": st.n_files,
-                 "decision": "refused" if not st.usable else "not chosen", "reason": st.refused or "",
-                 "notes": list(st.notes), "series_uid": st.series_uid, "stack": st.key,
-                 "study_uid": info.get("study_uid", "")}
-        plan.series.append(entry)
-        if mod not in ("MR", "CT"):
-            if st.usable:
-                entry["reason"] = f"modality {mod or 'unknown'} is neither MR nor CT"
-            continue
-        has_modality[mod] = True
-        study = info.get("study_uid", "")
-        dates.setdefault(study, _date(info))
-        if st.usable:
-            cand = (_evaluate_mr if mod == "MR" else _evaluate_ct)(st, cfg)
-        else:
-            cand = _Candidate(st, mod, False, st.refused or "refused")
-        cand.entry = entry
-        studies[study][mod].append(cand)
-
-    chosen: dict[str, dict[str, _Candidate]] = {"MR": {}, "CT": {}}
-    why_not: dict[str, list[str]] = {"MR": [], "CT": []}
-    for study, by_mod in studies.items():
-        for mod in ("MR", "CT"):
-            if not by_mod[mod]:
-                continue
-            best = _choose(by_mod[mod])
-            if best is not None:
-                chosen[mod][study] = best
-            else:
-                why_not[mod].extend(f"{c.stack.label}: {c.reason}" for c in by_mod[mod])
+        mod = st.info.get("modality", "")
+        (by_modality[mod][st.info.get("study_uid", "")] if mod in by_modality else others).append(st)
+    sessions: dict[str, list[_Session]] = {}
+    candidates: list[tuple[_Session | None, Candidate]] = []
+    for mod, studies in by_modality.items():
+        sessions[mod] = _sessions(mod, studies, cfg.session_hours)
+        for session in sessions[mod]:
+            for uid in session.studies:
+                for st in studies[uid]:
+                    cand = evaluate(st, mod, cfg) if st.usable else Candidate(st, mod, False, st.refused or "refused")
+                    session.candidates.append(cand)
+                    candidates.append((session, cand))
+            _choose(session)
+    for st in others:
+        mod = st.info.get("modality", "")
+        cand = Candidate(st, mod, False, st.refused or f"modality {mod or 'unknown'} is neither MR nor CT")
+        cand.decision, cand.why = ("not chosen" if st.usable else "refused"), cand.reason
+        candidates.append((None, cand))
 
     def exclude(reason: str) -> list[dict]:
         plan.exclusions.append({"patient": pseud, "reason": reason})
         for mod in ("MR", "CT"):
-            for c in chosen[mod].values():
-                c.entry.update(decision="not chosen",
-                               reason=f"best {mod} series of its study, but the patient has no pair ({_head(reason)})")
+            for session in sessions[mod]:
+                if session.chosen is not None:
+                    session.chosen.decision = "not chosen"
+                    session.chosen.why = f"best {mod} volume of {session.label}, but the patient has no pair " \
+                                         f"({_head(reason)})"
         return []
 
-    if not has_modality["MR"]:
-        return exclude("no MR study")
-    if not has_modality["CT"]:
-        return exclude("no CT study")
-    if not chosen["MR"]:
-        return exclude("no usable MR series: " + _brief(why_not["MR"]))
-    if not chosen["CT"]:
-        return exclude("no usable CT series: " + _brief(why_not["CT"]))
+    def finish(pairs: list[dict]) -> list[dict]:
+        plan.series.extend(_entries(pseud, candidates))
+        return pairs
+
+    if not sessions["MR"]:
+        return finish(exclude("no MR study"))
+    if not sessions["CT"]:
+        return finish(exclude("no CT study"))
+    chosen = {mod: [s for s in sessions[mod] if s.chosen is not None] for mod in ("MR", "CT")}
+    for mod in ("MR", "CT"):
+        if not chosen[mod]:
+            why = [f"{c.stack.label}: {c.reason}" for s in sessions[mod] for c in s.candidates]
+            return finish(exclude(f"no usable {mod} series: " + _brief(why)))
 
     options: list[_Option] = []
     gaps = []
-    for ms, mc in chosen["MR"].items():
-        for cs, cc in chosen["CT"].items():
-            if dates.get(ms) is None or dates.get(cs) is None:
+    for ms in chosen["MR"]:
+        for cs in chosen["CT"]:
+            md, cd = _date(ms.chosen.stack.info), _date(cs.chosen.stack.info)
+            if md is None or cd is None:
                 continue
-            days = (dates[cs] - dates[ms]).days
+            days = (cd - md).days
             gaps.append(abs(days))
             if abs(days) <= cfg.max_days:
-                options.append(_Option(mc, cc, ms, cs, days))
+                options.append(_Option(ms.chosen, cs.chosen, ms.label, cs.label, days))
     if not options:
         if not gaps:
-            return exclude("too far apart: study dates are missing, the gap cannot be measured")
-        return exclude(f"too far apart: the closest MR and CT studies are {min(gaps)} days apart "
-                       f"(at most {cfg.max_days} allowed)")
+            return finish(exclude("too far apart: study dates are missing, the gap cannot be measured"))
+        return finish(exclude(f"too far apart: the closest MR and CT sessions are {min(gaps)} days apart "
+                              f"(at most {cfg.max_days} allowed)"))
     options.sort(key=lambda o: o.order)
     picked = options if cfg.pair_all else options[:1]
     used = {id(o.mr) for o in picked} | {id(o.ct) for o in picked}
     for mod in ("MR", "CT"):
-        for c in chosen[mod].values():
-            if id(c) not in used:
-                c.entry.update(decision="not chosen",
-                               reason=f"best {mod} series of its study, but another study pairs closer in time")
+        for session in chosen[mod]:
+            if id(session.chosen) not in used:
+                session.chosen.decision = "not chosen"
+                session.chosen.why = f"best {mod} volume of {session.label}, but another session pairs closer in time"
     split = split_of(key, pid, cfg.split_ratios)
-    return [{
+    return finish([{
         "pair_id": f"{pseud}-{short_hash(key, o.mr.stack.series_uid, o.ct.stack.series_uid)}",
         "patient": pseud, "split": split, "days_apart": int(o.days),
         "mr_files": o.mr.stack.urls, "ct_files": o.ct.stack.urls,
         "mr_series_uid": o.mr.stack.series_uid, "ct_series_uid": o.ct.stack.series_uid,
-    } for o in picked]
+    } for o in picked])
+
+
+_DECISION_ORDER = {"chosen": 0, "not chosen": 1, "refused": 2}
+
+
+def _entries(pseud: str, candidates: list[tuple[_Session | None, Candidate]]) -> list[dict]:
+    """The plan's series records: one per stack, one per split series (the best of its volumes speaks for it)."""
+    groups: dict[str, list[tuple[_Session | None, Candidate]]] = {}
+    for session, cand in candidates:
+        groups.setdefault(_entry_key(cand.stack), []).append((session, cand))
+    out = []
+    for members in groups.values():
+        session, best = min(members, key=lambda m: (_DECISION_ORDER.get(m[1].decision, 3), m[1].rank or ()))
+        st = best.stack
+        info = st.info
+        rank = None
+        if session is not None and best.eligible:
+            ranked = sorted((c for c in session.candidates if c.eligible), key=lambda c: c.rank)
+            rank = ranked.index(best) + 1
+        entry = {"patient": pseud, "modality": best.modality, "description": info.get("description", ""),
+                 "series_number": info.get("series_number"), "n_files": sum(m[1].stack.n_files for m in members),
+                 "decision": best.decision, "reason": best.why or best.reason, "notes": list(st.notes),
+                 "series_uid": st.series_uid, "stack": st.key, "study_uid": info.get("study_uid", ""),
+                 "session": session.label if session is not None else "", "rank": rank,
+                 "evidence": list(best.evidence)}
+        if st.split is not None:
+            entry.update(volumes=st.split.count, split_by=st.split.by, volume_kind=st.split.kind,
+                         volume=st.split.label if best.decision == "chosen" else None)
+        out.append(entry)
+    return out
 
 
 def _brief(reasons: list[str], n: int = 3) -> str:

@@ -6,6 +6,7 @@ the actual files. Reasons name the series by its description and number, never b
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,56 @@ IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.130": "Enhanced PET Image",
 }
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+# Objects that travel with images but are none (first matching prefix names them in reasons).
+NON_IMAGE_SOP_CLASSES = (
+    ("1.2.840.10008.5.1.4.1.1.66.4", "segmentation (SEG)"),
+    ("1.2.840.10008.5.1.4.1.1.66", "registration or raw data object"),
+    ("1.2.840.10008.5.1.4.1.1.481.3", "RT structure set (RTSTRUCT)"),
+    ("1.2.840.10008.5.1.4.1.1.481.2", "RT dose (RTDOSE)"),
+    ("1.2.840.10008.5.1.4.1.1.481", "radiotherapy object (RT)"),
+    ("1.2.840.10008.5.1.4.1.1.88.59", "key object selection (KO)"),
+    ("1.2.840.10008.5.1.4.1.1.88", "structured report (SR)"),
+    ("1.2.840.10008.5.1.4.1.1.11", "presentation state (PR)"),
+    ("1.2.840.10008.5.1.4.1.1.104", "encapsulated document"),
+)
+MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+SCOUT_TOKENS = {"LOCALIZER", "SCOUT", "TOPOGRAM", "SURVIEW"}
+SCOUT_WORDS = re.compile(r"(?<![a-z])(scout|topogram|topo|locali[sz]er|loc|surview|scanogram|survey|pilot)"
+                         r"(?![a-z])", re.I)
+"""A series description naming a scout, whatever its ImageType says (some exports leave LOCALIZER out)."""
+PROJECTION_TOKENS = {"MIP", "MINIP", "MNIP", "MAX_IP", "MIN_IP", "MAXIP", "MINIMUM", "MAXIMUM", "PROJECTION IMAGE",
+                     "VOLUME RENDERING", "VR", "SSD", "CPR", "CURVED"}
+SUBTRACTION_TOKENS = {"SUBTRACTION", "SUB", "SUBTRACT", "DIFFERENCE"}
+MAP_TOKENS = {"ADC", "EADC", "FA", "TRACE", "TRACEW", "TENSOR", "CBF", "CBV", "MTT", "TTP", "TMAX", "T1 MAP",
+              "T2 MAP", "T1MAP", "T2MAP", "T2_STAR_MAP", "R2_STAR", "R2STAR", "MOSAIC", "FUSED", "COLOR", "COLOUR"}
+"""ImageType values of derived images that are not a tissue volume: projections, subtractions, parameter maps,
+fused or colour images, mosaics. Other derived images (reformats, MPRs) are volumes, ranked after originals."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """This volume's place among the volumes of one series that hold the same positions (4D, repeats).
+
+    ``kind``: "diffusion" (b-value and gradient direction), "dynamic" (time points: perfusion, DCE, fMRI),
+    "echo" (multi-echo) or "repeat" (a few repeated acquisitions); ``by``: the tags that told them apart.
+    """
+
+    group: int  # the split within its series (one series can hold several, e.g. one per orientation)
+    index: int
+    count: int
+    kind: str
+    by: str
+    label: str  # this volume, e.g. "b=1000 direction (0.71, 0.71, 0.00)", "time point 3 of 20", "echo 2"
+
+    @property
+    def name(self) -> str:
+        """A short file-name-safe tag of this volume."""
+        return re.sub(r"[^A-Za-z0-9]+", "_", self.label).strip("_")[:40]
+
+
+DYNAMIC_MIN_VOLUMES = 3
+"""Volumes told apart by time (or acquisition) from this many on are a dynamic series (perfusion, DCE, fMRI);
+two are repeated acquisitions, each a candidate volume."""
 
 
 @dataclass(eq=False)
@@ -42,6 +93,7 @@ class Stack:
     refused: str | None = None  # the reason, PHI-free; None when usable
     notes: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)  # header facts the selection rules use
+    split: Split | None = None  # set when this stack is one volume of a series holding several
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -79,20 +131,33 @@ def _image_type_tokens(v: Any) -> list[str]:
     return [x.strip().upper() for x in text(v).split("\\")] if text(v) else []
 
 
-def non_volume_reason(image_type: Any, sop_class_uid: Any, rows: Any = None) -> str | None:
-    """Why instances of this kind never enter a volume (localizer, derived, non-image), or None."""
+def non_volume_reason(image_type: Any, sop_class_uid: Any, rows: Any = None, photometric: Any = None,
+                      description: Any = None) -> str | None:
+    """Why instances of this kind never enter a volume (non-image objects, colour images, scouts, projections,
+    subtractions, parameter maps), or None. Derived reformats are volumes (ranked after originals)."""
     sop = text(sop_class_uid)
     tokens = _image_type_tokens(image_type)
+    shown = "\\".join(tokens)
     if sop.startswith(_SECONDARY_CAPTURE_PREFIX):
         return "secondary capture (not an acquired image)"
     if sop and sop not in IMAGE_SOP_CLASSES:
-        return f"not a CT/MR image (SOP class {sop})"
+        name = next((n for prefix, n in NON_IMAGE_SOP_CLASSES if sop.startswith(prefix)), "")
+        return f"not a CT/MR image: {name} (SOP class {sop})" if name else f"not a CT/MR image (SOP class {sop})"
     if not number(rows):
         return "no image pixels"
-    if "LOCALIZER" in tokens or "SCOUT" in tokens:
-        return "localizer/scout (ImageType " + "\\".join(tokens) + ")"
-    if (tokens[:1] == ["DERIVED"]) or (len(tokens) > 1 and tokens[1] == "SECONDARY"):
-        return "derived/secondary image (ImageType " + "\\".join(tokens) + ")"
+    colour = text(photometric).upper()
+    if colour and colour not in MONOCHROME:
+        return f"colour image (PhotometricInterpretation {colour}), not a grey-scale acquisition"
+    if SCOUT_TOKENS & set(tokens):
+        return f"localizer/scout (ImageType {shown})"
+    if SCOUT_WORDS.search(text(description)):
+        return f"localizer/scout (series description '{text(description)}')"
+    if PROJECTION_TOKENS & set(tokens):
+        return f"projection image (MIP or rendering; ImageType {shown}), not a volume of tissue values"
+    if SUBTRACTION_TOKENS & set(tokens):
+        return f"subtraction image (ImageType {shown})"
+    if MAP_TOKENS & set(tokens):
+        return f"derived map or fused image (ImageType {shown})"
     return None
 
 
@@ -155,15 +220,15 @@ def _group_keys(c: Columns) -> np.ndarray:
 
 def _nonvolume(c: Columns) -> Coded:
     """Per row, why the instance never enters a volume (:func:`non_volume_reason`), -1 if it may."""
-    sop, it = c["sop_class_uid"], c["image_type"]
+    sop, it, ph, desc = c["sop_class_uid"], c["image_type"], c["photometric"], c["series_description"]
     has_rows = (np.nan_to_num(c.num["rows"]) != 0).astype(np.int64)
-    key = np.stack([sop.codes, it.codes, has_rows], axis=1)
+    key = np.stack([sop.codes, it.codes, has_rows, ph.codes, desc.codes], axis=1)
     uniq, inverse = np.unique(key, axis=0, return_inverse=True)
     values: list[str] = []
     code_of: dict[str, int] = {}
     per_uniq = np.full(len(uniq), -1, dtype=np.int64)
-    for u, (s, t, r) in enumerate(uniq):
-        why = non_volume_reason(it.values[t] if t >= 0 else None, sop.values[s] if s >= 0 else None, int(r))
+    for u, (s, t, r, p, d) in enumerate(uniq):
+        why = non_volume_reason(it.text_of(t), sop.text_of(s), int(r), ph.text_of(p), desc.text_of(d))
         if why:
             if why not in code_of:
                 code_of[why] = len(values)
@@ -294,43 +359,52 @@ def _series_stacks(cs: CatalogStacks, good: np.ndarray, bad: np.ndarray, series_
                 label.append("echo/image type/matrix group")
             groups.append((", ".join(label), np.asarray(sub, dtype=np.int64)))
 
-    # dedupe, split by acquisition when positions repeat, then geometry
-    final: list[tuple[np.ndarray, list[str], str | None]] = []
+    # a handful of images in several planes is a scout, whatever its tags say
+    if 0 < len(kept) <= SCOUT_MAX_IMAGES and len(groups) > 1 and \
+            len({int(o) for o in _orientation_clusters(c.iop[kept])}) > 1:
+        out.append(new_stack(kept, "", refused=f"localizer/scout ({len(kept)} images in several planes)"))
+        groups = []
+
+    # dedupe; volumes that share positions told apart (4D series, repeats); then geometry
+    final: list[tuple[np.ndarray, list[str], str | None, Split | None]] = []
+    n_splits = 0
     for label, group in groups:
         notes = [label] if label else []
         sub = _dedupe(c, group)
         if len(sub) < len(group):
             notes.append(f"{len(group) - len(sub)} duplicate file(s) of one instance ignored")
         if len(sub) == 1 and c.frames[sub[0]] > 1:
-            final.append((sub, notes, None))
+            final.append((sub, notes, None, None))
             continue
         pos = c.ipp[sub]
         if np.isnan(pos).any():
-            final.append((sub, notes, "missing ImagePositionPatient"))
+            final.append((sub, notes, "missing ImagePositionPatient", None))
             continue
         try:
             _, _, nrm = unit_axes(c.iop[sub[0]])
         except Refusal as err:
-            final.append((sub, notes, str(err)))
+            final.append((sub, notes, str(err), None))
             continue
         t = pos @ nrm
         if has_repeats(t):
-            acq = np.asarray([c["acquisition_number"].text(i) for i in sub], dtype=object)
-            values = sorted(set(acq.tolist()), key=_num_key)
-            if len(values) > 1 and not any(has_repeats(t[acq == v]) for v in values):
-                for v in values:
-                    final.append((sub[acq == v], [*notes, f"acquisition {v}"], None))
+            volumes = _split_volumes(c, sub, t, n_splits)
+            if volumes:
+                n_splits += 1
+                for vol, split in volumes:
+                    final.append((vol, [*notes, split.label] if split.kind == "repeat" else notes, None, split))
                 continue
             k = int(len(t) - len(unique_positions(t)))
             final.append((sub, notes, f"duplicate slice positions: {k} image(s) at an already occupied position "
-                                      "with a different instance"))
+                                      "with a different instance", None))
             continue
-        final.append((sub, notes, None))
+        final.append((sub, notes, None, None))
+    _mark_echo_splits(c, final, n_splits)
 
     multi_stack = len(final) > 1
-    for i, (sub, notes, refused) in enumerate(final):
+    for i, (sub, notes, refused, split) in enumerate(final):
         suffix = f"#{i + 1}" if multi_stack else ""
         st = new_stack(sub, suffix, refused=refused, notes=notes)
+        st.split = split
         if not refused:
             try:
                 st.geometry, order = _catalog_geometry(c, sub, config)
@@ -362,6 +436,86 @@ def _series_stacks(cs: CatalogStacks, good: np.ndarray, bad: np.ndarray, series_
                     continue
                 st.refused = f"a file of this stack is unreadable ({problem})"
     return out
+
+
+SCOUT_MAX_IMAGES = 3
+"""A series of at most this many images spread over several planes is a scout (two or three plane localizer)."""
+
+
+def _volume_keys(c: Columns, rows: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
+    """(kind, tags, per-row value) that may tell the volumes of a 4D series apart, most specific first."""
+    b = c.num["diffusion_b_value"][rows]
+    d = c.diffusion_direction[rows]
+    keys: list[tuple[str, str, np.ndarray]] = []
+    if np.isfinite(b).any():
+        diff = np.array([f"b={bv:g}" + ("" if not np.isfinite(dv).all() or bv == 0 or not np.any(dv) else
+                                          f" direction ({dv[0]:.2f}, {dv[1]:.2f}, {dv[2]:.2f})")
+                         if np.isfinite(bv) else "b unknown" for bv, dv in zip(b, d)], dtype=object)
+        keys.append(("diffusion", "DiffusionBValue and gradient direction", diff))
+        for name, tag in (("acquisition_number", "AcquisitionNumber"), ("temporal_position",
+                                                                         "TemporalPositionIdentifier")):
+            codes = c[name].codes[rows]
+            if (codes >= 0).any():
+                keys.append(("diffusion", f"DiffusionBValue, gradient direction and {tag}",
+                             np.array([f"{x} ({tag} {c[name].text_of(k)})" for x, k in zip(diff, codes)],
+                                      dtype=object)))
+    for name, tag in (("temporal_position", "TemporalPositionIdentifier"), ("acquisition_number", "AcquisitionNumber"),
+                      ("acquisition_time", "AcquisitionTime")):
+        keys.append(("time", tag, np.array([c[name].text(i) for i in rows], dtype=object)))
+    trig = c.num["trigger_time"][rows]
+    if np.isfinite(trig).any():
+        keys.append(("time", "TriggerTime", np.array([f"{v:.1f}" if np.isfinite(v) else "" for v in trig],
+                                                     dtype=object)))
+    return keys
+
+
+def _split_volumes(c: Columns, sub: np.ndarray, t: np.ndarray, group: int) -> list[tuple[np.ndarray, Split]]:
+    """The volumes of a stack whose positions repeat, told apart by the first tag that leaves none repeating
+    inside a volume; [] when none does (the stack is refused: it cannot be assembled without guessing)."""
+    for key_kind, tags, values in _volume_keys(c, sub):
+        distinct = sorted(set(values.tolist()), key=_num_key)
+        if len(distinct) < 2 or any(has_repeats(t[values == v]) for v in distinct):
+            continue
+        n = len(distinct)
+        kind = key_kind if key_kind != "time" else "dynamic" if n >= DYNAMIC_MIN_VOLUMES else "repeat"
+        out = []
+        for i, v in enumerate(distinct):
+            if kind == "diffusion":
+                label = v
+            elif kind == "dynamic":
+                label = f"time point {i + 1} of {n}"
+            elif tags == "AcquisitionNumber":
+                label = f"acquisition {v}"
+            else:
+                label = f"{tags} {v or 'missing'}"
+            out.append((sub[values == v], Split(group=group, index=i, count=n, kind=kind, by=tags, label=label)))
+        return out
+    return []
+
+
+def _mark_echo_splits(c: Columns, final: list, first_group: int) -> None:
+    """Volumes of one series and orientation that differ only by echo (multi-echo): one split of kind "echo"."""
+    shapes: dict[tuple, list[int]] = {}
+    echo: dict[int, tuple[str, float | None]] = {}
+    for j, (sub, _, refused, split) in enumerate(final):
+        if split is not None or refused or len(sub) < 2:
+            continue
+        i = int(sub[0])
+        key = (tuple(np.round(c.iop[i], 4)), c.number("rows", i), c.number("columns", i),
+               tuple(np.round(c.pixel_spacing[i], 4)), int(c["image_type_upper"].codes[i]))
+        shapes.setdefault(key, []).append(j)
+        echo[j] = (c["echo_numbers"].text(i), c.number("echo_time", i))
+    group = first_group
+    for members in shapes.values():
+        if len(members) < 2 or len({echo[j] for j in members}) < len(members):
+            continue
+        members.sort(key=lambda j: (_num_key(echo[j][0]), echo[j][1] or 0.0))
+        for i, j in enumerate(members):
+            number_, te = echo[j]
+            label = f"echo {number_ or i + 1}" + (f" (TE {te:g} ms)" if te is not None else "")
+            final[j] = (*final[j][:3], Split(group=group, index=i, count=len(members), kind="echo",
+                                             by="EchoNumbers/EchoTime", label=label))
+        group += 1
 
 
 def _catalog_geometry(c: Columns, sub: np.ndarray, config: PlanConfig) -> tuple[Geometry, np.ndarray]:

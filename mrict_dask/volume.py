@@ -286,7 +286,8 @@ def _assemble(datasets: list[Any], label: str, cfg: PlanConfig) -> sitk.Image:  
     modality = str(datasets[0].get("Modality", "")).upper()
     fill = CT_FILL if modality == "CT" else MR_FILL
     for d in datasets:
-        why = non_volume_reason(d.get("ImageType"), d.get("SOPClassUID"), d.get("Rows"))
+        why = non_volume_reason(d.get("ImageType"), d.get("SOPClassUID"), d.get("Rows"),
+                                d.get("PhotometricInterpretation"), d.get("SeriesDescription"))
         if why:
             raise VolumeError(f"{label}: instance {d.get('InstanceNumber', '?')} is a {why}")
     if len({str(d.get("SeriesInstanceUID", "")) for d in datasets}) > 1:

@@ -64,7 +64,7 @@ def decisions(plan: Plan) -> dict[str, tuple[str, str]]:
 
 
 # --------------------------------------------------------------------------------------------- selection
-def test_mr_selection_prefers_t1_post_contrast_then_thin_slices_and_says_why():
+def test_mr_selection_prefers_t1_post_contrast_then_thin_slices_any_orientation_and_says_why():
     st = uid()
     cat = catalog(
         series_rows("A", st, "20200101", "MR", "AX T1 POST GD", step=3.0, n=50, number=5),
@@ -80,14 +80,19 @@ def test_mr_selection_prefers_t1_post_contrast_then_thin_slices_and_says_why():
     plan = make_plan(cat, Config(), KEY)
     d = decisions(plan)
     assert d["AX T1 POST GD thin"][0] == "chosen"
-    assert d["AX T1 POST GD"] == ("not chosen", d["AX T1 POST GD"][1])
-    assert "ranked below series 'AX T1 POST GD thin' #6" in d["AX T1 POST GD"][1]
-    assert d["AX T1 pre"][0] == "not chosen" and "rule 2" in d["AX T1 pre"][1]
+    # every T1 is ranked in the session, whatever its orientation: post-contrast, then the finer voxel
+    ranks = {s["description"]: s["rank"] for s in plan.series}
+    assert [ranks[k] for k in ("AX T1 POST GD thin", "SAG T1 POST", "AX T1 POST GD", "AX T1 pre")] == [1, 2, 3, 4]
+    assert d["AX T1 POST GD"][0] == "not chosen"
+    assert "ranked 3 of 4 in MR session 1, below series 'AX T1 POST GD thin' #6" in d["AX T1 POST GD"][1]
+    assert "voxel 0.90x0.90x3.00 mm" in d["AX T1 POST GD"][1]
+    assert d["AX T1 pre"][0] == "not chosen" and "no contrast agent" in d["AX T1 pre"][1]
+    assert d["SAG T1 POST"][0] == "not chosen" and "sagittal" in d["SAG T1 POST"][1]
     assert d["AX T2 FSE"] == ("not chosen", "not T1-weighted by the selection rules (description and sequence tags)")
     assert d["AX FLAIR"][0] == "not chosen"
     assert d["3-pl loc"][0] == "refused" and d["3-pl loc"][1].startswith("localizer")
-    assert d["SAG T1 POST"][0] == "not chosen" and d["SAG T1 POST"][1].startswith("not axial")
     assert all(s["reason"] for s in plan.series)
+    assert {s["session"] for s in plan.series} == {"MR session 1", "CT session 1"}
     assert len(plan.pairs) == 1 and len(plan.pairs[0].mr_files) == 150
 
 
@@ -102,7 +107,8 @@ def test_mr_weighting_and_contrast_from_sequence_tags():
     plan = make_plan(cat, Config(), KEY)
     chosen = [s for s in plan.series if s["decision"] == "chosen" and s["modality"] == "MR"]
     assert [s["series_number"] for s in chosen] == [9]  # post-contrast by tag outranks thinner pre-contrast
-    assert "from sequence tags" in chosen[0]["reason"]
+    assert "T1-weighted by its sequence tags (TR 8 ms, TE 3 ms)" in chosen[0]["reason"]
+    assert "post-contrast (ContrastBolusAgent 'GADAVIST')" in chosen[0]["evidence"]
     se = next(s for s in plan.series if s["series_number"] == 4)
     assert se["reason"].startswith("not T1-weighted")
 
@@ -123,9 +129,13 @@ def test_ct_selection_soft_kernel_thinnest_no_scout():
     plan = make_plan(cat, Config(), KEY)
     d = decisions(plan)
     assert d["Head 2mm"][0] == "chosen"
-    assert d["Head 5mm"][0] == "not chosen" and "ranked below series 'Head 2mm' #5" in d["Head 5mm"][1]
-    assert d["Head 1mm bone recon"][0] == "not chosen" and "rejected by rule" in d["Head 1mm bone recon"][1]
-    assert d["Head 1mm sharp"][0] == "not chosen" and "bone/sharp kernel" in d["Head 1mm sharp"][1]
+    assert d["Head 5mm"][0] == "not chosen" and "below series 'Head 2mm' #5" in d["Head 5mm"][1]
+    # soft tissue before thinness: the thinner bone-kernel reconstructions rank after both soft-tissue ones
+    ranks = {s["description"]: s["rank"] for s in plan.series}
+    assert ranks["Head 2mm"] == 1 and ranks["Head 5mm"] == 2
+    assert {ranks["Head 1mm bone recon"], ranks["Head 1mm sharp"]} == {3, 4}
+    assert "bone/sharp kernel 'H70h'" in d["Head 1mm bone recon"][1]
+    assert "bone/sharp kernel 'BONEPLUS'" in d["Head 1mm sharp"][1]
     assert d["Topogram"][0] == "refused" and d["Topogram"][1].startswith("localizer")
     assert d["Dose Report"][0] == "refused"
     assert plan.pairs[0].ct_files[0].startswith("/data/A/")
@@ -171,7 +181,7 @@ def test_pairing_closest_studies_and_every_exclusion_reason():
     # the other MR study of the paired patient says why it was not used
     mr = [s for s in plan.series if s["patient"] == ps["pair-close"] and s["modality"] == "MR"]
     assert sorted(s["decision"] for s in mr) == ["chosen", "not chosen"]
-    assert "another study pairs closer in time" in next(s["reason"] for s in mr if s["decision"] == "not chosen")
+    assert "another session pairs closer in time" in next(s["reason"] for s in mr if s["decision"] == "not chosen")
 
 
 def test_max_days_and_pair_all_options():

@@ -529,9 +529,14 @@ def test_catalog_split_by_echo_and_localizer_dropped(tmp_path):
                        origin=(0, 0, 100))
     stacks = stacks_from_catalog(header_catalog(e1.files + e2.files + loc.files + der.files), PlanConfig())
     usable = [s for s in stacks if s.usable]
-    assert sorted(tuple(s.urls) for s in usable) == sorted([tuple(e1.files), tuple(e2.files)])
+    # a derived reformat is a volume too (the selection ranks it after originals); the localizer never is
+    assert sorted(tuple(s.urls) for s in usable) == sorted([tuple(e1.files), tuple(e2.files), tuple(der.files)])
     refused = {s.refused.split(" ")[0]: set(s.urls) for s in stacks if not s.usable}
-    assert refused == {"localizer/scout": set(loc.files), "derived/secondary": set(der.files)}
+    assert refused == {"localizer/scout": set(loc.files)}
+    # the two echoes are two volumes of one multi-echo series, in echo order
+    echoes = sorted((s for s in usable if s.split is not None), key=lambda s: s.split.index)
+    assert [(tuple(s.urls), s.split.kind, s.split.count, s.split.label) for s in echoes] == [
+        (tuple(e1.files), "echo", 2, "echo 1 (TE 12 ms)"), (tuple(e2.files), "echo", 2, "echo 2 (TE 90 ms)")]
 
 
 def test_catalog_repeats_split_by_acquisition_but_contiguous_acquisitions_stay_one_stack(tmp_path):
@@ -635,7 +640,7 @@ def test_dicomdirtests_multislice_series_agree_with_dcm2niix(tmp_path):
     # the two-image CT scout: a localizer (dcm2niix stacks it as a 45 degree tilted volume)
     assert results[("Scout", 4, 2)].refused.startswith("localizer")
     # the 7 angiography projections: derived images in 7 orientations, never a volume
-    assert results[("ANGIO Projected from   C", 700, 7)].refused.startswith("derived")
+    assert results[("ANGIO Projected from   C", 700, 7)].refused.startswith("projection image")
 
 
 def test_oblique_handmade_series_agrees_with_dcm2niix(tmp_path):
@@ -677,7 +682,7 @@ def test_cli_export_series_scans_the_input(tmp_path):
     from mrict_dask.cli import main
 
     w = write_series(tmp_path / "in" / "HANDMADE-01" / "a", n=5, desc="AX T1 POST", number=3)
-    write_series(tmp_path / "in" / "HANDMADE-01" / "b", n=1, desc="SCOUT", number=1)
+    write_series(tmp_path / "in" / "HANDMADE-01" / "b", n=1, desc="AX T2 one slice", number=1)
     out = str(tmp_path / "vol.nii.gz")
     res = CliRunner().invoke(main, ["-q", "export-series", str(tmp_path / "in"), "--series", w.series_uid,
                                     "--out", out])

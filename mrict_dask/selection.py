@@ -1,0 +1,244 @@
+"""Which volume of a session to use: each candidate's eligibility and rank, with the evidence that decided them.
+
+Pure functions of one stack's header facts (:class:`~mrict_dask.stacks.Stack`) and the plan configuration; the
+planner (:mod:`mrict_dask.plan`) compares candidates across an imaging session. What a neuroradiologist preparing
+MR -> CT training data would choose, in order of what matters most:
+
+- MR: T1-weighted (description or sequence tags: short TR/TE, or an inversion-prepared gradient echo), never a
+  diffusion, perfusion or other dynamic series (whatever ContrastBolusAgent says); then post-contrast
+  (ContrastBolusAgent, or a description that says so and does not say "pre"), whole-head coverage, ORIGINAL
+  before DERIVED (a reformat), 3D before 2D, the finest voxel (worst axis, then volume).
+- CT: original reconstructions before reformats, soft-tissue before bone/sharp kernels, a head body part (when
+  given) before others, then the thinnest.
+
+Any orientation is a candidate: every volume is resampled onto the template grid anyway. Words that only look
+like contrast (e.g. "t1post1") do not count: a word must stand apart from letters and digits.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import PlanConfig
+from .stacks import Stack
+
+MIN_EXTENT_MM = 60.0
+"""Least coverage along the slice normal (first to last slice centre) for a stack to be registered to a head
+template; localizer and partial-coverage slabs fall below it."""
+
+MIN_FOV_MM = 100.0
+"""Least in-plane field of view (along each image axis) for a head volume."""
+
+HEAD_EXTENT_MM = (130.0, 160.0, 100.0)
+"""Extent (left-right, anterior-posterior, inferior-superior) a volume must span to count as covering the whole
+head; less is ranked after whole-head volumes (the brain is about 140 x 170 x 110 mm)."""
+
+T1_MAX_TR_MS, T1_MAX_TE_MS = 800.0, 30.0
+"""Spin-echo/gradient-echo T1 weighting from sequence tags: short TR and short TE."""
+
+T1_IR_TI_MS = (300.0, 1300.0)
+"""Inversion-prepared gradient echo (MPRAGE/BRAVO-like) T1: inversion time in this range with a short TE."""
+
+OTHER_WEIGHTING = re.compile(r"t2|flair|\bpd\b|proton|dwi|diff|adc|swi|perf|stir|dti|tof|angio", re.I)
+"""A description naming another weighting: tags never turn such a series into a T1."""
+
+POST_CONTRAST = re.compile(r"(?<![a-z])(post(?![a-z0-9])|gd(?![a-z])|gad|gado|\+c(?![a-z])|c\+|contrast|"
+                           r"enhanced)", re.I)
+PRE_CONTRAST = re.compile(r"(?<![a-z])(pre(?![a-z0-9])|wo(?![a-z])|w/o|without|non[\s_-]?(contrast|con|enh)|"
+                          r"noncon|unenhanced|native)", re.I)
+"""Descriptions saying post-contrast (and not pre-contrast: "T1 pre contrast" names both words)."""
+
+DIFFUSION_WORDS = re.compile(r"(?<![a-z])(dwi|dti|diff\w*|adc|trace|tensor|ep2d_diff)", re.I)
+DYNAMIC_WORDS = re.compile(r"(?<![a-z])(perf\w*|dsc|dce|pwi|bold|fmri|asl|pcasl|dynamic|dyn)(?![a-z])", re.I)
+
+BONE_KERNEL = re.compile(r"bone|sharp|lung|edge|detail|^[bhj]r?[6-9]\d", re.I)
+"""Reconstruction kernels that are sharp/bone (GE BONE/BONEPLUS/LUNG/EDGE/DETAIL, Siemens B/H/J 60 and up)."""
+
+HEAD_BODY_PART = re.compile(r"head|brain|skull|neuro|cran|cerebr", re.I)
+
+
+@dataclass
+class Candidate:
+    """One volume of a session, as the selection sees it: eligible (with evidence and rank) or not (reason)."""
+
+    stack: Stack
+    modality: str
+    eligible: bool
+    reason: str = ""  # why it is not eligible
+    evidence: list[str] = field(default_factory=list)  # what ranked it, most important first
+    rank: tuple = ()  # smaller is better
+    decision: str = ""  # set by the planner: chosen / not chosen / refused
+    why: str = ""  # set by the planner: the decision's reason
+
+    @property
+    def summary(self) -> str:
+        return "; ".join(self.evidence)
+
+
+def _as_patterns(v: Any) -> tuple[str, ...]:
+    # a lone string would otherwise be iterated character by character
+    return (v,) if isinstance(v, str) else tuple(v)
+
+
+def _rejected(info: dict, patterns: Any) -> str | None:
+    for pat in _as_patterns(patterns):
+        if re.search(pat, info.get("description") or "", re.I):
+            return f"rejected by rule '{pat}' on its description"
+    return None
+
+
+def coverage_problem(stack: Stack) -> str | None:
+    """Why a stack is too small to be a head volume, or None."""
+    g = stack.geometry
+    extent = g.spacing[2] * (g.size[2] - 1)
+    if extent < MIN_EXTENT_MM:
+        return (f"too little coverage ({g.size[2]} slices over {extent:.0f} mm; a head volume needs "
+                f"{MIN_EXTENT_MM:.0f} mm)")
+    fov = min(g.spacing[0] * g.size[0], g.spacing[1] * g.size[1])
+    if fov < MIN_FOV_MM:
+        return f"field of view too small ({fov:.0f} mm; a head volume needs {MIN_FOV_MM:.0f} mm)"
+    return None
+
+
+def patient_extent(stack: Stack) -> np.ndarray:
+    """Extent in mm of the volume's box along the patient's left-right, anterior-posterior, inferior-superior."""
+    g = stack.geometry
+    d = np.asarray(g.direction, float).reshape(3, 3)
+    axes = d * (np.asarray(g.size, float) * np.asarray(g.spacing, float))[None, :]  # columns: the box's edges
+    return np.abs(axes).sum(axis=1)
+
+
+def _voxel(stack: Stack) -> tuple[float, float, str]:
+    sp = [float(x) for x in stack.geometry.spacing]
+    return max(sp), float(np.prod(sp)), "x".join(f"{x:.2f}" for x in sp)
+
+
+def _kind_of_4d(stack: Stack) -> str | None:
+    """Diffusion or dynamic (perfusion, DCE, fMRI) series, from how its volumes split or what it says it is."""
+    split = stack.split
+    if split is not None and split.kind in ("diffusion", "dynamic"):
+        what = "diffusion-weighted" if split.kind == "diffusion" else "dynamic (perfusion, DCE or fMRI)"
+        return f"{what} series ({split.count} volumes told apart by {split.by})"
+    desc = " ".join(x for x in (stack.info.get("description"), stack.info.get("sequence_name")) if x)
+    if DIFFUSION_WORDS.search(desc):
+        return f"diffusion-weighted series (description '{stack.info.get('description', '')}')"
+    if DYNAMIC_WORDS.search(desc):
+        return f"dynamic series (perfusion, DCE or fMRI; description '{stack.info.get('description', '')}')"
+    return None
+
+
+def _t1_evidence(info: dict) -> tuple[str, str]:
+    """(text the T1 rules match: description, sequence name and 't1' when the tags say so; the tag evidence)."""
+    desc = " ".join(x for x in (info.get("description"), info.get("sequence_name")) if x)
+    tr, te, ti = info.get("repetition_time"), info.get("echo_time"), info.get("inversion_time")
+    seq = (info.get("scanning_sequence") or "").upper()
+    tags = ""
+    if not OTHER_WEIGHTING.search(desc):
+        short_tr_te = tr is not None and te is not None and tr < T1_MAX_TR_MS and te < T1_MAX_TE_MS
+        ir_gradient_echo = (ti is not None and T1_IR_TI_MS[0] <= ti <= T1_IR_TI_MS[1] and te is not None and te < 10
+                            and ("GR" in seq or not seq))
+        if short_tr_te:
+            tags = f"TR {tr:g} ms, TE {te:g} ms"
+        elif ir_gradient_echo:
+            tags = f"inversion-prepared gradient echo, TI {ti:g} ms, TE {te:g} ms"
+    return (desc + (" t1" if tags else "")).strip(), tags
+
+
+def contrast_evidence(info: dict) -> tuple[bool, str]:
+    """(post-contrast?, the evidence): ContrastBolusAgent first, then the description."""
+    agent = (info.get("contrast_agent") or "").strip()
+    if agent:
+        return True, f"post-contrast (ContrastBolusAgent '{agent}')"
+    desc = info.get("description") or ""
+    if POST_CONTRAST.search(desc) and not PRE_CONTRAST.search(desc):
+        return True, "post-contrast (its description)"
+    return False, "no contrast agent (tags and description)"
+
+
+def _derived(info: dict) -> bool:
+    return (info.get("image_type") or "").upper().split("\\")[0].strip() == "DERIVED"
+
+
+def evaluate_mr(stack: Stack, cfg: PlanConfig) -> Candidate:
+    info = stack.info
+    why = _rejected(info, cfg.mr_reject) or _kind_of_4d(stack)
+    if why:
+        return Candidate(stack, "MR", False, why + ("" if why.startswith("rejected") else ": never a T1 candidate"))
+    if "EP" in (info.get("scanning_sequence") or "").upper().split("\\"):
+        return Candidate(stack, "MR", False, "echo-planar acquisition (ScanningSequence EP): not a structural T1")
+    cov = coverage_problem(stack)
+    if cov:
+        return Candidate(stack, "MR", False, cov)
+    text, tags = _t1_evidence(info)
+    prefer = _as_patterns(cfg.mr_prefer)
+    cls = next((i for i, pat in enumerate(prefer) if re.search(pat, text, re.I)), None)
+    if cls is None:
+        return Candidate(stack, "MR", False, "not T1-weighted by the selection rules (description and sequence tags)")
+    by_desc = next((i for i, pat in enumerate(prefer)
+                    if re.search(pat, text.removesuffix(" t1") if tags else text, re.I)), None)
+    t1 = f"T1-weighted by its sequence tags ({tags})" if by_desc is None else "T1-weighted by its description"
+    if len(prefer) > 1:
+        t1 += f" (rule {cls + 1} of {len(prefer)})"
+    post, contrast = contrast_evidence(info)
+    extent = patient_extent(stack)
+    whole = bool(np.all(extent >= np.asarray(HEAD_EXTENT_MM)))
+    cover = ("covers the head" if whole else "partial head coverage") + \
+        f" ({extent[0]:.0f} x {extent[1]:.0f} x {extent[2]:.0f} mm)"
+    derived = _derived(info)
+    three_d = (info.get("mr_acquisition_type") or "").upper() == "3D"
+    worst, volume, shown = _voxel(stack)
+    evidence = [t1, contrast, cover, "DERIVED (a reformat)" if derived else "ORIGINAL",
+                "3D acquisition" if three_d else "2D acquisition", f"voxel {shown} mm, {orientation(stack)}"]
+    if stack.split is not None:
+        evidence.append(f"volume {stack.split.label} of {stack.split.count}")
+    rank = (int(not post), cls, int(not whole), int(derived), int(not three_d), round(worst, 1), round(volume, 2),
+            -stack.n_files, info.get("series_number") or 0, stack.key)
+    return Candidate(stack, "MR", True, evidence=evidence, rank=rank)
+
+
+def evaluate_ct(stack: Stack, cfg: PlanConfig) -> Candidate:
+    info = stack.info
+    why = _rejected(info, cfg.ct_reject)
+    if why:
+        return Candidate(stack, "CT", False, why)
+    if stack.split is not None and stack.split.kind == "dynamic":
+        return Candidate(stack, "CT", False, f"dynamic CT series ({stack.split.count} time points told apart by "
+                                             f"{stack.split.by}): not a single head CT")
+    cov = coverage_problem(stack)
+    if cov:
+        return Candidate(stack, "CT", False, cov)
+    kernel = (info.get("convolution_kernel") or "").replace("\\", " ").strip()
+    bone = bool(BONE_KERNEL.search(kernel))
+    body = info.get("body_part") or ""
+    not_head = bool(body) and not HEAD_BODY_PART.search(body)
+    derived = _derived(info)
+    worst, _, shown = _voxel(stack)
+    evidence = ["reformat (DERIVED)" if derived else "original reconstruction",
+                (f"bone/sharp kernel '{kernel}'" if bone else
+                 f"soft-tissue kernel '{kernel}'" if kernel else "kernel not given (taken as soft tissue)")]
+    if not_head:
+        evidence.append(f"body part '{body}'")
+    evidence.append(f"voxel {shown} mm, {orientation(stack)}")
+    if stack.split is not None:
+        evidence.append(f"volume {stack.split.label} of {stack.split.count}")
+    rank = (int(derived), int(bone), int(not_head), round(worst, 2), -stack.n_files, info.get("series_number") or 0,
+            stack.key)
+    return Candidate(stack, "CT", True, evidence=evidence, rank=rank)
+
+
+def evaluate(stack: Stack, modality: str, cfg: PlanConfig) -> Candidate:
+    """The candidate a usable stack of an MR or CT series makes."""
+    return (evaluate_mr if modality == "MR" else evaluate_ct)(stack, cfg)
+
+
+def orientation(stack: Stack) -> str:
+    """axial, coronal or sagittal (the patient axis closest to the slice normal), "oblique" beyond 10 degrees."""
+    n = np.abs(np.asarray(stack.geometry.normal, float))
+    k = int(np.argmax(n))
+    off = math.degrees(math.acos(min(1.0, float(n[k]) / float(np.linalg.norm(n)))))
+    return ("oblique " if off > 10 else "") + ("sagittal", "coronal", "axial")[k]
