@@ -1,6 +1,6 @@
 """The training loader: which slices it yields, bit-exact content, pickling, batches read at once (locally and
 through a real S3 server behind a latency proxy), the local shard cache, 3D patches, real torch DataLoader
-workers.
+workers, and the README's training example run as written.
 
 Every slice the tests write carries its own identity in two voxels (pair, z, split), so what the loader
 returns is checked against what was written, not against the loader's own bookkeeping.
@@ -11,6 +11,10 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -442,3 +446,28 @@ def test_torch_dataloader_reads_whole_batches_in_workers(built):
             seen.append(i)
     assert sorted(seen) == list(range(len(sp)))
 
+
+# --------------------------------------------------------------------------------------------- README
+def _readme_training_example() -> str:
+    """The first python block of the README's "Reading the store (training)" section, as written there."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")) as fh:
+        readme = fh.read()
+    section = readme.split("## Reading the store (training)", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "no python block in the README's training section"
+    return match.group(1)
+
+
+def test_readme_training_example_runs_as_written(built, tmp_path):
+    url, pairs, results = built
+    shutil.copytree(url, tmp_path / "out" / "store.zarr")
+    (tmp_path / "train_example.py").write_text(_readme_training_example())
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "train_example.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ok = sorted(i for i in results if pairs[i].split == "train")
+    n_slices = sum(int(results[i].slice_ok.sum()) for i in ok)
+    assert f"{n_slices} training slices from {len(ok)} pairs" in proc.stdout
+    assert re.search(r"MAE [0-9.]+ HU", proc.stdout), proc.stdout
