@@ -92,8 +92,6 @@ def plan_reads(reads: Sequence[Read]) -> tuple[list[Read], list[tuple[int, int, 
     Returns the reads to make and, for each read asked for, ``(which of them, offset in it, length)``; a length of
     None stands for the whole answer (suffix and to-the-end reads are never merged).
     """
-    if len(reads) == 1:
-        return list(reads), [(0, 0, None)]
     merged: list[Read] = []
     where: list[tuple[int, int, int | None] | None] = [None] * len(reads)
     ranged = sorted((i for i, (_, s, e) in enumerate(reads) if s >= 0 and e is not None),
@@ -354,6 +352,9 @@ class _Store:
         Object storage: all in one round trip (ranges of one object that touch merged into one request). Local
         files: each read just before its bytes are used, so they are still in the CPU cache when decoded.
         """
+        if len({key for key, _, _ in reads}) == len(reads):  # one read per object: nothing to merge
+            yield from enumerate(self.source.read(reads))
+            return
         merged, where = plan_reads(reads)
         parts: list[list[tuple[int, int, int | None]]] = [[] for _ in merged]
         for j, (i, offset, length) in enumerate(where):
