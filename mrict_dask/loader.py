@@ -227,7 +227,7 @@ class _ShardCache:
         self.files.close()
 
 
-def reader_storage_options(url: str, storage_options: dict | None) -> dict:
+def _reader_storage_options(url: str, storage_options: dict | None) -> dict:
     """The storage options the datasets read with: on S3, a connection pool as large as a batch's concurrent reads,
     unless the caller chose one (``config_kwargs.max_pool_connections``)."""
     import fsspec.core
@@ -296,7 +296,7 @@ class _Store:
         from .io import Location
 
         self.url = url
-        self.storage_options = reader_storage_options(url, storage_options)
+        self.storage_options = _reader_storage_options(url, storage_options)
         loc = Location.of(url, self.storage_options)
         self.pid = os.getpid()
         self._arrays: dict[str, _VolumeArray] = {}
