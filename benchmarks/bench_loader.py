@@ -176,7 +176,7 @@ def _server_ceiling(fs, root: str, sp, picks: list[int], batch: int) -> float:
         p, zz = sp.locate(i)
         for name in ("mr", "ct"):
             a = h.array(name)
-            off, nbytes = (int(v) for v in a.cached_index(p)[1][zz])
+            off, nbytes = a.cached_index(p)[1][zz]
             reads.append((f"{root}/{a.key(p)}", off, off + nbytes))
     groups = [reads[k:k + 2 * batch] for k in range(0, len(reads), 2 * batch)]
     fs.cat_ranges(*map(list, zip(*groups[0])))

@@ -41,6 +41,7 @@ _DTYPES = {"float32": np.dtype("<f4"), "bool": np.dtype("bool")}
 S3_CONNECTIONS = 64
 
 Read = tuple[str, int, int | None]  # (key below the store root, start, end): start < 0 reads the last -start bytes
+ShardIndex = list[tuple[int, int]]  # per z: (offset, length) of the slice's chunk in its shard; offset _EMPTY: none
 
 
 def _fill(meta: dict) -> Any:
@@ -251,20 +252,20 @@ class _VolumeArray:
         self.fast = self.decompress is not None
         self._zarr_factory = zarr_array_factory
         self._zarr = None
-        self._index: OrderedDict[int, np.ndarray | None] = OrderedDict()  # None: shard never written
+        self._index: OrderedDict[int, ShardIndex | None] = OrderedDict()  # None: shard never written
         self._index_cache = index_cache
         self.index_bytes = self.shape[1] * 16 + 4
 
     def key(self, p: int) -> str:
         return f"{self.name}/c/{p}/0/0/0"
 
-    def cached_index(self, p: int) -> tuple[bool, np.ndarray | None]:
+    def cached_index(self, p: int) -> tuple[bool, ShardIndex | None]:
         if p not in self._index:
             return False, None
         self._index.move_to_end(p)
         return True, self._index[p]
 
-    def set_index(self, p: int, tail: bytes | None) -> np.ndarray | None:
+    def set_index(self, p: int, tail: bytes | None) -> ShardIndex | None:
         """Parse (crc32c-checked) and cache the index at the end of pair ``p``'s shard; None: never written."""
         idx = None
         if tail is not None:
@@ -274,7 +275,8 @@ class _VolumeArray:
             if len(tail) != self.index_bytes or \
                     np.uint32(google_crc32c.value(tail[:-4])).tobytes() != tail[-4:]:
                 raise OSError(f"{self.name}: shard index of pair {p} is corrupt (crc32c mismatch)")
-            idx = np.frombuffer(tail[:-4], dtype="<u8").reshape(self.shape[1], 2)
+            # Python ints: looked up once per slice read, where numpy scalars would cost more than the lookup
+            idx = [tuple(row) for row in np.frombuffer(tail[:-4], dtype="<u8").reshape(self.shape[1], 2).tolist()]
         self._index[p] = idx
         if len(self._index) > self._index_cache:
             self._index.popitem(last=False)
@@ -364,9 +366,9 @@ class _Store:
                 yield j, (blob if length is None or isinstance(blob, Exception)
                           else memoryview(blob)[offset:offset + length])
 
-    def indexes(self, arrays: Sequence[_VolumeArray], pairs: Sequence[int]) -> dict[tuple[str, int], np.ndarray | None]:
+    def indexes(self, arrays: Sequence[_VolumeArray], pairs: Sequence[int]) -> dict[tuple[str, int], ShardIndex | None]:
         """Shard index of each (array, pair): cached ones, and the others read together."""
-        out: dict[tuple[str, int], np.ndarray | None] = {}
+        out: dict[tuple[str, int], ShardIndex | None] = {}
         need = []
         for p in dict.fromkeys(pairs):
             for a in arrays:
@@ -393,14 +395,13 @@ class _Store:
         for p, z0, z1 in items:
             row = []
             for a in arrays:
-                buf, ix = a.empty(z1 - z0), idx[a.name, p]
-                for z in range(z0, z1):
-                    if ix is None or int(ix[z, 0]) == _EMPTY:
-                        buf[z - z0] = a.fill
+                buf, ix, key = a.empty(z1 - z0), idx[a.name, p], a.key(p)
+                for k, (off, nbytes) in enumerate(ix[z0:z1] if ix is not None else [(_EMPTY, 0)] * (z1 - z0)):
+                    if off == _EMPTY:
+                        buf[k] = a.fill
                     else:
-                        off = int(ix[z, 0])
-                        reads.append((a.key(p), off, off + int(ix[z, 1])))
-                        dests.append((a, buf[z - z0]))
+                        reads.append((key, off, off + nbytes))
+                        dests.append((a, buf[k]))
                 row.append(buf)
             out.append(row)
         for j, blob in self.read(reads):
@@ -422,12 +423,11 @@ class _Store:
             if isinstance(blob, Exception) and not isinstance(blob, FileNotFoundError):
                 raise blob
             ix = a.set_index(p, None if isinstance(blob, Exception) else blob)
-            for z in range(a.shape[1]):
-                if ix is None or int(ix[z, 0]) == _EMPTY:
+            for z, (off, nbytes) in enumerate(ix if ix is not None else [(_EMPTY, 0)] * a.shape[1]):
+                if off == _EMPTY:
                     vol[z] = a.fill
                 else:
-                    off = int(ix[z, 0])
-                    a.decompress(memoryview(blob)[off:off + int(ix[z, 1])], vol[z])
+                    a.decompress(memoryview(blob)[off:off + nbytes], vol[z])
         return [vols[k:k + len(arrays)] for k in range(0, len(vols), len(arrays))]
 
 
