@@ -539,16 +539,16 @@ class SlicePairs(_PairsBase):
                  with_pair: bool = False):
         super().__init__(url, split, transform, storage_options, cache_dir, with_pair)
         self.with_valid = with_valid
-        rows = [(p, z) for p in self.pair_indices for z in np.flatnonzero(self._slice_ok[p])]
+        rows = [(int(p), int(z)) for p in self.pair_indices for z in np.flatnonzero(self._slice_ok[p])]
         self.index = np.array(rows, dtype=np.int64).reshape(-1, 2)  # (pair index in the store, z)
+        self._rows = rows  # the same as Python ints, for the per-sample lookup
 
     def __len__(self) -> int:
         return len(self.index)
 
     def locate(self, i: int) -> tuple[int, int]:
         """(store pair index, z) of sample ``i``."""
-        p, z = self.index[i]
-        return int(p), int(z)
+        return self._rows[i]
 
     def __getitems__(self, indices: Sequence[int]) -> list:
         rows = [self.locate(self._checked(i)) for i in indices]
