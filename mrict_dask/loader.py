@@ -8,10 +8,10 @@ worker process opens its own; a forked worker notices the new process id and reo
 Reads skip zarr's per-call machinery (~3 ms a call): the store's layout is fixed by the contract (one axial slice per
 inner chunk, one volume per shard, ``bytes`` + ``blosc``/``zstd`` inside a ``sharding_indexed`` codec with its index
 at the end), so a slice is one ranged read of a shard plus one decompression. Shard indexes (crc32c-checked) are
-cached. Object storage answers in tens of milliseconds whatever the size of the read, so a batch is read in about one
-round trip, not one per sample: the shard indexes the batch still needs go out together, then every slice of every
-sample (MR, CT, mask) at once, with byte ranges that touch inside one shard merged into one read. An array whose
-metadata is not exactly that layout is read through zarr instead.
+cached. Object storage takes tens of milliseconds to start answering any read, small or not, so a batch is read in
+about one round trip, not one per sample: the shard indexes the batch still needs go out together, then every slice
+of every sample (MR, CT, mask) at once, with byte ranges that touch inside one shard merged into one read. An array
+whose metadata is not exactly that layout is read through zarr instead.
 
 ``cache_dir`` keeps a local copy of each shard a dataset touches (whole shards, downloaded once, shared by all worker
 processes), so epochs after the first read local disk.

@@ -97,7 +97,7 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Cc]onsolidated metadata.*")
         warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy.*")
-        # zarr-python still calls fixed_length_utf32 unspecified; zarr-extensions has specified it since 2026-05
+        # zarr-python 3.1 still calls fixed_length_utf32 unspecified; zarr-extensions (data-types/) specifies it
         warnings.filterwarnings("ignore", message=r".*FixedLengthUTF32.*does not have a Zarr V3 specification.*")
         yield
 
