@@ -148,18 +148,29 @@ class _DelayingProxy(http.server.BaseHTTPRequestHandler):
         finally:
             self.log.done()
 
+    def _exchange(self, body: bytes | None, headers: dict) -> tuple[http.client.HTTPResponse, bytes]:
+        if getattr(self, "_conn", None) is None:
+            self._conn = http.client.HTTPConnection(*self.upstream, timeout=60)
+        self._conn.request(self.command, self.path, body=body, headers=headers)
+        resp = self._conn.getresponse()
+        return resp, resp.read()
+
+    def _upstream(self, body: bytes | None, headers: dict) -> tuple[http.client.HTTPResponse, bytes]:
+        try:
+            return self._exchange(body, headers)
+        except (ConnectionError, http.client.HTTPException):
+            self._conn.close()  # the upstream closed a kept-alive connection: once more on a new one
+            self._conn = None
+            return self._exchange(body, headers)
+
     def _relay(self) -> None:
+        # bodies are forwarded by Content-Length (what S3 clients send); chunked uploads are not supported
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
-        conn = getattr(self, "_conn", None)
-        if conn is None:
-            conn = self._conn = http.client.HTTPConnection(*self.upstream, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
         if body is not None:
             headers["Content-Length"] = str(len(body))
-        conn.request(self.command, self.path, body=body, headers=headers)
-        resp = conn.getresponse()
-        data = resp.read()
+        resp, data = self._upstream(body, headers)
         time.sleep(self.latency_s)
         self.send_response(resp.status, resp.reason)
         for k, v in resp.getheaders():
