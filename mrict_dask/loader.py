@@ -1,23 +1,32 @@
-"""Training-side reading of the store: random (MR, CT) slice pairs and whole volumes, local or object storage.
+"""Training-side reading of the store: random (MR, CT) slice pairs, 3D patches and whole volumes, local or remote.
 
-Never imports torch: :class:`SlicePairs` and :class:`VolumePairs` have ``__len__`` and ``__getitem__``, so they
-work as a PyTorch map-style ``Dataset`` directly, and they pickle without their store handles (each DataLoader
+Never imports torch: :class:`SlicePairs`, :class:`VolumePatches` and :class:`VolumePairs` have ``__len__``,
+``__getitem__`` and ``__getitems__``, so they work as PyTorch map-style datasets directly (a DataLoader that makes
+batches hands a batch's indices to ``__getitems__``), and they pickle without their store handles (each DataLoader
 worker process opens its own; a forked worker notices the new process id and reopens too).
 
-Random slice reads skip zarr's per-call machinery (~3 ms a call): the store's layout is fixed by the contract
-(one axial slice per inner chunk, one volume per shard, ``bytes`` + ``blosc``/``zstd`` inside a
-``sharding_indexed`` codec with its index at the end), so a slice is one ranged read of a shard plus one
-decompression. The shard index (crc32c-checked) is cached per shard; on object storage the MR and CT reads of a
-sample go out concurrently. An array whose metadata is not exactly that layout is read through zarr instead.
+Reads skip zarr's per-call machinery (~3 ms a call): the store's layout is fixed by the contract (one axial slice per
+inner chunk, one volume per shard, ``bytes`` + ``blosc``/``zstd`` inside a ``sharding_indexed`` codec with its index
+at the end), so a slice is one ranged read of a shard plus one decompression. Shard indexes (crc32c-checked) are
+cached. Object storage takes tens of milliseconds to start answering any read, small or not, so a batch is read in
+about one round trip, not one per sample: the shard indexes the batch still needs go out together, then every slice
+of every sample (MR, CT, mask) at once, with byte ranges that touch inside one shard merged into one read. An array
+whose metadata is not exactly that layout is read through zarr instead.
+
+``cache_dir`` keeps a local copy of each shard a dataset touches (whole shards, downloaded once, shared by all worker
+processes), so epochs after the first read local disk.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
+import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +37,11 @@ log = logging.getLogger(__name__)
 
 _EMPTY = 2**64 - 1  # sharding index entry of a chunk that was never written (reads as the fill value)
 _DTYPES = {"float32": np.dtype("<f4"), "bool": np.dtype("bool")}
+# A batch's reads go out at once; botocore's default pool (10 connections) would queue them in waves of ten.
+S3_CONNECTIONS = 64
+
+Read = tuple[str, int, int | None]  # (key below the store root, start, end): start < 0 reads the last -start bytes
+ShardIndex = list[tuple[int, int]]  # per z: (offset, length) of the slice's chunk in its shard; offset _EMPTY: none
 
 
 def _fill(meta: dict) -> Any:
@@ -73,163 +87,245 @@ def _decompressor(meta: dict) -> Callable | None:
         return None
 
 
-class _VolumeArray:
-    """One (pair, z, y, x) array of the store: single slices and whole volumes as numpy."""
+def plan_reads(reads: Sequence[Read]) -> tuple[list[Read], list[tuple[int, int, int | None]]]:
+    """Merge byte ranges of one object that touch or overlap into one read (a 3D patch's slices lie end to end).
 
-    def __init__(self, fs, root: str, name: str, meta: dict, zarr_array_factory: Callable[[], Any],
-                 local: bool, index_cache: int = 4096):
-        self.fs, self.root, self.name, self.meta, self.local = fs, root, name, meta, local
-        self.shape = tuple(meta["shape"])
-        self.dtype = _DTYPES.get(meta.get("data_type"))
-        self.fill = _fill(meta)
-        self._decompress = _decompressor(meta)
-        self.fast = self._decompress is not None
-        self._zarr_factory = zarr_array_factory
-        self._zarr = None
-        self._index: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._fds: OrderedDict[str, int] = OrderedDict()  # open shard files (local stores)
-        self._index_cache = index_cache
-        self._nidx = self.shape[1] * 16 + 4
+    Returns the reads to make and, for each read asked for, ``(which of them, offset in it, length)``; a length of
+    None stands for the whole answer (suffix and to-the-end reads are never merged).
+    """
+    merged: list[Read] = []
+    where: list[tuple[int, int, int | None] | None] = [None] * len(reads)
+    ranged = sorted((i for i, (_, s, e) in enumerate(reads) if s >= 0 and e is not None),
+                    key=lambda i: (reads[i][0], reads[i][1]))
+    for i in ranged:
+        key, start, end = reads[i]
+        last = merged[-1] if merged else None
+        if last is not None and last[0] == key and start <= last[2]:
+            merged[-1] = (key, last[1], max(last[2], end))
+        else:
+            merged.append((key, start, end))
+        where[i] = (len(merged) - 1, start - merged[-1][1], end - start)
+    for i, r in enumerate(reads):
+        if where[i] is None:
+            merged.append(r)
+            where[i] = (len(merged) - 1, 0, None)
+    return merged, where  # type: ignore[return-value]
 
-    def _path(self, p: int) -> str:
-        return f"{self.root}/{self.name}/c/{p}/0/0/0"
 
-    def _fd(self, path: str) -> int:
-        fd = self._fds.get(path)
+def patch_corner(grid_zyx: Sequence[int], patch_zyx: Sequence[int], slice_ok: np.ndarray,
+                 rng: np.random.Generator) -> tuple[int, int, int]:
+    """Lower (z, y, x) corner of a random patch that fits in the grid, centred in z on a ``slice_ok`` slice.
+
+    Informative slices hold enough brain with both images present; a pair without any gets a uniform z.
+    """
+    (nz, ny, nx), (dz, dy, dx) = grid_zyx, patch_zyx
+    ok = np.flatnonzero(slice_ok)
+    zc = int(rng.choice(ok)) if ok.size else int(rng.integers(nz))
+    z0 = min(max(zc - dz // 2, 0), nz - dz)
+    return z0, int(rng.integers(ny - dy + 1)), int(rng.integers(nx - dx + 1))
+
+
+# ----------------------------------------------------------------------------------------------- byte sources
+class _LocalFiles:
+    """Reads from files below a local folder; keeps the most recently used shards open."""
+
+    def __init__(self, root: str, max_open: int = 64):
+        self.root = root
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._max_open = max_open
+
+    def _fd(self, key: str) -> int:
+        fd = self._fds.get(key)
         if fd is None:
-            fd = os.open(path, os.O_RDONLY)
-            self._fds[path] = fd
-            if len(self._fds) > 64:
+            fd = os.open(f"{self.root}/{key}", os.O_RDONLY)
+            self._fds[key] = fd
+            if len(self._fds) > self._max_open:
                 os.close(self._fds.popitem(last=False)[1])
         else:
-            self._fds.move_to_end(path)
+            self._fds.move_to_end(key)
         return fd
+
+    def read(self, reads: Sequence[Read]) -> Iterator[bytes | Exception]:
+        """Each read as it is made: lazily, so the caller decodes one before the next is read (cache-warm)."""
+        for key, start, end in reads:
+            try:
+                fd = self._fd(key)
+                lo, hi = start, end
+                if lo < 0 or hi is None:
+                    size = os.fstat(fd).st_size
+                    lo, hi = (max(size + lo, 0), size) if lo < 0 else (lo, size)
+                yield os.pread(fd, hi - lo, lo)
+            except OSError as exc:  # FileNotFoundError above all: a shard never written
+                yield exc
 
     def close(self) -> None:
         while self._fds:
             os.close(self._fds.popitem()[1])
 
-    def _read(self, path: str, start: int, length: int) -> bytes:
-        if self.local:
-            fd = self._fd(path)
-            if start < 0:
-                start = os.fstat(fd).st_size + start
-            return os.pread(fd, length, start)
-        if start < 0:
-            return self.fs.cat_file(path, start=start)
-        return self.fs.cat_file(path, start=start, end=start + length)
 
-    def _shard_index(self, p: int) -> np.ndarray | None:
-        idx = self._index.get(p)
-        if idx is not None:
-            self._index.move_to_end(p)
-            return idx
+class _Objects:
+    """Reads from an fsspec filesystem (object storage): all reads of one call go out concurrently."""
+
+    def __init__(self, fs, root: str):
+        self.fs, self.root = fs, root
+
+    def read(self, reads: Sequence[Read]) -> Iterable[bytes | Exception]:
+        if not reads:
+            return []
+        return self.fs.cat_ranges([f"{self.root}/{k}" for k, _, _ in reads], [s for _, s, _ in reads],
+                                  [e for _, _, e in reads], on_error="return")
+
+    def close(self) -> None:
+        pass
+
+
+class _ShardCache:
+    """Whole objects copied once to a local folder, then read from there.
+
+    Each download lands under a unique temporary name and is renamed into place, so the DataLoader's worker
+    processes can share one folder: a reader sees a complete copy or none (two workers may both download a
+    shard once; the second rename replaces identical bytes).
+    """
+
+    def __init__(self, objects: _Objects, folder: str):
+        self.objects, self.folder = objects, folder
+        self.files = _LocalFiles(folder)
+        self._have: set[str] = set()
+
+    def _local(self, key: str) -> str:
+        return os.path.join(self.folder, key)
+
+    def _download(self, keys: Sequence[str]) -> None:
+        """Copy objects here, all at once, each under a unique temporary name renamed into place when complete."""
+        tmp = [f"{self._local(k)}.{uuid.uuid4().hex}.part" for k in keys]
+        for t in tmp:
+            os.makedirs(os.path.dirname(t), exist_ok=True)
         try:
-            tail = self._read(self._path(p), -self._nidx, self._nidx)
+            self.objects.fs.get([f"{self.objects.root}/{k}" for k in keys], tmp)
+            for k, t in zip(keys, tmp):
+                os.replace(t, self._local(k))
         except FileNotFoundError:
-            return None  # shard never written: all fill
-        return self._set_index(p, tail)
+            if len(keys) > 1:  # an object never written (it reads as the fill value): copy the others alone
+                for k in keys:
+                    self._download([k])
+        finally:
+            for t in tmp:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(t)
 
-    def _set_index(self, p: int, tail: bytes) -> np.ndarray:
-        import google_crc32c
+    def _fetch(self, keys: Sequence[str]) -> None:
+        missing = sorted(k for k in set(keys) if k not in self._have and not os.path.exists(self._local(k)))
+        if missing:
+            self._download(missing)
+            log.debug("cached %d shards in %s", len(missing), self.folder)
+        self._have.update(keys)
 
-        if len(tail) != self._nidx or np.uint32(google_crc32c.value(tail[:-4])).tobytes() != tail[-4:]:
-            raise OSError(f"{self.name}: shard index of pair {p} is corrupt (crc32c mismatch)")
-        idx = np.frombuffer(tail[:-4], dtype="<u8").reshape(self.shape[1], 2)
+    def read(self, reads: Sequence[Read]) -> Iterator[bytes | Exception]:
+        self._fetch([k for k, _, _ in reads])
+        return self.files.read(reads)
+
+    def close(self) -> None:
+        self.files.close()
+
+
+def _reader_storage_options(url: str, storage_options: dict | None) -> dict:
+    """The storage options the datasets read with: on S3, a connection pool as large as a batch's concurrent reads,
+    unless the caller chose one (``config_kwargs.max_pool_connections``)."""
+    import fsspec.core
+
+    so = dict(storage_options or {})
+    if fsspec.core.split_protocol(url)[0] in ("s3", "s3a"):
+        so["config_kwargs"] = {"max_pool_connections": S3_CONNECTIONS, **(so.get("config_kwargs") or {})}
+    return so
+
+
+# ----------------------------------------------------------------------------------------------- arrays
+class _VolumeArray:
+    """One (pair, z, y, x) array of the store: its layout, shard indexes, and decoding."""
+
+    def __init__(self, name: str, meta: dict, zarr_array_factory: Callable[[], Any], index_cache: int = 4096):
+        self.name, self.meta = name, meta
+        self.shape = tuple(meta["shape"])
+        self.dtype = _DTYPES.get(meta.get("data_type"))
+        self.fill = _fill(meta)
+        self.decompress = _decompressor(meta)
+        self.fast = self.decompress is not None
+        self._zarr_factory = zarr_array_factory
+        self._zarr = None
+        self._index: OrderedDict[int, ShardIndex | None] = OrderedDict()  # None: shard never written
+        self._index_cache = index_cache
+        self.index_bytes = self.shape[1] * 16 + 4
+
+    def key(self, p: int) -> str:
+        return f"{self.name}/c/{p}/0/0/0"
+
+    def cached_index(self, p: int) -> tuple[bool, ShardIndex | None]:
+        if p not in self._index:
+            return False, None
+        self._index.move_to_end(p)
+        return True, self._index[p]
+
+    def set_index(self, p: int, tail: bytes | None) -> ShardIndex | None:
+        """Parse (crc32c-checked) and cache the index at the end of pair ``p``'s shard; None: never written."""
+        idx = None
+        if tail is not None:
+            import google_crc32c
+
+            tail = bytes(tail[-self.index_bytes:])
+            if len(tail) != self.index_bytes or \
+                    np.uint32(google_crc32c.value(tail[:-4])).tobytes() != tail[-4:]:
+                raise OSError(f"{self.name}: shard index of pair {p} is corrupt (crc32c mismatch)")
+            # Python ints: looked up once per slice read, where numpy scalars would cost more than the lookup
+            idx = [tuple(row) for row in np.frombuffer(tail[:-4], dtype="<u8").reshape(self.shape[1], 2).tolist()]
         self._index[p] = idx
         if len(self._index) > self._index_cache:
             self._index.popitem(last=False)
         return idx
 
-    def _zarr_array(self):
+    def empty(self, nz: int) -> np.ndarray:
+        return np.empty((nz, *self.shape[2:]), dtype=self.dtype)
+
+    def zarr_slab(self, p: int, z0: int, z1: int) -> np.ndarray:
         if self._zarr is None:
             self._zarr = self._zarr_factory()
-        return self._zarr
-
-    def slice(self, p: int, z: int) -> np.ndarray:
-        if not self.fast:
-            return np.array(self._zarr_array()[p, z], dtype=self.dtype)
-        loc = self.locate(p, z)
-        return self.decode(self._read(self._path(p), *loc) if loc else None)
-
-    def locate(self, p: int, z: int) -> tuple[int, int] | None:
-        """(offset, nbytes) of slice z of pair p inside its shard, None if never written (fill value)."""
-        idx = self._shard_index(p)
-        if idx is None or int(idx[z, 0]) == _EMPTY:
-            return None
-        return int(idx[z, 0]), int(idx[z, 1])
-
-    def decode(self, blob) -> np.ndarray:
-        out = np.empty(self.shape[2:], dtype=self.dtype)
-        if blob is None:
-            out.fill(self.fill)
-        else:
-            self._decompress(blob, out)
-        return out
-
-    def volume(self, p: int) -> np.ndarray:
-        if not self.fast:
-            return np.array(self._zarr_array()[p], dtype=self.dtype)
-        out = np.empty(self.shape[1:], dtype=self.dtype)
-        try:
-            if self.local:
-                with open(self._path(p), "rb") as fh:
-                    blob = fh.read()
-            else:
-                blob = self.fs.cat_file(self._path(p))
-        except FileNotFoundError:
-            out.fill(self.fill)
-            return out
-        import google_crc32c
-
-        tail = blob[-self._nidx:]
-        if np.uint32(google_crc32c.value(tail[:-4])).tobytes() != tail[-4:]:
-            raise OSError(f"{self.name}: shard index of pair {p} is corrupt (crc32c mismatch)")
-        idx = np.frombuffer(tail[:-4], dtype="<u8").reshape(self.shape[1], 2)
-        view = memoryview(blob)
-        for z in range(self.shape[1]):
-            off, nbytes = int(idx[z, 0]), int(idx[z, 1])
-            if off == _EMPTY:
-                out[z].fill(self.fill)
-            else:
-                self._decompress(view[off:off + nbytes], out[z])
-        return out
+        return np.array(self._zarr[p, z0:z1], dtype=self.dtype)
 
 
 class _Store:
-    """Per-process handle: filesystem, the store's metadata, and the volume arrays."""
+    """Per-process handle: where the bytes come from, the store's metadata, and the volume arrays."""
 
-    def __init__(self, url: str, storage_options: dict | None):
+    def __init__(self, url: str, storage_options: dict | None, cache_dir: str | None = None):
         from .io import Location
 
-        loc = Location.of(url, storage_options)
         self.url = url
-        self.local = loc.is_local
-        if self.local:
-            self.fs, self.root = None, loc.local_path
-        else:
-            self.fs, self.root = loc.fs, loc.path.rstrip("/")
-        self.storage_options = storage_options
+        self.storage_options = _reader_storage_options(url, storage_options)
+        loc = Location.of(url, self.storage_options)
         self.pid = os.getpid()
         self._arrays: dict[str, _VolumeArray] = {}
-        self._consolidated = None
+        self._root_meta: dict | None = None
+        self.origin: _LocalFiles | _Objects = _LocalFiles(loc.local_path) if loc.is_local else \
+            _Objects(loc.fs, loc.path.rstrip("/"))
+        self.source: _LocalFiles | _Objects | _ShardCache = self.origin
+        if cache_dir is not None and isinstance(self.origin, _Objects):
+            fingerprint = self.root_meta().get("attributes", {}).get("fingerprint", "")
+            tag = hashlib.sha256(f"{url}\n{fingerprint}".encode()).hexdigest()[:16]
+            self.source = _ShardCache(self.origin, os.path.join(os.path.abspath(cache_dir), tag))
 
     def _json(self, rel: str) -> dict:
-        path = f"{self.root}/{rel}"
-        if self.local:
-            with open(path, "rb") as fh:
-                return json.loads(fh.read())
-        return json.loads(self.fs.cat_file(path))
+        (blob,) = self.origin.read([(rel, 0, None)])
+        if isinstance(blob, Exception):
+            raise blob
+        return json.loads(blob)
 
     def root_meta(self) -> dict:
-        return self._json("zarr.json")
+        if self._root_meta is None:
+            self._root_meta = self._json("zarr.json")
+        return self._root_meta
 
     def array_meta(self, name: str) -> dict:
         # consolidated metadata holds every array's zarr.json: one read for all (matters on object storage)
-        if self._consolidated is None:
-            cm = self.root_meta().get("consolidated_metadata") or {}
-            self._consolidated = cm.get("metadata") or {}
-        return self._consolidated.get(name) or self._json(f"{name}/zarr.json")
+        cm = self.root_meta().get("consolidated_metadata") or {}
+        return (cm.get("metadata") or {}).get(name) or self._json(f"{name}/zarr.json")
 
     def zarr_array(self, name: str):
         import warnings
@@ -242,50 +338,111 @@ class _Store:
             warnings.simplefilter("ignore")
             return zarr.open_array(zarr_store(self.url, self.storage_options, read_only=True), path=name, mode="r")
 
-    def close(self) -> None:
-        for a in self._arrays.values():
-            a.close()
-
-    def slices(self, names: tuple[str, ...], p: int, z: int) -> list[np.ndarray]:
-        """Slice z of pair p of several arrays; on object storage the ranged reads go out concurrently."""
-        arrays = [self.array(n) for n in names]
-        if self.local or not all(a.fast for a in arrays):
-            return [a.slice(p, z) for a in arrays]
-        missing = [a for a in arrays if p not in a._index]
-        if len(missing) > 1:  # fetch uncached shard indexes together
-            tails = self.fs.cat_ranges([a._path(p) for a in missing], [-a._nidx for a in missing],
-                                       [None] * len(missing), on_error="return")
-            for a, tail in zip(missing, tails):
-                if isinstance(tail, FileNotFoundError):
-                    continue  # never written: reads as the fill value
-                if isinstance(tail, Exception):
-                    raise tail
-                a._set_index(p, tail)
-        locs = [a.locate(p, z) for a in arrays]
-        want = [(a, loc) for a, loc in zip(arrays, locs) if loc]
-        blobs = self.fs.cat_ranges([a._path(p) for a, _ in want], [off for _, (off, _) in want],
-                                   [off + nb for _, (off, nb) in want]) if want else []
-        got = {id(a): b for (a, _), b in zip(want, blobs)}
-        return [a.decode(got.get(id(a))) for a in arrays]
-
     def array(self, name: str) -> _VolumeArray:
         a = self._arrays.get(name)
         if a is None:
-            a = _VolumeArray(self.fs, self.root, name, self.array_meta(name), lambda: self.zarr_array(name),
-                             self.local)
-            self._arrays[name] = a
+            a = self._arrays[name] = _VolumeArray(name, self.array_meta(name), lambda: self.zarr_array(name))
         return a
 
+    def close(self) -> None:
+        self.source.close()
+        self.origin.close()
 
+    def read(self, reads: Sequence[Read]) -> Iterator[tuple[int, bytes | memoryview | Exception]]:
+        """``(number of the read, its bytes or error)`` for each read, in the order they arrive.
+
+        Object storage: all in one round trip (ranges of one object that touch merged into one request). Local
+        files: each read just before its bytes are used, so they are still in the CPU cache when decoded.
+        """
+        if len({key for key, _, _ in reads}) == len(reads):  # one read per object: nothing to merge
+            yield from enumerate(self.source.read(reads))
+            return
+        merged, where = plan_reads(reads)
+        parts: list[list[tuple[int, int, int | None]]] = [[] for _ in merged]
+        for j, (i, offset, length) in enumerate(where):
+            parts[i].append((j, offset, length))
+        for blob, wanted in zip(self.source.read(merged), parts):
+            for j, offset, length in wanted:
+                yield j, (blob if length is None or isinstance(blob, Exception)
+                          else memoryview(blob)[offset:offset + length])
+
+    def indexes(self, arrays: Sequence[_VolumeArray], pairs: Sequence[int]) -> dict[tuple[str, int], ShardIndex | None]:
+        """Shard index of each (array, pair): cached ones, and the others read together."""
+        out: dict[tuple[str, int], ShardIndex | None] = {}
+        need = []
+        for p in dict.fromkeys(pairs):
+            for a in arrays:
+                known, idx = a.cached_index(p)
+                if known:
+                    out[a.name, p] = idx
+                else:
+                    need.append((a, p))
+        if need:
+            for j, tail in self.read([(a.key(p), -a.index_bytes, None) for a, p in need]):
+                a, p = need[j]
+                if isinstance(tail, Exception) and not isinstance(tail, FileNotFoundError):
+                    raise tail
+                out[a.name, p] = a.set_index(p, None if isinstance(tail, Exception) else tail)
+        return out
+
+    def slabs(self, names: Sequence[str], items: Sequence[tuple[int, int, int]]) -> list[list[np.ndarray]]:
+        """Slices z0..z1-1 of pair p, for each (p, z0, z1) of ``items`` and each array: (z1 - z0, y, x) each."""
+        arrays = [self.array(n) for n in names]
+        if not all(a.fast for a in arrays):
+            return [[a.zarr_slab(p, z0, z1) for a in arrays] for p, z0, z1 in items]
+        idx = self.indexes(arrays, [p for p, _, _ in items])
+        out, reads, dests = [], [], []
+        for p, z0, z1 in items:
+            row = []
+            for a in arrays:
+                buf, ix, key = a.empty(z1 - z0), idx[a.name, p], a.key(p)
+                for k, (off, nbytes) in enumerate(ix[z0:z1] if ix is not None else [(_EMPTY, 0)] * (z1 - z0)):
+                    if off == _EMPTY:
+                        buf[k] = a.fill
+                    else:
+                        reads.append((key, off, off + nbytes))
+                        dests.append((a, buf[k]))
+                row.append(buf)
+            out.append(row)
+        for j, blob in self.read(reads):
+            if isinstance(blob, Exception):
+                raise blob
+            a, dest = dests[j]
+            a.decompress(blob, dest)
+        return out
+
+    def volumes(self, names: Sequence[str], pairs: Sequence[int]) -> list[list[np.ndarray]]:
+        """Whole (z, y, x) volumes of each array for each pair: one read per shard, all at once."""
+        arrays = [self.array(n) for n in names]
+        if not all(a.fast for a in arrays):
+            return [[a.zarr_slab(p, 0, a.shape[1]) for a in arrays] for p in pairs]
+        wanted = [(p, a) for p in pairs for a in arrays]
+        vols = [a.empty(a.shape[1]) for _, a in wanted]
+        for j, blob in self.read([(a.key(p), 0, None) for p, a in wanted]):
+            (p, a), vol = wanted[j], vols[j]
+            if isinstance(blob, Exception) and not isinstance(blob, FileNotFoundError):
+                raise blob
+            ix = a.set_index(p, None if isinstance(blob, Exception) else blob)
+            for z, (off, nbytes) in enumerate(ix if ix is not None else [(_EMPTY, 0)] * a.shape[1]):
+                if off == _EMPTY:
+                    vol[z] = a.fill
+                else:
+                    a.decompress(memoryview(blob)[off:off + nbytes], vol[z])
+        return [vols[k:k + len(arrays)] for k in range(0, len(vols), len(arrays))]
+
+
+# ----------------------------------------------------------------------------------------------- datasets
 class _PairsBase:
-    """Selection shared by the 2D and 3D datasets: status == "ok" pairs of one split (or all with split=None)."""
+    """Selection shared by the datasets: status == "ok" pairs of one split (or all with split=None)."""
 
     def __init__(self, url: str, split: str | None = "train", transform: Callable | None = None,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, cache_dir: str | None = None, with_pair: bool = False):
         self.url = url
         self.split = split
         self.transform = transform
         self.storage_options = dict(storage_options or {})
+        self.cache_dir = cache_dir
+        self.with_pair = with_pair
         self._store: _Store | None = None
         meta = self._load_pair_table()
         keep = meta["status"] == "ok"
@@ -293,6 +450,7 @@ class _PairsBase:
             keep &= meta["split"] == split
         self.pair_indices = np.flatnonzero(keep).astype(np.int64)
         self.pair_ids = [meta["pair"][i] for i in self.pair_indices]
+        self.grid_zyx: tuple[int, int, int] = meta["grid_zyx"]
         self._ct_bounds = np.stack([meta["ct_lo"], meta["ct_hi"]], axis=1) if len(meta["status"]) else np.zeros((0, 2))
         self._slice_ok = meta["slice_ok"]
         n_pending = int((meta["status"] == "pending").sum())
@@ -300,8 +458,12 @@ class _PairsBase:
             log.warning("%s: no finished pairs for split %r; %d pairs are pending (run not finalized?)",
                         url, split, n_pending)
 
-    def _load_pair_table(self) -> dict[str, np.ndarray]:
-        """The per-pair variables, read once through zarr (small: one value per pair plus slice_ok)."""
+    def _load_pair_table(self) -> dict[str, Any]:
+        """The per-pair variables, read once through zarr (small: one value per pair plus slice_ok).
+
+        Strings come back as numpy unicode (stores since fixed-width strings) or StringDType (stores written
+        before): ``str()`` of each value reads both.
+        """
         import warnings
 
         import zarr
@@ -312,7 +474,7 @@ class _PairsBase:
             warnings.simplefilter("ignore")
             g = zarr.open_group(zarr_store(self.url, self.storage_options, read_only=True), mode="r")
             n = g["status"].shape[0]
-            out = {}
+            out: dict[str, Any] = {"grid_zyx": tuple(int(v) for v in g["mr"].shape[1:])}
             for name in ("status", "split", "pair"):
                 out[name] = np.array([str(v) for v in g[name][:]] if n else [], dtype=object)
             for name in ("ct_lo", "ct_hi"):
@@ -323,7 +485,7 @@ class _PairsBase:
     def _handle(self) -> _Store:
         store = self._store
         if store is None or store.pid != os.getpid():  # new, unpickled, or inherited through fork
-            store = self._store = _Store(self.url, self.storage_options)
+            store = self._store = _Store(self.url, self.storage_options, self.cache_dir)
         return store
 
     def close(self) -> None:
@@ -337,6 +499,22 @@ class _PairsBase:
         state["_store"] = None
         return state
 
+    def __getitem__(self, i: int):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        raise NotImplementedError
+
+    def _checked(self, i: int) -> int:
+        n = len(self)  # type: ignore[arg-type]
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} out of range for {n} samples of {type(self).__name__}")
+        return int(i) % n
+
+    def _sample(self, arrays: Sequence[np.ndarray], p: int):
+        items = (*arrays, p) if self.with_pair else tuple(arrays)
+        return self.transform(*items) if self.transform is not None else items
+
     def ct_bounds(self, pair_index: int) -> tuple[float, float]:
         """(ct_lo, ct_hi) of a store pair index, for :func:`ct_to_hu`."""
         lo, hi = self._ct_bounds[pair_index]
@@ -348,45 +526,94 @@ class SlicePairs(_PairsBase):
 
     Meant for a finished store: the sample list and shard indexes are read once (``close()`` to drop them).
 
-    ``with_valid=True`` adds the slice's ``valid`` mask as a third element. ``transform(mr, ct[, valid])``, if
-    given, is applied to each sample and its result returned.
+    ``with_valid=True`` adds the slice's ``valid`` mask as a third element, ``with_pair=True`` the store pair index
+    (an int: ``ct_bounds(pair)`` gives that pair's HU window) last. ``transform(mr, ct[, valid][, pair])``, if
+    given, is applied to each sample and its result returned. ``cache_dir``: see the module docstring.
+
+    ``ds[i]`` reads one sample; ``ds.__getitems__(indices)`` (what a batching DataLoader calls) reads a batch
+    concurrently and returns the same samples as ``[ds[i] for i in indices]``.
     """
 
     def __init__(self, url: str, split: str | None = "train", transform: Callable | None = None,
-                 storage_options: dict | None = None, with_valid: bool = False):
-        super().__init__(url, split, transform, storage_options)
+                 storage_options: dict | None = None, with_valid: bool = False, cache_dir: str | None = None,
+                 with_pair: bool = False):
+        super().__init__(url, split, transform, storage_options, cache_dir, with_pair)
         self.with_valid = with_valid
-        rows = [(p, z) for p in self.pair_indices for z in np.flatnonzero(self._slice_ok[p])]
+        rows = [(int(p), int(z)) for p in self.pair_indices for z in np.flatnonzero(self._slice_ok[p])]
         self.index = np.array(rows, dtype=np.int64).reshape(-1, 2)  # (pair index in the store, z)
+        self._rows = rows  # the same as Python ints, for the per-sample lookup
 
     def __len__(self) -> int:
         return len(self.index)
 
     def locate(self, i: int) -> tuple[int, int]:
         """(store pair index, z) of sample ``i``."""
-        p, z = self.index[i]
-        return int(p), int(z)
+        return self._rows[i]
 
-    def __getitem__(self, i: int):
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"sample {i} out of range for {len(self)} slice pairs")
-        p, z = (int(v) for v in self.index[i])
-        h = self._handle()
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        rows = [self.locate(self._checked(i)) for i in indices]
         names = ("mr", "ct", "valid") if self.with_valid else ("mr", "ct")
-        sample = h.slices(names, p, z)
-        return self.transform(*sample) if self.transform is not None else tuple(sample)
+        slabs = self._handle().slabs(names, [(p, z, z + 1) for p, z in rows])
+        return [self._sample([s[0] for s in slab], p) for slab, (p, _) in zip(slabs, rows)]
 
 
 class VolumePairs(_PairsBase):
-    """Per pair (mr, ct, valid) volumes (z, y, x) of ok pairs of a split, for 3D training."""
+    """Per pair (mr, ct, valid) volumes (z, y, x) of ok pairs of a split, for 3D training.
+
+    ``with_pair``, ``transform`` and ``cache_dir`` as for :class:`SlicePairs`; ``__getitems__`` reads the pairs of
+    a batch concurrently.
+    """
 
     def __len__(self) -> int:
         return len(self.pair_indices)
 
-    def __getitem__(self, i: int):
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"pair {i} out of range for {len(self)} pairs")
-        p = int(self.pair_indices[i])
-        h = self._handle()
-        sample = (h.array("mr").volume(p), h.array("ct").volume(p), h.array("valid").volume(p))
-        return self.transform(*sample) if self.transform is not None else sample
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        pairs = [int(self.pair_indices[self._checked(i)]) for i in indices]
+        vols = self._handle().volumes(("mr", "ct", "valid"), pairs)
+        return [self._sample(v, p) for v, p in zip(vols, pairs)]
+
+
+class VolumePatches(_PairsBase):
+    """Random (mr, ct, valid) patches of ``patch_size`` (z, y, x) from the ok pairs of a split, for 3D networks.
+
+    ``patches_per_pair`` samples per pair and epoch: sample ``i`` is a patch of pair ``i // patches_per_pair``
+    whose centre slice is informative (``slice_ok``), at a position drawn from ``(seed, epoch, i)``: the same
+    index gives the same patch until :meth:`set_epoch` (call it before each epoch, as with a
+    ``DistributedSampler``; with ``persistent_workers=True`` the workers keep the epoch they started with).
+    ``valid`` is the loss mask. Only the slices a patch spans are read (one merged read per array on object
+    storage). ``with_pair``, ``transform``, ``cache_dir`` as for :class:`SlicePairs`.
+    """
+
+    def __init__(self, url: str, split: str | None = "train", patch_size: Sequence[int] = (32, 64, 64),
+                 patches_per_pair: int = 1, seed: int = 0, transform: Callable | None = None,
+                 storage_options: dict | None = None, cache_dir: str | None = None, with_pair: bool = False):
+        super().__init__(url, split, transform, storage_options, cache_dir, with_pair)
+        self.patch_size = tuple(int(v) for v in patch_size)
+        if len(self.patch_size) != 3 or not all(1 <= d <= g for d, g in zip(self.patch_size, self.grid_zyx)):
+            raise ValueError(f"patch_size {self.patch_size} must be 3 sizes (z, y, x), each from 1 to the store's "
+                             f"grid {self.grid_zyx}")
+        if patches_per_pair < 1:
+            raise ValueError(f"patches_per_pair must be at least 1, not {patches_per_pair}")
+        self.patches_per_pair = int(patches_per_pair)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw other patch positions (for the next epoch)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.pair_indices) * self.patches_per_pair
+
+    def locate(self, i: int) -> tuple[int, int, int, int]:
+        """(store pair index, z0, y0, x0) of sample ``i``: its pair and the patch's lower corner."""
+        p = int(self.pair_indices[i // self.patches_per_pair])
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        return (p, *patch_corner(self.grid_zyx, self.patch_size, self._slice_ok[p], rng))
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        corners = [self.locate(self._checked(i)) for i in indices]
+        dz, dy, dx = self.patch_size
+        slabs = self._handle().slabs(("mr", "ct", "valid"), [(p, z0, z0 + dz) for p, z0, _, _ in corners])
+        return [self._sample([np.ascontiguousarray(s[:, y0:y0 + dy, x0:x0 + dx]) for s in slab], p)
+                for slab, (p, _, y0, x0) in zip(slabs, corners)]

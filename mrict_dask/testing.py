@@ -1,5 +1,6 @@
 """Real local servers for the test suite and the benchmarks: an S3 endpoint (moto's standalone server), a PACS
-(Orthanc with its DICOMweb plugin) and a byte-counting HTTP proxy to put in front of it.
+(Orthanc with its DICOMweb plugin), a byte-counting HTTP proxy to put in front of the PACS, and a reverse proxy that
+adds first-byte latency in front of the S3 endpoint (object storage answers in tens of milliseconds).
 
 Not used by the pipeline itself. Each server is a subprocess on 127.0.0.1 with a free port, started by a context
 manager that waits until it answers and stops it on exit; ``moto`` is a test/benchmark dependency only.
@@ -7,14 +8,19 @@ manager that waits until it answers and stops it on exit; ``moto`` is a test/ben
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import http.client
+import http.server
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 
@@ -296,3 +302,159 @@ class CountingProxy:
     def __exit__(self, *exc) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+# ----------------------------------------------------------------------------------------------- latency proxy
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization",
+               "proxy-authenticate", "content-length"}
+
+
+class _ProxyLog:
+    """What the proxy saw: each request (method, path, Range header) and the most requests in flight at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: list[tuple[str, str, str]] = []
+        self.in_flight = self.peak_in_flight = 0
+
+    def start(self, method: str, path: str, byte_range: str) -> None:
+        with self.lock:
+            self.requests.append((method, path, byte_range))
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def done(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
+
+    def snapshot(self, reset: bool) -> dict:
+        with self.lock:
+            out = {"requests": list(self.requests), "peak_in_flight": self.peak_in_flight}
+            if reset:
+                self.requests.clear()
+                self.peak_in_flight = self.in_flight
+        return out
+
+
+class _DelayingProxy(http.server.BaseHTTPRequestHandler):
+    """Forwards each request to the upstream server and holds the answer back ``latency_s`` before its first byte.
+
+    ``GET /__proxy__/log`` answers the :class:`_ProxyLog` as JSON (``?reset=1``: and starts a new one).
+    """
+
+    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections as they would with real object storage
+    upstream: tuple[str, int] = ("127.0.0.1", 0)
+    latency_s: float = 0.0
+    log: _ProxyLog
+
+    def log_message(self, format, *args) -> None:
+        pass
+
+    def _answer_log(self) -> None:
+        body = json.dumps(self.log.snapshot(reset=self.path.endswith("reset=1"))).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _forward(self) -> None:
+        if self.path.startswith("/__proxy__/log"):
+            return self._answer_log()
+        self.log.start(self.command, self.path, self.headers.get("Range", ""))
+        try:
+            self._relay()
+        finally:
+            self.log.done()
+
+    def _exchange(self, body: bytes | None, headers: dict) -> tuple[http.client.HTTPResponse, bytes]:
+        if getattr(self, "_conn", None) is None:
+            self._conn = http.client.HTTPConnection(*self.upstream, timeout=60)
+        self._conn.request(self.command, self.path, body=body, headers=headers)
+        resp = self._conn.getresponse()
+        return resp, resp.read()
+
+    def _upstream(self, body: bytes | None, headers: dict) -> tuple[http.client.HTTPResponse, bytes]:
+        try:
+            return self._exchange(body, headers)
+        except (ConnectionError, http.client.HTTPException):
+            self._conn.close()  # the upstream closed a kept-alive connection: once more on a new one
+            self._conn = None
+            return self._exchange(body, headers)
+
+    def _relay(self) -> None:
+        # bodies are forwarded by Content-Length (what S3 clients send); chunked uploads are not supported
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        if body is not None:
+            headers["Content-Length"] = str(len(body))
+        resp, data = self._upstream(body, headers)
+        time.sleep(self.latency_s)
+        self.send_response(resp.status, resp.reason)
+        for k, v in resp.getheaders():
+            if k.lower() not in _HOP_BY_HOP:
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+
+def serve_latency_proxy(upstream: str, port: int, latency_s: float) -> None:
+    """Run the delaying reverse proxy on 127.0.0.1:``port`` in front of ``upstream`` (``http://host:port``) forever."""
+    host, _, up_port = upstream.removeprefix("http://").rstrip("/").partition(":")
+    handler = type("Handler", (_DelayingProxy,), {"upstream": (host, int(up_port or 80)), "latency_s": latency_s,
+                                                   "log": _ProxyLog()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server.daemon_threads = True
+    server.serve_forever()
+
+
+def _answers(endpoint: str) -> bool:
+    # any HTTP answer means it is up; a refused connection is an OSError, which wait_until takes for "not yet"
+    with contextlib.suppress(urllib.error.HTTPError):
+        urllib.request.urlopen(endpoint + "/", timeout=2)
+    return True
+
+
+@contextlib.contextmanager
+def latency_proxy(upstream: str, latency_ms: float = 50.0) -> Iterator[str]:
+    """A reverse proxy in front of ``upstream`` that delays every answer's first byte by ``latency_ms``.
+
+    Runs in its own process (so its threads never compete with the client for one interpreter); yields its URL,
+    ``http://127.0.0.1:PORT``, which takes the place of ``upstream`` in a client's endpoint setting.
+    """
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mrict_dask.testing", "latency-proxy", upstream, str(port),
+                             str(latency_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(endpoint), proc, "latency proxy")
+        yield endpoint
+    finally:
+        _stop(proc)
+
+
+def proxy_log(endpoint: str, reset: bool = False) -> dict:
+    """The requests a :func:`latency_proxy` forwarded since it started or was last reset: ``{"requests": [[method,
+    path, Range header], ...], "peak_in_flight": n}``; ``reset`` starts a new log."""
+    with urllib.request.urlopen(f"{endpoint}/__proxy__/log{'?reset=1' if reset else ''}", timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m mrict_dask.testing", description="local servers for tests")
+    sub = ap.add_subparsers(dest="server", required=True)
+    lp = sub.add_parser("latency-proxy", help="reverse proxy adding first-byte latency")
+    lp.add_argument("upstream")
+    lp.add_argument("port", type=int)
+    lp.add_argument("latency_ms", type=float)
+    args = ap.parse_args(argv)
+    serve_latency_proxy(args.upstream, args.port, args.latency_ms / 1000)
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,4 +1,6 @@
-"""The training loader: which slices it yields, bit-exact content, pickling, real torch DataLoader workers.
+"""The training loader: which slices it yields, bit-exact content, pickling, batches read at once (locally and
+through a real S3 server behind a latency proxy), the local shard cache, 3D patches, real torch DataLoader
+workers, and the README's training example run as written.
 
 Every slice the tests write carries its own identity in two voxels (pair, z, split), so what the loader
 returns is checked against what was written, not against the loader's own bookkeeping.
@@ -9,6 +11,10 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import re
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,9 +22,10 @@ import SimpleITK as sitk
 
 from mrict_dask import store
 from mrict_dask.config import Config
-from mrict_dask.loader import SlicePairs, VolumePairs, ct_to_hu
+from mrict_dask.loader import SlicePairs, VolumePairs, VolumePatches, ct_to_hu, patch_corner, plan_reads
 from mrict_dask.template import Template
 from mrict_dask.types import QA_KEYS, PairResult, PairSpec
+from tests.conftest import upload_tree
 
 SPLITS = ("train", "val", "test")
 SHAPE = (9, 11, 13)  # z, y, x
@@ -216,3 +223,251 @@ def test_torch_dataloader_with_two_workers(built, context):
     assert len(mrs) == len(direct)
     for i, (mr, ct, _) in enumerate(direct):
         assert mrs[i].tobytes() == mr.tobytes() and cts[i].tobytes() == ct.tobytes()
+
+
+# --------------------------------------------------------------------------------------------- batches
+def test_plan_reads_merges_ranges_that_touch_and_gives_each_read_its_bytes():
+    rng = np.random.default_rng(0)
+    objects = {k: rng.integers(0, 256, 100, dtype=np.uint8).tobytes() for k in ("a", "b")}
+
+    def fetch(key, start, end):  # what a filesystem's cat_file(key, start, end) answers
+        data = objects[key]
+        return data[start:] if end is None else data[start:end]
+
+    reads = [("a", 10, 25), ("b", 0, 10), ("a", 0, 10), ("a", 20, 30), ("a", 40, 50), ("b", -8, None),
+             ("a", 0, None), ("b", 10, 25), ("a", 50, 60), ("b", 30, 31)]
+    merged, where = plan_reads(reads)
+    assert len(merged) == 6 and set(merged) == {("a", 0, 30), ("a", 40, 60), ("b", 0, 25), ("b", 30, 31),
+                                                 ("b", -8, None), ("a", 0, None)}
+    got = [fetch(*m) for m in merged]
+    for read, (i, offset, length) in zip(reads, where):
+        blob = got[i] if length is None else got[i][offset:offset + length]
+        assert blob == fetch(*read), read
+    assert plan_reads([("a", -4, None)]) == ([("a", -4, None)], [(0, 0, None)])
+
+
+def test_getitems_returns_what_getitem_returns(built):
+    url, pairs, results = built
+    sp = SlicePairs(url, split=None, with_valid=True, with_pair=True)
+    idx = [int(i) for i in np.random.default_rng(3).integers(-len(sp), len(sp), 40)]  # repeats, negatives
+    batch = sp.__getitems__(idx)
+    one_by_one = SlicePairs(url, split=None, with_valid=True, with_pair=True)
+    assert len(batch) == len(idx)
+    for i, (mr, ct, valid, p) in zip(idx, batch):
+        single = one_by_one[i]
+        assert [a.tobytes() for a in single[:3]] == [mr.tobytes(), ct.tobytes(), valid.tobytes()] and single[3] == p
+        dp, z, split = decode(mr, ct)
+        assert dp == p and split == pairs[p].split
+        assert mr.tobytes() == results[p].mr[z].tobytes() and ct.tobytes() == results[p].ct[z].tobytes()
+        assert np.array_equal(valid, results[p].valid[z])
+    assert sp.__getitems__([]) == []
+    with pytest.raises(IndexError):
+        sp.__getitems__([0, len(sp)])
+
+
+def test_volume_pairs_getitems(built):
+    url, pairs, results = built
+    vp = VolumePairs(url, split=None, with_pair=True, transform=lambda mr, ct, valid, p: (mr.sum(), ct, valid, p))
+    got = vp.__getitems__([2, 0, -1, 2])
+    for i, (total, ct, valid, p) in zip([2, 0, -1, 2], got):
+        assert p == vp.pair_indices[i] and decode(results[p].mr[0], ct[0])[0] == p
+        assert total == results[p].mr.sum(dtype=np.float32) and ct.tobytes() == results[p].ct.tobytes()
+        assert np.array_equal(valid, results[p].valid)
+        assert vp[i][1].tobytes() == ct.tobytes()
+
+
+# --------------------------------------------------------------------------------------------- object storage
+@pytest.fixture
+def on_s3(built, s3):
+    """The built store copied to the local S3 server."""
+    url, pairs, results = built
+    return upload_tree(url, s3, "store.zarr"), pairs, results
+
+
+def _shard_gets(requests: list) -> list:
+    """The proxy's GETs of shards (not of metadata)."""
+    return [r for r in requests if r[0] == "GET" and "/c/" in r[1]]
+
+
+def _slice_gets(requests: list) -> list:
+    """GETs of slice data: byte ranges of shards, not the suffix reads of shard indexes."""
+    return [r for r in _shard_gets(requests) if r[2].startswith("bytes=") and not r[2].startswith("bytes=-")]
+
+
+def _index_gets(requests: list) -> list:
+    return [r for r in _shard_gets(requests) if r[2].startswith("bytes=-")]
+
+
+def test_a_batch_goes_out_at_once_on_object_storage(on_s3, s3):
+    """Through a proxy holding each answer 300 ms: the batch's shard indexes go out together, then every slice
+    (MR and CT) together; the second time the indexes come from the cache. Samples equal the written data and a
+    one-at-a-time read."""
+    from mrict_dask.testing import latency_proxy, proxy_log, s3_options
+
+    url, pairs, results = on_s3
+    with latency_proxy(s3.endpoint, latency_ms=300) as proxy:
+        sp = SlicePairs(url, split=None, with_pair=True, storage_options=s3_options(proxy))
+        # one slice of each pair: no two reads of a batch touch, so each is one request
+        first = {}
+        for i in range(len(sp)):
+            first.setdefault(sp.locate(i)[0], i)
+        idx = list(first.values())
+        proxy_log(proxy, reset=True)
+        batch = sp.__getitems__(idx)
+        log = proxy_log(proxy, reset=True)
+        n = len(idx)
+        assert len(_index_gets(log["requests"])) == 2 * n and len(_slice_gets(log["requests"])) == 2 * n
+        assert log["peak_in_flight"] == 2 * n  # all index reads at once, then all slice reads at once
+        again = sp.__getitems__(idx)
+        log = proxy_log(proxy, reset=True)
+        assert _index_gets(log["requests"]) == [] and len(_slice_gets(log["requests"])) == 2 * n
+        single = sp[idx[0]]
+        assert proxy_log(proxy)["peak_in_flight"] == 2  # one sample: its MR and CT reads together
+    for i, (mr, ct, p), (mr2, ct2, _) in zip(idx, batch, again):
+        q, z = sp.locate(i)
+        assert p == q and decode(mr, ct)[:2] == (p, z)
+        assert mr.tobytes() == mr2.tobytes() == results[p].mr[z].tobytes()
+        assert ct.tobytes() == ct2.tobytes() == results[p].ct[z].tobytes()
+    assert [a.tobytes() for a in single[:2]] == [batch[0][0].tobytes(), batch[0][1].tobytes()]
+
+
+def test_shard_cache_serves_later_epochs_without_requests(on_s3, s3, tmp_path):
+    """cache_dir: the first pass copies whole shards (one GET each); later passes, in this process or a new one
+    (a DataLoader worker), read the local copies and read no shard from object storage."""
+    from mrict_dask.testing import latency_proxy, proxy_log, s3_options
+
+    url, pairs, results = on_s3
+    cache = tmp_path / "cache"
+    with latency_proxy(s3.endpoint, latency_ms=0) as proxy:
+        so = s3_options(proxy)
+        sp = SlicePairs(url, split=None, with_valid=True, storage_options=so, cache_dir=str(cache))
+        vp = VolumePairs(url, split=None, storage_options=so, cache_dir=str(cache))
+        proxy_log(proxy, reset=True)
+        idx = list(range(len(sp)))
+        epoch1 = sp.__getitems__(idx)
+        gets = _shard_gets(proxy_log(proxy, reset=True)["requests"])
+        n_pairs = len(vp)
+        assert len(gets) == 3 * n_pairs and len({r[1] for r in gets}) == 3 * n_pairs  # each shard once
+        epoch2 = pickle.loads(pickle.dumps(sp)).__getitems__(idx[::-1])[::-1]
+        volumes = vp.__getitems__(list(range(n_pairs)))
+        requests = proxy_log(proxy)["requests"]
+        # no shard is read again; a new handle (the unpickled copy, the volume dataset) reads the store's zarr.json
+        assert _shard_gets(requests) == [] and {r[1].rsplit("/", 1)[-1] for r in requests} <= {"zarr.json"}
+    for i, a, b in zip(idx, epoch1, epoch2):
+        p, z = sp.locate(i)
+        r = results[p]
+        assert [x.tobytes() for x in a] == [x.tobytes() for x in b] == [r.mr[z].tobytes(), r.ct[z].tobytes(),
+                                                                        r.valid[z].tobytes()]
+    for p, (mr, ct, valid) in zip(vp.pair_indices, volumes):
+        assert mr.tobytes() == results[p].mr.tobytes() and ct.tobytes() == results[p].ct.tobytes()
+        assert np.array_equal(valid, results[p].valid)
+    assert not [f for f in cache.rglob("*") if f.name.endswith(".part")]
+
+
+# --------------------------------------------------------------------------------------------- 3D patches
+def test_patch_corner_fits_the_grid_and_covers_an_informative_slice():
+    rng = np.random.default_rng(0)
+    grid = (9, 11, 13)
+    for k in range(300):
+        patch = (1 + k % 9, 1 + k % 11, 1 + k % 13)
+        ok = rng.random(9) < 0.3
+        z0, y0, x0 = patch_corner(grid, patch, ok, rng)
+        assert 0 <= z0 <= 9 - patch[0] and 0 <= y0 <= 11 - patch[1] and 0 <= x0 <= 13 - patch[2]
+        assert not ok.any() or ok[z0:z0 + patch[0]].any()
+
+
+def test_volume_patches_are_the_written_voxels(built):
+    url, pairs, results = built
+    vp = VolumePatches(url, split=None, patch_size=(3, 5, 7), patches_per_pair=4, seed=1, with_pair=True)
+    assert len(vp) == 4 * len(vp.pair_indices)
+    idx = list(range(len(vp)))
+    batch = vp.__getitems__(idx)
+    for i, (mr, ct, valid, p) in zip(idx, batch):
+        q, z0, y0, x0 = vp.locate(i)
+        assert q == p == vp.pair_indices[i // 4]
+        box = np.s_[z0:z0 + 3, y0:y0 + 5, x0:x0 + 7]
+        r = results[p]
+        assert mr.shape == ct.shape == valid.shape == (3, 5, 7) and valid.dtype == bool
+        assert mr.tobytes() == r.mr[box].tobytes() and ct.tobytes() == r.ct[box].tobytes()
+        assert np.array_equal(valid, r.valid[box]) and r.slice_ok[z0:z0 + 3].any()
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(vp[i][:3], (mr, ct, valid)))
+    same = VolumePatches(url, split=None, patch_size=(3, 5, 7), patches_per_pair=4, seed=1)
+    assert [same.locate(i) for i in idx] == [vp.locate(i) for i in idx]
+    vp.set_epoch(1)
+    assert [vp.locate(i) for i in idx] != [same.locate(i) for i in idx]
+    with pytest.raises(ValueError, match="patch_size"):
+        VolumePatches(url, split=None, patch_size=(SHAPE[0] + 1, 5, 5))
+
+
+def test_a_patch_is_one_read_per_array_on_object_storage(on_s3, s3):
+    """A patch's slices lie end to end in its shard: one ranged GET per array, whatever the patch depth."""
+    from mrict_dask.testing import latency_proxy, proxy_log, s3_options
+
+    url, pairs, results = on_s3
+    with latency_proxy(s3.endpoint, latency_ms=0) as proxy:
+        vp = VolumePatches(url, split=None, patch_size=(6, 4, 4), storage_options=s3_options(proxy))
+        idx = list(range(len(vp)))
+        vp.__getitems__(idx)  # shard indexes
+        proxy_log(proxy, reset=True)
+        batch = vp.__getitems__(idx)
+        assert len(_slice_gets(proxy_log(proxy)["requests"])) == 3 * len(idx)
+    for i, (mr, ct, valid) in zip(idx, batch):
+        p, z0, y0, x0 = vp.locate(i)
+        box = np.s_[z0:z0 + 6, y0:y0 + 4, x0:x0 + 4]
+        assert mr.tobytes() == results[p].mr[box].tobytes() and ct.tobytes() == results[p].ct[box].tobytes()
+        assert np.array_equal(valid, results[p].valid[box])
+
+
+# --------------------------------------------------------------------------------------------- torch batches
+class BatchOnly(SlicePairs):
+    """Fails if the DataLoader reads sample by sample instead of asking for whole batches."""
+
+    def __getitem__(self, i):
+        raise AssertionError("the DataLoader read one sample at a time")
+
+
+def test_torch_dataloader_reads_whole_batches_in_workers(built):
+    import torch
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+
+    url, pairs, results = built
+    sp = BatchOnly(url, split=None, with_valid=True, with_pair=True)
+    sampler = BatchSampler(RandomSampler(range(len(sp)), generator=torch.Generator().manual_seed(0)), 4, False)
+    batches = list(sampler)
+    seen = []
+    for idx, (mr, ct, valid, pair) in zip(batches, DataLoader(sp, batch_sampler=batches, num_workers=2), strict=True):
+        assert mr.shape == (len(idx), *SHAPE[1:]) and valid.dtype == torch.bool
+        for k, i in enumerate(idx):
+            p, z = sp.locate(i)
+            r = results[p]
+            assert int(pair[k]) == p and decode(mr[k].numpy(), ct[k].numpy())[:2] == (p, z)
+            assert mr[k].numpy().tobytes() == r.mr[z].tobytes() and ct[k].numpy().tobytes() == r.ct[z].tobytes()
+            assert np.array_equal(valid[k].numpy(), r.valid[z])
+            seen.append(i)
+    assert sorted(seen) == list(range(len(sp)))
+
+
+# --------------------------------------------------------------------------------------------- README
+def _readme_training_example() -> str:
+    """The first python block of the README's "Reading the store (training)" section, as written there."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")) as fh:
+        readme = fh.read()
+    section = readme.split("## Reading the store (training)", 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "no python block in the README's training section"
+    return match.group(1)
+
+
+def test_readme_training_example_runs_as_written(built, tmp_path):
+    url, pairs, results = built
+    shutil.copytree(url, tmp_path / "out" / "store.zarr")
+    (tmp_path / "train_example.py").write_text(_readme_training_example())
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "train_example.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ok = sorted(i for i in results if pairs[i].split == "train")
+    n_slices = sum(int(results[i].slice_ok.sum()) for i in ok)
+    assert f"{n_slices} training slices from {len(ok)} pairs" in proc.stdout
+    assert re.search(r"MAE [0-9.]+ HU", proc.stdout), proc.stdout

@@ -199,6 +199,71 @@ def test_grid_locates_voxels_on_the_real_template(tmp_path, template):
         assert ref.TransformIndexToPhysicalPoint((x, y, z)) == pytest.approx(point)
 
 
+def test_string_variables_read_back_as_plain_numpy_strings(tmp_path):
+    """pair, patient, split and status are Zarr v3 fixed_length_utf32: xarray and zarr both give numpy ``<U``
+    arrays, so ``.astype(str)`` and comparisons work; a failure reason longer than any status the store was
+    created with ("pending") is kept whole."""
+    import xarray as xr
+    import zarr
+
+    url = str(tmp_path / "out.zarr")
+    pairs, results, _ = build_store(url, n=5, failed=(2,))
+    want = {"pair": [p.pair_id for p in pairs], "patient": [p.patient for p in pairs],
+            "split": [p.split for p in pairs],
+            "status": ["ok", "ok", "failed: MR registration did not converge", "ok", "ok"]}
+    ds = xr.open_zarr(url)
+    g = zarr.open_group(url, mode="r")
+    for name, values in want.items():
+        assert ds[name].dtype.kind == "U" and g[name].dtype.kind == "U", name
+        assert ds[name].values.astype(str).tolist() == values, name
+        assert g[name][:].astype(str).tolist() == values, name
+        with open(os.path.join(url, name, "zarr.json")) as fh:
+            assert json.load(fh)["data_type"]["name"] == "fixed_length_utf32", name
+    assert (ds.split == "train").values.tolist() == [s == "train" for s in want["split"]]
+    assert ds.sel(pair=pairs[3].pair_id).patient.values.astype(str) == pairs[3].patient
+
+
+def _as_variable_length_strings(url: str) -> None:
+    """Rewrite the string variables the way stores were written before fixed-width strings (Zarr v3 `string`)."""
+    import zarr
+
+    with store._quiet():
+        g = zarr.open_group(url, mode="r+", use_consolidated=False)
+        for name in ("pair", "patient", "split", "status"):
+            values = [str(v) for v in g[name][:]]
+            a = g.create_array(name, shape=(len(values),), dtype=str, fill_value="", dimension_names=("pair",),
+                               chunks=(len(values),), overwrite=True)
+            a[:] = np.array(values, dtype=object)
+        zarr.consolidate_metadata(g.store)
+
+
+def test_stores_with_variable_length_strings_still_read(tmp_path):
+    """A store written before fixed-width strings: the loader, inspect, verify and a resumed finalize all work."""
+    from mrict_dask.loader import SlicePairs, VolumePairs
+
+    url = str(tmp_path / "out.zarr")
+    pairs, results, t = build_store(url, n=6, failed=(3,))
+    _as_variable_length_strings(url)
+    with open(os.path.join(url, "status", "zarr.json")) as fh:
+        assert json.load(fh)["data_type"] == "string"
+    for split in SPLITS:
+        sp = SlicePairs(url, split=split, with_valid=True)
+        ok = sorted(i for i, r in results.items() if r.ok and pairs[i].split == split)
+        assert len(sp) == sum(int(results[i].slice_ok.sum()) for i in ok)
+        for i in range(len(sp)):
+            mr, ct, valid = sp[i]
+            p, z = sp.locate(i)
+            assert mr.tobytes() == results[p].mr[z].tobytes() and ct.tobytes() == results[p].ct[z].tobytes()
+            assert np.array_equal(valid, results[p].valid[z])
+        assert [int(p) for p in VolumePairs(url, split=split).pair_indices] == ok
+    assert store.verify_store(url).ok
+    assert "pairs: 6 (ok 5, failed 1, pending 0)" in store.inspect_store(url)
+    store.finalize_store(url)  # a resumed run finalizes again: the old encoding stays, and stays readable
+    with open(os.path.join(url, "status", "zarr.json")) as fh:
+        assert json.load(fh)["data_type"] == "string"
+    assert store.verify_store(url).ok
+
+
 # --------------------------------------------------------------------------------------------- round trip
 def test_round_trip_is_bit_for_bit(tmp_path):
     from mrict_dask.loader import SlicePairs, VolumePairs
