@@ -14,6 +14,7 @@ executor without this module importing it.
 from __future__ import annotations
 
 import logging
+import re
 import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -35,10 +36,31 @@ class Outcome:
         return not self.error
 
 
+_URL_OR_PATH = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+|(?:/[^\s'\":,()]+){2,}")
+
+
 def error_reason(exc: BaseException) -> str:
-    """``Type: first line of the message`` (at most 300 characters): what a summary or marker records."""
+    """``Type: first line of the message`` (at most 300 characters): what a summary or marker records.
+
+    URLs and file paths in the message are masked: paths often name patients, and the reason reaches the store.
+    """
+    if isinstance(exc, TaskError):
+        return str(exc)
     text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"[:300]
+    return f"{type(exc).__name__}: {_URL_OR_PATH.sub('<path>', text)}"[:300]
+
+
+class TaskError(Exception):
+    """A task's exception as it leaves a worker: its :func:`error_reason` (type, first line, paths masked), since
+    a Dask worker logs the exceptions of failed tasks and file paths often name patients."""
+
+
+def guarded(fn: Callable[[Any], Any], item: Any) -> Any:
+    """``fn(item)``, any exception turned into a :class:`TaskError` (what a worker runs for the executor)."""
+    try:
+        return fn(item)
+    except Exception as exc:
+        raise TaskError(error_reason(exc)) from None
 
 
 class Executor(Protocol):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import Config
-from .executor import Executor, Outcome, error_reason
+from .executor import Executor, Outcome, error_reason, guarded
 from .io import Location, join, redact
 from .progress import Progress
 from .sources import Source
@@ -163,7 +163,7 @@ class DaskExecutor:
             count += 1
             k = f"{key(item) if key else 'task'}-{count}-{token}"
             item_of[k] = item
-            return self.client.submit(fn, item, key=k, retries=self.retries, pure=False)
+            return self.client.submit(guarded, fn, item, key=k, retries=self.retries, pure=False)
 
         first = [submit(item) for _, item in zip(range(self.window), todo)]
         ac = as_completed(first, loop=self.client.loop)  # this client, not whichever is the default

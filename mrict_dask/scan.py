@@ -81,9 +81,18 @@ def scan_batch(items: list[tuple[str, int]], storage_options: dict | None):
     return catalog_table(read_headers(items, fs))
 
 
-def _numbered(item: tuple[int, Any], fn: Any) -> Any:
-    """``fn`` of a batch given with its position (the executor's item): results can be put back in order."""
-    return fn(item[1])
+@dataclass(frozen=True)
+class Batch:
+    """A scan task's item: the batch's position in the listing and its units (URLs, which may name patients, are
+    left out of its ``repr``: a Dask worker logs a failed task's arguments)."""
+
+    index: int
+    units: list = field(repr=False)
+
+
+def _read_batch(batch: Batch, fn: Any) -> Any:
+    """``fn`` of a numbered batch: results can be put back in listing order."""
+    return fn(batch.units)
 
 
 def scan(url: str | Location | Source, storage_options: dict | None = None, executor: Any = None,
@@ -113,17 +122,18 @@ def scan_table(url: str | Location | Source, storage_options: dict | None = None
     ex = as_executor(executor, retries=2)
     log.info("scan %s: %d %s in %d units, batches of %d on the %s executor (storage options %s)", source.url, total,
              source.unit_name, len(units), batch_size, ex.name, redact(source.storage_options))
-    task = functools.partial(_numbered, fn=rows_task(source))
-    numbered = enumerate(batches(source, units, max(1, int(batch_size))))
+    task = functools.partial(_read_batch, fn=rows_task(source))
+    numbered = (Batch(k, b) for k, b in enumerate(batches(source, units, max(1, int(batch_size)))))
     tables: dict[int, Any] = {}
     with Progress("scan", total, progress, unit=source.unit_name) as bar:
-        for outcome in ex.run(task, numbered, key=lambda item: f"scan-batch-{item[0]}"):
-            k, batch = outcome.item
+        for outcome in ex.run(task, numbered, key=lambda b: f"scan-batch-{b.index}"):
+            batch = outcome.item
             if outcome.ok:
-                tables[k] = outcome.value
+                tables[batch.index] = outcome.value
             else:  # the task itself failed (worker lost repeatedly, or a bug): its units still get rows
-                tables[k] = catalog_table(source.lost_rows(batch, f"{SCAN_TASK_FAILED}: {outcome.error}"))
-            bar.advance(sum(source.weight(u) for u in batch))
+                tables[batch.index] = catalog_table(source.lost_rows(batch.units,
+                                                                     f"{SCAN_TASK_FAILED}: {outcome.error}"))
+            bar.advance(sum(source.weight(u) for u in batch.units))
     del units
     # batches are consecutive runs of the sorted units: in batch order the rows are (almost always) sorted already
     return concat_tables([tables.pop(k) for k in sorted(tables)])

@@ -9,17 +9,20 @@ import numpy as np
 
 @dataclass(frozen=True)
 class PairSpec:
-    """One MR/CT pair to process. Lives in the private plan (it names source files and UIDs)."""
+    """One MR/CT pair to process. Lives in the private plan (it names source files and UIDs).
+
+    Its ``repr`` shows only PHI-free fields: a Dask worker logs a failed task's arguments.
+    """
 
     index: int  # position along the store's `pair` dimension
     pair_id: str  # stable, PHI-free key: pseudonym + short keyed hash of the two series
     patient: str  # keyed pseudonym, "P" + 16 hex
     split: str  # train / val / test
     days_apart: int  # CT study date minus MR study date
-    mr_files: tuple[str, ...]  # URLs of the chosen MR stack's files
-    ct_files: tuple[str, ...]  # URLs of the chosen CT stack's files
-    mr_series_uid: str = ""  # private: for the plan and export only
-    ct_series_uid: str = ""
+    mr_files: tuple[str, ...] = field(repr=False)  # URLs of the chosen MR stack's files
+    ct_files: tuple[str, ...] = field(repr=False)  # URLs of the chosen CT stack's files
+    mr_series_uid: str = field(default="", repr=False)  # private: for the plan and export only
+    ct_series_uid: str = field(default="", repr=False)
 
 
 @dataclass

@@ -87,3 +87,38 @@ def test_workers_we_start_sample_the_profile_every_100ms():
     assert list(got.values()) == [100.0]
     # the driver's own configuration is left as it was
     assert dask.config.get("distributed.worker.profile.interval") == before
+
+
+# --------------------------------------------------------------------------------------------- worker logs
+def _fail_naming(item):
+    pair, batch = item
+    raise FileNotFoundError(f"{pair.mr_files[0]} is gone")
+
+
+def test_a_failed_task_logged_by_a_dask_worker_names_no_file_or_uid(capfd):
+    """Dask workers log a failed task (its exception, in some versions its arguments): neither a pair, a scan
+    batch nor the exception of a task run by the executor may print a file URL (paths name patients) or a UID;
+    the reason the run records masks paths too."""
+    from distributed import Client, LocalCluster
+
+    from mrict_dask.executor import error_reason
+    from mrict_dask.orchestrate import DaskExecutor
+    from mrict_dask.scan import Batch
+    from mrict_dask.types import PairSpec
+
+    url = "s3://bucket/dicom/SYN-0007-QWERT/mr/1-001.dcm"
+    pair = PairSpec(index=0, pair_id="P00000000000000aa-1234abcd", patient="P00000000000000aa", split="train",
+                    days_apart=3, mr_files=(url,), ct_files=(url.replace("mr", "ct"),),
+                    mr_series_uid="1.2.826.0.1.3680043.9.7.123456", ct_series_uid="1.2.826.0.1.3680043.9.7.654321")
+    batch = Batch(4, [(url, 1234)])
+    # a cluster started inside the test: its worker processes write to the captured stderr
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        (outcome,) = list(DaskExecutor(client, retries=0).run(_fail_naming, [(pair, batch)], key=lambda i: "task"))
+    out, err = capfd.readouterr()
+    assert "Compute Failed" in err  # the worker did log the failure
+    assert outcome.error == "FileNotFoundError: <path> is gone"
+    for secret in ("SYN-0007-QWERT", "s3://bucket", "1.2.826.0.1.3680043.9.7"):
+        assert secret not in out + err + repr(pair) + repr(batch), secret
+    assert "P00000000000000aa" in repr(pair) and "index=4" in repr(batch)
+    assert "SYN-0007" not in error_reason(OSError("cannot read /data/SYN-0007-QWERT/ct/1-002.dcm: EIO"))
