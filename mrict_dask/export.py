@@ -108,15 +108,19 @@ def export_series_command(input_url: str, series_uid: str | None = None, out: st
                 summary.refused.append((f"{st.info.get('modality', '')} {st.label}".strip(), str(st.refused)))
         for i, st in enumerate(usable):
             what = f"{st.info.get('modality', '')} {st.label}".strip()
+            if st.split is not None:
+                what += f" volume {st.split.index + 1} of {st.split.count}: {st.split.label}"
             if st.notes:
                 what += f" ({'; '.join(st.notes)})"
+            # a volume of a 4D series is named by what tells it apart (b-value, time point, echo...)
+            tag = st.split.name if st.split is not None else (str(i + 1) if i else "")
             if series_uid:
-                target = Location.of(out if i == 0 else _numbered(out, i + 1), storage_options)
+                target = Location.of(_numbered(out, tag) if tag else out, storage_options)
             else:
-                tag = hashlib.sha256(str(uid).encode()).hexdigest()[:8]
+                uid_tag = hashlib.sha256(str(uid).encode()).hexdigest()[:8]
                 num = st.info.get("series_number")
                 name = f"{st.info.get('modality') or 'XX'}_{int(num) if num is not None else 0}_" \
-                       f"{_safe_name(st.info.get('description') or '')}_{tag}" + (f"_{i + 1}" if i else "")
+                       f"{_safe_name(st.info.get('description') or '')}_{uid_tag}" + (f"_{tag}" if tag else "")
                 target = Location.of(all_dir, storage_options).join(name + ".nii.gz")
             try:
                 img = read_volume(st.urls, source.storage_options, cfg)
@@ -133,7 +137,7 @@ def export_series_command(input_url: str, series_uid: str | None = None, out: st
     return summary
 
 
-def _numbered(url: str, k: int) -> str:
+def _numbered(url: str, k: int | str) -> str:
     for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
         if url.endswith(ext):
             return f"{url[:-len(ext)]}_{k}{ext}"

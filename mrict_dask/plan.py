@@ -81,8 +81,13 @@ class Plan:
             for reason, n in Counter(_head(e["reason"]) for e in self.exclusions).most_common():
                 lines.append(f"    {n:5d}  {reason}")
         dec = Counter(s["decision"] for s in self.series)
-        lines.append(f"  candidate series/stacks: {dec.get('chosen', 0)} chosen, {dec.get('not chosen', 0)} not "
-                     f"chosen, {dec.get('refused', 0)} refused")
+        sessions = {(s["patient"], s.get("session")) for s in self.series if s.get("session")}
+        lines.append(f"  series in {len(sessions)} imaging session(s): {dec.get('chosen', 0)} chosen, "
+                     f"{dec.get('not chosen', 0)} not chosen, {dec.get('refused', 0)} refused")
+        four_d = Counter(s.get("volume_kind") for s in self.series if s.get("volumes"))
+        if four_d:
+            lines.append("  series holding several volumes (each listed once): " +
+                         ", ".join(f"{n} {kind}" for kind, n in sorted(four_d.items())))
         refused = Counter(_head(s["reason"]) for s in self.series if s["decision"] == "refused")
         for reason, n in refused.most_common():
             lines.append(f"    {n:5d}  refused: {reason}")

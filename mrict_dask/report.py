@@ -40,7 +40,8 @@ def build_report(plan: Any, pairs: list, markers: dict[int, dict], summary: Any,
             "figure": f"figures/{p.pair_id}.png" if m.get("status") == "ok" else None,
         })
     exclusions = [{"patient": e.get("patient"), "reason": e.get("reason")} for e in plan.exclusions]
-    series = [{k: s.get(k) for k in ("patient", "modality", "description", "decision", "reason")}
+    series = [{k: s.get(k) for k in ("patient", "session", "modality", "description", "decision", "rank", "reason",
+                                     "evidence", "volumes")}
               for s in getattr(plan, "series", [])]
     file_errors = Counter(str(f.get("reason", f.get("read_error", ""))).split(":")[0]
                           for f in getattr(plan, "files_with_errors", []))
@@ -100,6 +101,12 @@ def _qa_summary(pairs: list[dict]) -> list[list[Any]]:
     return rows
 
 
+def _session_order(s: dict) -> tuple:
+    """Patient, then session, then candidates by rank (chosen first), the rest after them."""
+    rank = s.get("rank")
+    return (str(s.get("patient")), str(s.get("session") or "~"), rank is None, rank or 0, str(s.get("description")))
+
+
 def render_html(rep: dict[str, Any]) -> dict[str, str]:
     """The report's pages: ``report.html`` (a summary that stays small at any number of pairs) and the detail
     pages of :data:`PAGES`, by file name."""
@@ -138,10 +145,13 @@ def render_html(rep: dict[str, Any]) -> dict[str, str]:
         series.append("<h2>Patients without a pair</h2>" + _table(
             ["patient", "reason"], [[e(str(x["patient"])), e(str(x["reason"]))] for x in rep["exclusions"]]))
     if rep["series_decisions"]:
-        series.append("<h2>Series decisions</h2>" + _table(
-            ["patient", "modality", "series", "decision", "reason"],
-            [[_fmt(s.get(k)) for k in ("patient", "modality", "description", "decision", "reason")]
-             for s in rep["series_decisions"]]))
+        series.append("<h2>Series decisions, by patient and imaging session</h2><p>Candidates of a session are "
+                      "ranked on the evidence shown (most important first); rank 1 is chosen unless the patient "
+                      "has no pair.</p>")
+        series.append(_table(["patient", "session", "modality", "series", "volumes", "decision", "rank", "reason"],
+                             [[_fmt(s.get(k)) for k in ("patient", "session", "modality", "description", "volumes",
+                                                        "decision", "rank", "reason")]
+                              for s in sorted(rep["series_decisions"], key=_session_order)]))
     return {"report.html": _page("mrict-dask run report", summary),
             PAGES["pairs"]: _page("mrict-dask run report: pairs", pairs),
             PAGES["series"]: _page("mrict-dask run report: series and exclusions", series)}

@@ -166,7 +166,7 @@ def _derived(info: dict) -> bool:
 
 def evaluate_mr(stack: Stack, cfg: PlanConfig) -> Candidate:
     info = stack.info
-    why = _rejected(info, cfg.mr_reject) or _kind_of_4d(stack)
+    why = _kind_of_4d(stack) or _rejected(info, cfg.mr_reject)
     if why:
         return Candidate(stack, "MR", False, why + ("" if why.startswith("rejected") else ": never a T1 candidate"))
     if "EP" in (info.get("scanning_sequence") or "").upper().split("\\"):
