@@ -87,17 +87,18 @@ def stage_gather(catalog: str, work: str) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mrict_dask.catalog import catalog_schema, concat_tables, write_catalog
+    from mrict_dask.catalog import as_catalog_table, concat_tables, encoded, write_catalog
     from mrict_dask.io import Location
 
     seconds, tables = 0.0, []
     for batch in pq.ParquetFile(catalog).iter_batches(batch_size=256):
+        part = encoded(as_catalog_table(pa.Table.from_batches([batch])))  # as a scan task returns it
         sink = pa.BufferOutputStream()  # the bytes a worker sends back for one batch (not timed)
-        with pa.ipc.new_stream(sink, batch.schema) as w:
-            w.write_batch(batch)
+        with pa.ipc.new_stream(sink, part.schema) as w:
+            w.write_table(part)
         blob = sink.getvalue()
         t = time.perf_counter()
-        tables.append(pa.ipc.open_stream(blob).read_all().cast(catalog_schema()))
+        tables.append(pa.ipc.open_stream(blob).read_all())
         seconds += time.perf_counter() - t
     t = time.perf_counter()
     table = concat_tables(tables)

@@ -114,6 +114,15 @@ def catalog_table(rows: list[dict]):
     return pa.Table.from_arrays(cols, schema=schema.with_metadata({"bytes_read": str(bytes_read)}))
 
 
+def encoded(table: Any):
+    """``table`` (catalog columns) with its repeated text dictionary-encoded, as the scan's tasks return it."""
+    import pyarrow as pa
+
+    cols = [table.column(n).dictionary_encode() if n in _REPEATED_TEXT and not pa.types.is_dictionary(
+        table.column(n).type) else table.column(n) for n in table.column_names]
+    return pa.table(cols, names=table.column_names, metadata=table.schema.metadata)
+
+
 def bytes_read(table: Any) -> int:
     meta = table.schema.metadata or {}
     return int(meta.get(b"bytes_read", b"0"))
