@@ -199,122 +199,31 @@ def orthanc_server(folder: str, user: str = "user", password: str = "password") 
         yield server
 
 
-# -------------------------------------------------------------------------------------------- HTTP proxy
-class CountingProxy:
-    """A threaded reverse proxy on 127.0.0.1 that counts the bytes it relays, optionally adding latency.
-
-    Every request is forwarded as it came (headers included) to ``upstream``. ``before(path)`` is called before
-    each request is forwarded: a test can stop the server there, or return ``(status, headers)`` to answer with
-    that instead (a 429 or a 503 as an overloaded server gives). An upstream that cannot be reached gives 502, as
-    a gateway would, or with ``drop_when_down`` a connection closed without an answer. ``counts`` maps a request
-    kind ("metadata", "instance", "qido", "other") to [requests, response bytes].
-    """
-
-    def __init__(self, upstream: str, latency_s: float = 0.0,
-                 before: Callable[[str], tuple[int, dict] | None] | None = None, drop_when_down: bool = False):
-        import http.server
-        import threading
-
-        self.upstream = upstream.rstrip("/")
-        self.latency_s = latency_s
-        self.before = before
-        self.drop_when_down = drop_when_down
-        self.counts: dict[str, list[int]] = {}
-        self._lock = threading.Lock()
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                proxy._relay(self)
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    @staticmethod
-    def kind(path: str) -> str:
-        path = path.split("?")[0]
-        if path.endswith("/metadata"):
-            return "metadata"
-        if "/instances/" in path:
-            return "instance"
-        if path.endswith(("/studies", "/series", "/instances")):
-            return "qido"
-        return "other"
-
-    def _relay(self, handler) -> None:
-        import http.client
-        import urllib.parse
-
-        answer = self.before(handler.path) if self.before is not None else None
-        if self.latency_s:
-            time.sleep(self.latency_s)
-        target = urllib.parse.urlsplit(self.upstream)
-        headers = {k: v for k, v in handler.headers.items() if k.lower() not in ("host", "connection")}
-        if answer is not None:
-            status, reply_headers, body = answer[0], list(answer[1].items()), b""
-        else:
-            try:
-                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
-                conn.request("GET", handler.path, headers=headers)
-                resp = conn.getresponse()
-                body = resp.read()
-                status, reply_headers = resp.status, resp.getheaders()
-                conn.close()
-            except OSError:
-                if self.drop_when_down:
-                    handler.close_connection = True
-                    return
-                status, reply_headers, body = 502, [("Content-Type", "text/plain")], b"upstream not reachable"
-        handler.send_response(status)
-        for k, v in reply_headers:
-            if k.lower() not in ("content-length", "transfer-encoding", "connection"):
-                handler.send_header(k, v)
-        handler.send_header("Content-Length", str(len(body)))
-        handler.end_headers()
-        handler.wfile.write(body)
-        with self._lock:
-            c = self.counts.setdefault(self.kind(handler.path), [0, 0])
-            c[0] += 1
-            c[1] += len(body)
-
-    def reset(self) -> None:
-        with self._lock:
-            self.counts.clear()
-
-    def bytes(self, *kinds: str) -> int:
-        with self._lock:
-            return sum(v[1] for k, v in self.counts.items() if not kinds or k in kinds)
-
-    def __enter__(self) -> CountingProxy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-# ----------------------------------------------------------------------------------------------- latency proxy
+# -------------------------------------------------------------------------------------------- HTTP proxies
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization",
                "proxy-authenticate", "content-length"}
 
 
+def request_kind(path: str) -> str:
+    """What a request asks for, for byte counts: DICOMweb "metadata", "instance", "qido", else "other"."""
+    path = path.split("?")[0]
+    if path.endswith("/metadata"):
+        return "metadata"
+    if "/instances/" in path:
+        return "instance"
+    if path.endswith(("/studies", "/series", "/instances")):
+        return "qido"
+    return "other"
+
+
 class _ProxyLog:
-    """What the proxy saw: each request (method, path, Range header) and the most requests in flight at once."""
+    """What a proxy relayed: each request (method, path, Range header), the most in flight at once, and per
+    :func:`request_kind` [requests, response bytes]."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.requests: list[tuple[str, str, str]] = []
+        self.counts: dict[str, list[int]] = {}
         self.in_flight = self.peak_in_flight = 0
 
     def start(self, method: str, path: str, byte_range: str) -> None:
@@ -323,49 +232,65 @@ class _ProxyLog:
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
 
-    def done(self) -> None:
+    def done(self, path: str, n_bytes: int | None) -> None:
         with self.lock:
             self.in_flight -= 1
+            if n_bytes is not None:
+                c = self.counts.setdefault(request_kind(path), [0, 0])
+                c[0] += 1
+                c[1] += n_bytes
 
     def snapshot(self, reset: bool) -> dict:
         with self.lock:
-            out = {"requests": list(self.requests), "peak_in_flight": self.peak_in_flight}
+            out = {"requests": list(self.requests), "peak_in_flight": self.peak_in_flight,
+                   "counts": {k: list(v) for k, v in self.counts.items()}}
             if reset:
                 self.requests.clear()
+                self.counts.clear()
                 self.peak_in_flight = self.in_flight
         return out
 
 
-class _DelayingProxy(http.server.BaseHTTPRequestHandler):
-    """Forwards each request to the upstream server and holds the answer back ``latency_s`` before its first byte.
+class _Relay(http.server.BaseHTTPRequestHandler):
+    """Forwards each request to the upstream server (over a kept-alive connection per client connection) and
+    holds the answer back ``latency_s`` before its first byte.
 
+    ``before(path)``, when set, is called first: it may stop the upstream, or return ``(status, headers)`` to
+    answer that instead (a 429 or 503 as an overloaded server gives). An upstream that cannot be reached gives
+    502, as a gateway would, or with ``drop_when_down`` a connection closed without an answer.
     ``GET /__proxy__/log`` answers the :class:`_ProxyLog` as JSON (``?reset=1``: and starts a new one).
     """
 
-    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections as they would with real object storage
+    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse connections as they would with real servers
     upstream: tuple[str, int] = ("127.0.0.1", 0)
     latency_s: float = 0.0
+    before: Callable[[str], tuple[int, dict] | None] | None = None
+    drop_when_down: bool = False
     log: _ProxyLog
 
     def log_message(self, format, *args) -> None:
         pass
 
-    def _answer_log(self) -> None:
-        body = json.dumps(self.log.snapshot(reset=self.path.endswith("reset=1"))).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
+    def _send(self, status: int, headers: list[tuple[str, str]], data: bytes, reason: str | None = None) -> None:
+        self.send_response(status, reason)
+        for k, v in headers:
+            if k.lower() not in _HOP_BY_HOP:
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def _forward(self) -> None:
         if self.path.startswith("/__proxy__/log"):
-            return self._answer_log()
+            body = json.dumps(self.log.snapshot(reset=self.path.endswith("reset=1"))).encode()
+            return self._send(200, [("Content-Type", "application/json")], body)
         self.log.start(self.command, self.path, self.headers.get("Range", ""))
+        n_bytes = None
         try:
-            self._relay()
+            n_bytes = self._relay()
         finally:
-            self.log.done()
+            self.log.done(self.path, n_bytes)
 
     def _exchange(self, body: bytes | None, headers: dict) -> tuple[http.client.HTTPResponse, bytes]:
         if getattr(self, "_conn", None) is None:
@@ -382,35 +307,86 @@ class _DelayingProxy(http.server.BaseHTTPRequestHandler):
             self._conn = None
             return self._exchange(body, headers)
 
-    def _relay(self) -> None:
-        # bodies are forwarded by Content-Length (what S3 clients send); chunked uploads are not supported
+    def _relay(self) -> int | None:
+        # bodies are forwarded by Content-Length (what S3 and DICOMweb clients send); chunked uploads are not
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        answer = self.before(self.path) if self.before is not None else None
+        if answer is not None:
+            time.sleep(self.latency_s)
+            self._send(answer[0], list(answer[1].items()), b"")
+            return 0
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP | {"host"}}
         if body is not None:
             headers["Content-Length"] = str(len(body))
-        resp, data = self._upstream(body, headers)
+        try:
+            resp, data = self._upstream(body, headers)
+        except OSError:
+            self._conn = None
+            if self.drop_when_down:
+                self.close_connection = True
+                return None
+            self._send(502, [("Content-Type", "text/plain")], b"upstream not reachable")
+            return 0
         time.sleep(self.latency_s)
-        self.send_response(resp.status, resp.reason)
-        for k, v in resp.getheaders():
-            if k.lower() not in _HOP_BY_HOP:
-                self.send_header(k, v)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        self._send(resp.status, resp.getheaders(), data, resp.reason)
+        return len(data)
 
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
 
 
-def serve_latency_proxy(upstream: str, port: int, latency_s: float) -> None:
-    """Run the delaying reverse proxy on 127.0.0.1:``port`` in front of ``upstream`` (``http://host:port``) forever."""
+def _relay_server(upstream: str, port: int = 0, latency_s: float = 0.0, before=None,
+                  drop_when_down: bool = False) -> http.server.ThreadingHTTPServer:
     host, _, up_port = upstream.removeprefix("http://").rstrip("/").partition(":")
-    handler = type("Handler", (_DelayingProxy,), {"upstream": (host, int(up_port or 80)), "latency_s": latency_s,
-                                                   "log": _ProxyLog()})
+    handler = type("Handler", (_Relay,), {"upstream": (host, int(up_port or 80)), "latency_s": latency_s,
+                                          "before": staticmethod(before) if before else None,
+                                          "drop_when_down": drop_when_down, "log": _ProxyLog()})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
     server.daemon_threads = True
-    server.serve_forever()
+    return server
+
+
+class CountingProxy:
+    """A reverse proxy in this process (a thread) that counts the bytes it relays by :func:`request_kind`,
+    optionally adding latency or answering/stopping through ``before`` (see :class:`_Relay`).
+
+    ``counts`` maps a request kind to [requests, response bytes].
+    """
+
+    kind = staticmethod(request_kind)
+
+    def __init__(self, upstream: str, latency_s: float = 0.0,
+                 before: Callable[[str], tuple[int, dict] | None] | None = None, drop_when_down: bool = False):
+        self._server = _relay_server(upstream, 0, latency_s, before, drop_when_down)
+        self._log: _ProxyLog = self._server.RequestHandlerClass.log
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def counts(self) -> dict[str, list[int]]:
+        return self._log.snapshot(reset=False)["counts"]
+
+    def reset(self) -> None:
+        self._log.snapshot(reset=True)
+
+    def bytes(self, *kinds: str) -> int:
+        return sum(v[1] for k, v in self.counts.items() if not kinds or k in kinds)
+
+    def __enter__(self) -> CountingProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def serve_latency_proxy(upstream: str, port: int, latency_s: float) -> None:
+    """Run the delaying reverse proxy on 127.0.0.1:``port`` in front of ``upstream`` (``http://host:port``) forever."""
+    _relay_server(upstream, port, latency_s).serve_forever()
 
 
 def _answers(endpoint: str) -> bool:
