@@ -133,7 +133,7 @@ _TEXT = ("read_error", "sop_class_uid", "series_uid", "study_uid", "patient_id",
          "sequence_variant", "sequence_name", "mr_acquisition_type", "contrast_agent", "echo_numbers",
          "acquisition_number", "image_type", "photometric", "temporal_position", "acquisition_time")
 _NUMBERS = ("series_number", "rows", "columns", "number_of_frames", "slice_thickness", "echo_time",
-            "repetition_time", "inversion_time", "trigger_time", "diffusion_b_value")
+            "repetition_time", "inversion_time", "trigger_time", "diffusion_b_value", "instance_number")
 PLAN_COLUMNS: tuple[str, ...] = (
     "url", "is_dicomdir", "pixel_data_ok", "modality", "sop_instance_uid", "image_position", "image_orientation",
     "pixel_spacing", "frame_positions", "diffusion_direction", *_TEXT, *_NUMBERS)

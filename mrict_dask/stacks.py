@@ -14,7 +14,16 @@ import numpy as np
 
 from .columns import Coded, Columns
 from .config import PlanConfig
-from .geometry import ORIENTATION_TOL, Geometry, Refusal, has_repeats, stack_geometry, unique_positions, unit_axes
+from .geometry import (
+    DUPLICATE_POSITION_TOL_MM,
+    ORIENTATION_TOL,
+    Geometry,
+    Refusal,
+    has_repeats,
+    stack_geometry,
+    unique_positions,
+    unit_axes,
+)
 from .values import is_missing, is_number, number, text
 
 # SOP classes whose instances are images we can stack (single-frame and enhanced multi-frame CT/MR).
@@ -468,7 +477,38 @@ def _volume_keys(c: Columns, rows: np.ndarray) -> list[tuple[str, str, np.ndarra
     if np.isfinite(trig).any():
         keys.append(("time", "TriggerTime", np.array([f"{v:.1f}" if np.isfinite(v) else "" for v in trig],
                                                      dtype=object)))
+    order = _occurrence(c, rows)
+    if order is not None:
+        keys.append(("time", "AcquisitionTime order at each position", order))
     return keys
+
+
+def _occurrence(c: Columns, rows: np.ndarray) -> np.ndarray | None:
+    """Each image's turn at its position by AcquisitionTime (InstanceNumber breaking ties): the volumes of a time
+    series whose slices each carry their own time. Only when every image has a time, every position holds the
+    same number of images, and the turns make consecutive time windows (all of turn k before any of turn k+1);
+    otherwise None: the order would be a guess."""
+    times = np.array([number(c["acquisition_time"].text(i)) for i in rows], dtype=object)
+    if any(v is None for v in times):
+        return None
+    nrm = unit_axes(c.iop[rows[0]])[2]
+    t = np.round((c.ipp[rows] @ nrm) / DUPLICATE_POSITION_TOL_MM).astype(np.int64)
+    _, pos, counts = np.unique(t, return_inverse=True, return_counts=True)
+    n = int(counts[0])
+    if len(set(counts.tolist())) != 1 or n < 2:
+        return None
+    inst = np.nan_to_num(c.num["instance_number"][rows], nan=np.inf)
+    keys = [(int(pos[j]), float(times[j]), float(inst[j])) for j in range(len(rows))]
+    if len(set(keys)) < len(keys):
+        return None
+    turn = np.empty(len(rows), dtype=np.int64)
+    for k, j in enumerate(sorted(range(len(rows)), key=keys.__getitem__)):
+        turn[j] = k % n
+    first = [min(float(times[j]) for j in np.flatnonzero(turn == k)) for k in range(n)]
+    last = [max(float(times[j]) for j in np.flatnonzero(turn == k)) for k in range(n)]
+    if any(last[k] > first[k + 1] for k in range(n - 1)):
+        return None
+    return np.array([f"{k:06d}" for k in turn], dtype=object)
 
 
 def _split_volumes(c: Columns, sub: np.ndarray, t: np.ndarray, group: int) -> list[tuple[np.ndarray, Split]]:
@@ -476,7 +516,8 @@ def _split_volumes(c: Columns, sub: np.ndarray, t: np.ndarray, group: int) -> li
     inside a volume; [] when none does (the stack is refused: it cannot be assembled without guessing)."""
     for key_kind, tags, values in _volume_keys(c, sub):
         distinct = sorted(set(values.tolist()), key=_num_key)
-        if len(distinct) < 2 or any(has_repeats(t[values == v]) for v in distinct):
+        # every volume a stack of its own (no repeated position, more than one slice)
+        if len(distinct) < 2 or any(has_repeats(t[values == v]) or np.sum(values == v) < 2 for v in distinct):
             continue
         n = len(distinct)
         kind = key_kind if key_kind != "time" else "dynamic" if n >= DYNAMIC_MIN_VOLUMES else "repeat"

@@ -253,3 +253,26 @@ def test_ct_original_soft_tissue_before_reformats_bone_and_mips_and_scouts_of_an
     assert refused["MIP"].startswith("projection image")
     assert refused["Topogram 0.6 T20f"].startswith("localizer/scout")
     assert refused["Surview"].startswith("localizer/scout")
+
+
+def test_a_time_series_whose_slices_carry_their_own_times_is_split_by_turn_at_each_position():
+    st, n_time, n_slices = uid(), 15, 12
+    perf = four_d("A", st, "20200101", "ep2d_perf", [{} for _ in range(n_time)], n=n_slices, te=30.0, tr=1500.0,
+                  scanning_sequence="EP", number=8, acquisition_number=None, instance_number=None)
+    for j, r in enumerate(perf):  # interleaved slices: each image its own time, within its time point's window
+        k, s = divmod(j, n_slices)
+        seconds = 10 * 3600 + 15 * 60 + k * 1.5 + ((s * 5) % n_slices) * 0.1
+        hh, rem = divmod(seconds, 3600)
+        r["acquisition_time"] = f"{int(hh):02d}{int(rem // 60):02d}{rem % 60:09.6f}"
+    plan = make_plan(catalog(perf, series_rows("A", st, "20200101", "MR", "T1 POST", step=1.0, n=150, number=4),
+                             series_rows("A", uid(), "20200102", "CT", "HEAD", **HEAD_CT)), Config(), KEY)
+    e = entry(plan, "ep2d_perf")
+    assert e["volumes"] == n_time and e["volume_kind"] == "dynamic"
+    assert e["split_by"] == "AcquisitionTime order at each position"
+    # shuffled times that do not make consecutive windows are no order to trust: refused
+    rng = np.random.default_rng(3)
+    for r in perf:
+        r["acquisition_time"] = f"1015{rng.uniform(0, 59):09.6f}"
+    plan = make_plan(catalog(perf, series_rows("A", st, "20200101", "MR", "T1 POST", step=1.0, n=150, number=4),
+                             series_rows("A", uid(), "20200102", "CT", "HEAD", **HEAD_CT)), Config(), KEY)
+    assert entry(plan, "ep2d_perf")["reason"].startswith("duplicate slice positions")
