@@ -390,6 +390,28 @@ def test_same_seed_same_bytes_other_seed_other_bytes(baseline, tmp_path):
     assert other.manifest["phi_strings"] != base_m["phi_strings"]
 
 
+@pytest.mark.parametrize("syntax", [pydicom.uid.RLELossless, pydicom.uid.JPEG2000Lossless])
+def test_compressed_files_keep_their_uid_and_bytes(syntax):
+    """Compressing is deterministic: the SOP Instance UID stays the one the seed gave, and so do the bytes."""
+    from mrict_dask.synth import dicom_writer as dw
+
+    def compressed() -> bytes:
+        ds = pydicom.Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = dw.CT_IMAGE_STORAGE, dw.make_uid("compressed", "sop")
+        ds.Rows = ds.Columns = 64
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = np.arange(64 * 64, dtype="<i2").tobytes()
+        dw._file_meta(ds, pydicom.uid.ExplicitVRLittleEndian)
+        return dw.encode(ds, syntax)
+
+    first = compressed()
+    assert first == compressed()
+    back = pydicom.dcmread(pydicom.filebase.DicomBytesIO(first))
+    assert back.SOPInstanceUID == back.file_meta.MediaStorageSOPInstanceUID == dw.make_uid("compressed", "sop")
+    np.testing.assert_array_equal(back.pixel_array.ravel(), np.arange(64 * 64))
+
+
 def test_refuses_a_non_empty_target(baseline):
     with pytest.raises(ConfigError, match="not empty"):
         generate_corpus(baseline[0], patients=1)

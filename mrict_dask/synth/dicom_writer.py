@@ -324,7 +324,8 @@ def encode(ds: Dataset, transfer_syntax: UID | None = None) -> bytes:
     """The DICOM Part 10 file bytes; optionally re-encoded to a lossless compressed transfer syntax."""
     if transfer_syntax is not None and transfer_syntax != ds.file_meta.TransferSyntaxUID:
         if transfer_syntax in (RLELossless, JPEG2000Lossless):
-            ds.compress(transfer_syntax, encoding_plugin="pylibjpeg")
+            # keep the SOP Instance UID: pydicom would draw a new, random one (the same seed must give the same bytes)
+            ds.compress(transfer_syntax, encoding_plugin="pylibjpeg", generate_instance_uid=False)
         else:  # pragma: no cover - programming error
             raise ValueError(f"unsupported transfer syntax {transfer_syntax}")
     buf = io.BytesIO()
