@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 from mrict_dask.errors import ConfigError
-from mrict_dask.synth import QUIRKS, generate_corpus, parse_quirks, simulate_patient
+from mrict_dask.synth import LAYOUT_QUIRKS, QUIRKS, generate_corpus, parse_quirks, simulate_patient
 
 ROLES = {"t1c", "t2", "flair", "localizer", "ct", "scout", "sr"}
 
@@ -75,7 +75,7 @@ def _tree_digest(root: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ API
 def test_parse_quirks():
     assert parse_quirks("") == ()
-    assert parse_quirks("all") == QUIRKS
+    assert parse_quirks("all") == QUIRKS + LAYOUT_QUIRKS
     assert parse_quirks("compressed, missing_slice") == ("missing_slice", "compressed")
     with pytest.raises(ConfigError, match="nonsense"):
         parse_quirks("missing_slice,nonsense")

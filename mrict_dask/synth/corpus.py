@@ -3,7 +3,8 @@
 One code path: ``generate_corpus`` and ``simulate_patient`` both go through ``plan_patient`` (identities, dates,
 poses, grids) and ``render_series`` (voxels). Every random choice comes from a generator seeded by (corpus seed,
 patient index, purpose), so quirk switches never change the other files. Each series of the built-in session is
-placed independently (``_pose``: up to 12 degrees and 15 mm).
+placed independently (``_pose``: up to 12 degrees and 15 mm); sessions rebuilt by a layout quirk (layouts.py) hold
+one head position with a small motion per series.
 
 The manifest (``<corpus>.manifest.json``, format 1). Top level: ``generator`` (version, seed, patients, quirks,
 layout, template_sha256, scenarios), ``n_files``, ``n_bytes``, ``files`` (path, kind, series_uid, sop_uid,
@@ -75,6 +76,10 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = "1"
 QUIRKS: tuple[str, ...] = ("missing_slice", "duplicate_instance", "truncated_file", "non_dicom_file",
                            "gantry_tilt", "compressed", "shuffled_instance_numbers", "multiframe_mr")
+# Clinical layouts (what real exports look like; see layouts.py): each changes one session of one paired patient.
+LAYOUT_QUIRKS: tuple[str, ...] = ("study_per_sequence", "sagittal_t1", "coronal_t1", "contrast_tag_only", "perfusion",
+                                  "dti", "secondary_capture", "rtstruct", "ct_reformat", "ct_bone", "ct_thick",
+                                  "ct_scout")
 SCENARIOS = ("pair", "two_ct", "too_far", "mr_only", "two_mr", "ct_only", "pair_edge")
 LAYOUTS = ("tcia", "flat")
 MAX_DAYS = 183
@@ -83,21 +88,22 @@ CT_PADDING_STORED = -2000  # stored value outside the reconstruction circle (HU 
 
 
 def parse_quirks(text: str) -> tuple[str, ...]:
-    """"" -> (), "all" -> every quirk, "a,b" -> those (validated, in QUIRKS order)."""
+    """"" -> (), "all" -> every quirk (file-level, then layouts), "a,b" -> those (validated, in that order)."""
     text = (text or "").strip()
     if not text:
         return ()
     if text.lower() == "all":
-        return QUIRKS
+        return QUIRKS + LAYOUT_QUIRKS
     names = [t.strip() for t in text.split(",") if t.strip()]
     _check_quirks(names, " or 'all'")
-    return tuple(q for q in QUIRKS if q in names)
+    return tuple(q for q in QUIRKS + LAYOUT_QUIRKS if q in names)
 
 
 def _check_quirks(names: Sequence[str], hint: str = "") -> None:
-    unknown = [n for n in names if n not in QUIRKS]
+    unknown = [n for n in names if n not in QUIRKS + LAYOUT_QUIRKS]
     if unknown:
-        raise ConfigError(f"unknown quirk(s) {', '.join(unknown)}; choose from {', '.join(QUIRKS)}{hint}")
+        raise ConfigError(f"unknown quirk(s) {', '.join(unknown)}; choose from "
+                          f"{', '.join(QUIRKS + LAYOUT_QUIRKS)}{hint}")
 
 
 # ------------------------------------------------------------------------------------------------ protocols
@@ -1023,7 +1029,10 @@ def generate_corpus(out_url: str, patients: int = 3, seed: int = 0, quirks: Sequ
         plans.append(plan_patient(patient_seed(seed, i), sc, i, model, counts.get(sc, 0), seed, taken))
         counts[sc] = counts.get(sc, 0) + 1
 
-    quirk_log = assign_quirks(plans, quirks, model, seed)
+    from .layouts import apply_layouts
+
+    layout_log = apply_layouts(plans, quirks, model, seed, taken)
+    quirk_log = assign_quirks(plans, quirks, model, seed) + layout_log
     for p in plans:
         for st in p.studies:
             for s in st.series:
