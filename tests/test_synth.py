@@ -322,6 +322,22 @@ def _check_tilt(root, s, base_root, base_files, tilt_deg):
     assert good > 0.85 and ignoring_tilt < good - 0.2  # good is limited by the 2.5 mm slices of the reference
 
 
+def test_layouts_leave_untouched_sessions_byte_identical(baseline, clinical_corpus):
+    """The clinical corpus (seed 5) rebuilds patient 0's MR session only: its CT study is the clean corpus' own."""
+    base_root, base_m = baseline
+    (base_p,), p = base_m["patients"], clinical_corpus.manifest["patients"][0]
+    assert p["patient_id"] == base_p["patient_id"]
+    now = {st["study_uid"]: st for st in p["studies"]}
+    kept = [st for st in base_p["studies"] if st["study_uid"] in now and not any(s["quirks"] for s in
+                                                                                 now[st["study_uid"]]["series"])]
+    assert [st["modality"] for st in kept] == ["CT"]
+    files = [f for st in kept for s in st["series"] for f in s["files"]]
+    assert files == [f for s in now[kept[0]["study_uid"]]["series"] for f in s["files"]]
+    for f in files:
+        with open(os.path.join(base_root, f), "rb") as a, open(os.path.join(clinical_corpus.url, f), "rb") as b:
+            assert a.read() == b.read(), f
+
+
 def test_quirky_corpus_records_every_quirk_and_keeps_pairs(quirky_corpus):
     m = quirky_corpus.manifest
     assert {e["quirk"] for e in m["quirks"]} == set(QUIRKS)
