@@ -113,7 +113,10 @@ def _apply(opts):
               help="Number of synthetic patients.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quirks", default="", metavar="LIST|all",
-              help="Comma-separated quirk switches, or 'all' (see `mrict_dask.synth.QUIRKS`).")
+              help="Comma-separated quirk switches, or 'all': broken files (`mrict_dask.synth.QUIRKS`) and "
+                   "clinical layouts (`mrict_dask.synth.LAYOUT_QUIRKS`: study_per_sequence, sagittal_t1, coronal_t1, "
+                   "contrast_tag_only, perfusion, dti, secondary_capture, rtstruct, ct_reformat, ct_bone, ct_thick, "
+                   "ct_scout).")
 @click.option("--layout", type=click.Choice(["tcia", "flat"]), default="tcia", show_default=True,
               help="tcia: patient/study/series/1-001.dcm; flat: one folder, shuffled extension-less names.")
 @click.option("--manifest", default=None, metavar="URL", help="Where to write the ground-truth manifest "

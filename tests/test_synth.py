@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import subprocess
 
 import numpy as np
 import pydicom
@@ -18,43 +16,18 @@ import pytest
 import SimpleITK as sitk
 
 from mrict_dask.errors import ConfigError
-from mrict_dask.synth import QUIRKS, generate_corpus, parse_quirks, simulate_patient
+from mrict_dask.synth import LAYOUT_QUIRKS, QUIRKS, generate_corpus, parse_quirks, simulate_patient
+
+from .truth import (
+    assert_read_back_equals_manifest,
+    dciodvfy_errors,
+    manifest_series,
+    ncc_in_template,
+    read_series,
+    sitk_affine,
+)
 
 ROLES = {"t1c", "t2", "flair", "localizer", "ct", "scout", "sr"}
-
-
-def _series(manifest: dict, role: str | None = None):
-    for p in manifest["patients"]:
-        for st in p["studies"]:
-            for s in st["series"]:
-                if role is None or s["role"] == role:
-                    yield p, st, s
-
-
-def _read_series(root: str, series: dict) -> tuple[sitk.Image, list[str]]:
-    """Assemble a series as a user would: GDCM's position sort over the series folder."""
-    folder = os.path.dirname(os.path.join(root, series["files"][0]))
-    reader = sitk.ImageSeriesReader()
-    names = reader.GetGDCMSeriesFileNames(folder, series["series_uid"])
-    reader.SetFileNames(names)
-    return reader.Execute(), [os.path.relpath(n, root) for n in names]
-
-
-def _affine(m: np.ndarray) -> sitk.AffineTransform:
-    t = sitk.AffineTransform(3)
-    t.SetMatrix([float(v) for v in m[:3, :3].ravel()])
-    t.SetTranslation([float(v) for v in m[:3, 3]])
-    return t
-
-
-def _ncc_in_template(img: sitk.Image, transform: np.ndarray, template) -> float:
-    """Pull the series back onto the template grid through ``transform`` and correlate inside the brain."""
-    # Resample maps output (template) points to input (series) points: that is the manifest transform itself.
-    warped = sitk.Resample(sitk.Cast(img, sitk.sitkFloat32), template.image, _affine(transform), sitk.sitkLinear, 0.0)
-    mask = sitk.GetArrayViewFromImage(template.mask) > 0
-    a = sitk.GetArrayViewFromImage(warped)[mask]
-    b = sitk.GetArrayViewFromImage(template.image)[mask]
-    return float(np.corrcoef(a, b)[0, 1])
 
 
 def days(a: str, b: str) -> int:
@@ -75,7 +48,7 @@ def _tree_digest(root: str) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ API
 def test_parse_quirks():
     assert parse_quirks("") == ()
-    assert parse_quirks("all") == QUIRKS
+    assert parse_quirks("all") == QUIRKS + LAYOUT_QUIRKS
     assert parse_quirks("compressed, missing_slice") == ("missing_slice", "compressed")
     with pytest.raises(ConfigError, match="nonsense"):
         parse_quirks("missing_slice,nonsense")
@@ -89,8 +62,8 @@ def test_manifest_accounts_for_every_file(corpus):
     assert on_disk == listed
     assert m["n_files"] == len(listed)
     assert m["n_bytes"] == sum(os.path.getsize(os.path.join(corpus.url, p)) for p in listed)
-    assert {s["role"] for _, _, s in _series(m)} == ROLES
-    in_series = [p for _, _, s in _series(m) for p in s["files"]]
+    assert {s["role"] for _, _, s in manifest_series(m)} == ROLES
+    in_series = [p for _, _, s in manifest_series(m) for p in s["files"]]
     assert len(in_series) == len(set(in_series)) == len(listed)  # clean corpus: every file in exactly one series
     assert m["generator"]["quirks"] == [] and m["generator"]["patients"] == 4
 
@@ -122,30 +95,24 @@ def test_scenarios_give_pairs_exclusions_and_a_second_candidate(corpus):
 def test_series_geometry_read_back_equals_manifest(corpus):
     """SimpleITK's own assembly reproduces the manifest geometry, and the spatial file order."""
     for role in ("t1c", "t2", "flair", "ct"):
-        _, _, s = next(_series(corpus.manifest, role))
-        img, names = _read_series(corpus.url, s)
-        g = s["geometry"]
-        assert list(img.GetSize()) == g["size"]
-        np.testing.assert_allclose(img.GetOrigin(), g["origin"], atol=0.01)
-        np.testing.assert_allclose(img.GetSpacing(), g["spacing"], atol=0.01)
-        np.testing.assert_allclose(img.GetDirection(), g["direction"], atol=1e-4)
-        assert names == s["files"]
+        _, _, s = next(manifest_series(corpus.manifest, role))
+        assert_read_back_equals_manifest(corpus.url, s)
 
 
 def test_manifest_transform_places_the_anatomy(corpus, template):
     """The T1c read back, pulled into template space through the manifest transform, lines up with the template:
     the correlation peaks at the manifest transform (sub-voxel) and drops clearly for a 2 mm error."""
-    _, _, s = next(_series(corpus.manifest, "t1c"))
-    img, _ = _read_series(corpus.url, s)
+    _, _, s = next(manifest_series(corpus.manifest, "t1c"))
+    img, _ = read_series(corpus.url, s)
     truth = np.array(s["transform"])
-    base = _ncc_in_template(img, truth, template)
+    base = ncc_in_template(img, truth, template)
     assert base > 0.85
     for axis in range(3):
         scores = {}
         for d in (-1.0, 0.0, 1.0):
             shift = np.eye(4)
             shift[axis, 3] = d
-            scores[d] = base if d == 0 else _ncc_in_template(img, truth @ shift, template)
+            scores[d] = base if d == 0 else ncc_in_template(img, truth @ shift, template)
         # parabola through the three samples: its vertex is where the anatomy really is (relative to the truth)
         denom = scores[-1.0] - 2 * scores[0.0] + scores[1.0]
         assert denom < 0, f"axis {axis}: correlation does not peak near the manifest transform"
@@ -153,23 +120,23 @@ def test_manifest_transform_places_the_anatomy(corpus, template):
         assert abs(vertex) < 0.5, f"axis {axis}: anatomy {vertex:.2f} mm off the manifest transform"
         shift = np.eye(4)
         shift[axis, 3] = 2.0
-        assert _ncc_in_template(img, truth @ shift, template) < base - 0.03
+        assert ncc_in_template(img, truth @ shift, template) < base - 0.03
 
 
 # ------------------------------------------------------------------------------------------------ values
 def test_ct_hounsfield_units_by_tissue(corpus, template):
-    _, _, s = next(_series(corpus.manifest, "ct"))
+    _, _, s = next(manifest_series(corpus.manifest, "ct"))
     ds = pydicom.dcmread(os.path.join(corpus.url, s["files"][len(s["files"]) // 2]))
     assert float(ds.RescaleSlope) == s["rescale"]["slope"] == 1
     assert float(ds.RescaleIntercept) == s["rescale"]["intercept"] == -1024
-    img, _ = _read_series(corpus.url, s)  # GDCM applies the rescale: HU
+    img, _ = read_series(corpus.url, s)  # GDCM applies the rescale: HU
     hu = sitk.GetArrayFromImage(img)
     padding = s["rescale"]["intercept"] + s["rescale"]["padding_value"]
     assert (hu == padding).any()
     real = hu[hu > padding]
     assert real.min() >= -1100 and 1200 <= real.max() <= 1800  # bone up to ~1500 HU
     # tissue classes through the ground-truth transform: brain centre, a point in air far from the head
-    warped = sitk.GetArrayFromImage(sitk.Resample(img, template.image, _affine(np.array(s["transform"])),
+    warped = sitk.GetArrayFromImage(sitk.Resample(img, template.image, sitk_affine(np.array(s["transform"])),
                                                   sitk.sitkLinear, -2000.0))
     brain = sitk.GetArrayViewFromImage(template.mask) > 0
     assert 15 <= float(np.median(warped[brain])) <= 45
@@ -179,7 +146,7 @@ def test_ct_hounsfield_units_by_tissue(corpus, template):
 
 def test_phi_tags_equal_the_manifest(corpus):
     m = corpus.manifest
-    for p, st, s in _series(m):
+    for p, st, s in manifest_series(m):
         ds = pydicom.dcmread(os.path.join(corpus.url, s["files"][0]), stop_before_pixels=True)
         assert str(ds.PatientName) == p["patient_name"]
         assert ds.PatientID == p["patient_id"]
@@ -205,7 +172,7 @@ def test_simulate_patient_matches_its_corpus_twin(corpus):
     sim = simulate_patient(p["sim_seed"])
     mr = next(s for st in p["studies"] if st["modality"] == "MR" for s in st["series"] if s["role"] == "t1c")
     np.testing.assert_allclose(sim.mr_transform, mr["transform"])
-    img, _ = _read_series(corpus.url, mr)
+    img, _ = read_series(corpus.url, mr)
     assert list(sim.mr.GetSize()) == mr["geometry"]["size"]
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(sim.mr), sitk.GetArrayViewFromImage(img))
     r = sim.ct_to_mr[:3, :3]
@@ -213,17 +180,10 @@ def test_simulate_patient_matches_its_corpus_twin(corpus):
 
 
 # ------------------------------------------------------------------------------------------------ dciodvfy
-def _dciodvfy_errors(path: str) -> list[str]:
-    exe = shutil.which("dciodvfy")
-    assert exe, "dciodvfy (Debian package dicom3tools) is required for this test"
-    proc = subprocess.run([exe, path], capture_output=True, text=True, timeout=120)
-    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
-
-
 @pytest.mark.parametrize("role", ["t1c", "t2", "flair", "localizer", "ct", "scout", "sr"])
 def test_dciodvfy_finds_no_errors(corpus, role):
-    _, _, s = next(_series(corpus.manifest, role))
-    assert _dciodvfy_errors(os.path.join(corpus.url, s["files"][len(s["files"]) // 2])) == []
+    _, _, s = next(manifest_series(corpus.manifest, role))
+    assert dciodvfy_errors(os.path.join(corpus.url, s["files"][len(s["files"]) // 2])) == []
 
 
 # ------------------------------------------------------------------------------------------------ quirks
@@ -254,12 +214,12 @@ def test_each_quirk_alone_changes_only_what_it_says(baseline, tmp_path, quirk):
     base = _tree_digest(base_root)
     now = _tree_digest(root)
     touched_series = {e["series_uid"] for e in m["quirks"] if "series_uid" in e}
-    base_files_of = {s["series_uid"]: s["files"] for _, _, s in _series(base_m)}
+    base_files_of = {s["series_uid"]: s["files"] for _, _, s in manifest_series(base_m)}
     # outside the touched series, the corpus is byte-identical to the clean one
     untouched = {p for uid, files in base_files_of.items() if uid not in touched_series for p in files}
     assert all(now.get(p) == base[p] for p in untouched)
     assert m["expected_pairs"] == base_m["expected_pairs"]
-    series_now = {s["series_uid"]: s for _, _, s in _series(m)}
+    series_now = {s["series_uid"]: s for _, _, s in manifest_series(m)}
 
     if quirk == "missing_slice":
         s = series_now[entry["series_uid"]]
@@ -306,7 +266,7 @@ def test_each_quirk_alone_changes_only_what_it_says(baseline, tmp_path, quirk):
         assert numbers != sorted(numbers, reverse=True)
         z = [float(h.ImagePositionPatient[2]) for h in headers]
         assert z == sorted(z)  # the manifest lists files in true spatial order
-        img, names = _read_series(root, s)
+        img, names = read_series(root, s)
         assert names == s["files"] and s["usable"]
     elif quirk == "multiframe_mr":
         s = series_now[entry["series_uid"]]
@@ -323,7 +283,7 @@ def test_each_quirk_alone_changes_only_what_it_says(baseline, tmp_path, quirk):
         img = sitk.ReadImage(os.path.join(root, path))
         np.testing.assert_allclose(img.GetOrigin(), s["geometry"]["origin"], atol=0.01)
         np.testing.assert_allclose(img.GetSpacing(), s["geometry"]["spacing"], atol=0.01)
-        assert _dciodvfy_errors(os.path.join(root, path)) == []
+        assert dciodvfy_errors(os.path.join(root, path)) == []
 
 
 def _check_tilt(root, s, base_root, base_files, tilt_deg):
@@ -338,7 +298,7 @@ def _check_tilt(root, s, base_root, base_files, tilt_deg):
     assert float(headers[0].GantryDetectorTilt) == pytest.approx(tilt_deg)
     ipp = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
     assert np.allclose(ipp[:, :2], ipp[0, :2]) and np.all(np.diff(ipp[:, 2]) > 0)  # slices step along z only
-    ref, _ = _read_series(base_root, {"files": base_files, "series_uid": headers[0].SeriesInstanceUID})
+    ref, _ = read_series(base_root, {"files": base_files, "series_uid": headers[0].SeriesInstanceUID})
     ref_arr = sitk.GetArrayFromImage(ref).astype(np.float32)
     ref_origin, ref_sp = np.array(ref.GetOrigin()), np.array(ref.GetSpacing())
     ref_dir = np.array(ref.GetDirection()).reshape(3, 3)
@@ -362,16 +322,32 @@ def _check_tilt(root, s, base_root, base_files, tilt_deg):
     assert good > 0.85 and ignoring_tilt < good - 0.2  # good is limited by the 2.5 mm slices of the reference
 
 
+def test_layouts_leave_untouched_sessions_byte_identical(baseline, clinical_corpus):
+    """The clinical corpus (seed 5) rebuilds patient 0's MR session only: its CT study is the clean corpus' own."""
+    base_root, base_m = baseline
+    (base_p,), p = base_m["patients"], clinical_corpus.manifest["patients"][0]
+    assert p["patient_id"] == base_p["patient_id"]
+    now = {st["study_uid"]: st for st in p["studies"]}
+    kept = [st for st in base_p["studies"] if st["study_uid"] in now and not any(s["quirks"] for s in
+                                                                                 now[st["study_uid"]]["series"])]
+    assert [st["modality"] for st in kept] == ["CT"]
+    files = [f for st in kept for s in st["series"] for f in s["files"]]
+    assert files == [f for s in now[kept[0]["study_uid"]]["series"] for f in s["files"]]
+    for f in files:
+        with open(os.path.join(base_root, f), "rb") as a, open(os.path.join(clinical_corpus.url, f), "rb") as b:
+            assert a.read() == b.read(), f
+
+
 def test_quirky_corpus_records_every_quirk_and_keeps_pairs(quirky_corpus):
     m = quirky_corpus.manifest
     assert {e["quirk"] for e in m["quirks"]} == set(QUIRKS)
     assert len(m["expected_pairs"]) >= 2
     kinds = {f["path"]: f["kind"] for f in m["files"]}
     assert set(_tree_digest(quirky_corpus.url)) == set(kinds)
-    quirked = [s for _, _, s in _series(m) if s["quirks"]]
+    quirked = [s for _, _, s in manifest_series(m) if s["quirks"]]
     assert all(len(s["quirks"]) == 1 for s in quirked)  # spread out: one quirk per series
     pair_series = {p["mr_series_uid"] for p in m["expected_pairs"]} | {p["ct_series_uid"] for p in m["expected_pairs"]}
-    for _, _, s in _series(m):
+    for _, _, s in manifest_series(m):
         if s["series_uid"] in pair_series:
             assert s["usable"]
     for e in m["quirks"]:
@@ -388,6 +364,28 @@ def test_same_seed_same_bytes_other_seed_other_bytes(baseline, tmp_path):
     digests = set(_tree_digest(str(tmp_path / "b")).values())
     assert not digests & set(_tree_digest(base_root).values())
     assert other.manifest["phi_strings"] != base_m["phi_strings"]
+
+
+@pytest.mark.parametrize("syntax", [pydicom.uid.RLELossless, pydicom.uid.JPEG2000Lossless])
+def test_compressed_files_keep_their_uid_and_bytes(syntax):
+    """Compressing is deterministic: the SOP Instance UID stays the one the seed gave, and so do the bytes."""
+    from mrict_dask.synth import dicom_writer as dw
+
+    def compressed() -> bytes:
+        ds = pydicom.Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = dw.CT_IMAGE_STORAGE, dw.make_uid("compressed", "sop")
+        ds.Rows = ds.Columns = 64
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = np.arange(64 * 64, dtype="<i2").tobytes()
+        dw._file_meta(ds, pydicom.uid.ExplicitVRLittleEndian)
+        return dw.encode(ds, syntax)
+
+    first = compressed()
+    assert first == compressed()
+    back = pydicom.dcmread(pydicom.filebase.DicomBytesIO(first))
+    assert back.SOPInstanceUID == back.file_meta.MediaStorageSOPInstanceUID == dw.make_uid("compressed", "sop")
+    np.testing.assert_array_equal(back.pixel_array.ravel(), np.arange(64 * 64))
 
 
 def test_refuses_a_non_empty_target(baseline):
@@ -415,7 +413,7 @@ def test_cli_writes_a_flat_corpus_to_s3(s3):
     assert all("/" not in f["path"] and "." not in f["path"] for f in manifest["files"])  # one folder, no extensions
     assert sum(fs.size(k) for k in keys) == manifest["n_bytes"]
     # the flat names do not follow the series order
-    _, _, s = next(_series(manifest, "t1c"))
+    _, _, s = next(manifest_series(manifest, "t1c"))
     assert s["files"] != sorted(s["files"])
     ds = pydicom.dcmread(fs.open(url + "/" + s["files"][0]))
     assert ds.SeriesInstanceUID == s["series_uid"]

@@ -1,9 +1,12 @@
 """Synthetic brain MR + CT DICOM corpora with ground truth (transforms, pairs, exclusions, planted PHI).
 
 ``generate_corpus`` writes DICOM and a manifest; ``simulate_patient`` gives the same anatomy in memory.
+``QUIRKS`` break files (missing slices, compression, ...); ``LAYOUT_QUIRKS`` arrange sessions as real clinical
+exports do (layouts.py).
 """
 
 from .corpus import (
+    LAYOUT_QUIRKS,
     QUIRKS,
     SimPatient,
     SynthSummary,
@@ -13,5 +16,5 @@ from .corpus import (
     simulate_patient,
 )
 
-__all__ = ["QUIRKS", "SimPatient", "SynthSummary", "generate_corpus", "parse_quirks", "patient_seed",
+__all__ = ["LAYOUT_QUIRKS", "QUIRKS", "SimPatient", "SynthSummary", "generate_corpus", "parse_quirks", "patient_seed",
            "simulate_patient"]

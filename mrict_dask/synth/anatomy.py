@@ -1,9 +1,10 @@
 """Synthetic head anatomy on the template grid, per-patient variation, and rendering into a series grid.
 
 The head is built around nilearn's brain-extracted MNI152 T1: intracranial space (brain + a CSF rim), a skull
-shell, fat and skin, air outside. Each contrast (T1 post-contrast, T2, FLAIR, CT in HU) is a float image on a
-padded template grid; a patient adds a lesion and a small smooth deformation; a series samples that image
-through its ground-truth transform (template physical LPS mm -> series physical LPS mm).
+shell, fat and skin, air outside. Each contrast (T1 post-contrast, T1 pre-contrast, T2, FLAIR, CT in HU) is a float
+image on a padded template grid; a patient adds a lesion and a small smooth deformation; a series samples that image
+through its ground-truth transform (template physical LPS mm -> series physical LPS mm). Grey and white matter
+fraction maps drive physiological signals (perfusion, diffusion).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from ..template import Template, load_template, nilearn_data_file
 log = logging.getLogger(__name__)
 
 CONTRASTS = ("t1c", "t2", "flair", "ct")
-AIR = {"t1c": 0.0, "t2": 0.0, "flair": 0.0, "ct": -1000.0}
+AIR = {"t1c": 0.0, "t1": 0.0, "t2": 0.0, "flair": 0.0, "ct": -1000.0}
+# Contrasts derived from another one's head image, differing only in the lesion: T1 before contrast (no enhancing rim).
+DERIVED_CONTRASTS = {"t1": "t1c"}
 
 # Tissue values per contrast. MR in arbitrary scanner-like units, CT in HU; "bone" is (diploe, cortical tables).
 _VALUES = {
@@ -33,6 +36,7 @@ _VALUES = {
     "ct": {"csf": 10.0, "gm": 40.0, "wm": 28.0, "bone": (750.0, 1650.0), "fat": -100.0, "skin": 40.0,
            "core": 12.0, "rim": 30.0, "edema": 18.0},
 }
+_VALUES["t1"] = dict(_VALUES["t1c"], core=190.0, rim=420.0)
 T1_SCALE = 4.0  # template T1 (0..255) -> T1c units
 
 # Shell radii, mm beyond the brain surface: CSF rim | skull | fat | skin | air
@@ -214,6 +218,15 @@ class PatientAnatomy:
             self._cache[name] = _with_lesion(self.model, name, self.lesion)
         return self._cache[name]
 
+    def tissue(self, name: str) -> sitk.Image:
+        """A tissue fraction map of the template ("gm" or "wm") on the padded grid, for physiological signals."""
+        key = "tissue:" + name
+        if key not in self._cache:
+            img = sitk.GetImageFromArray(getattr(self.model, name))
+            img.CopyInformation(self.model.grid)
+            self._cache[key] = img
+        return self._cache[key]
+
 
 def affine_about(matrix: np.ndarray, center: np.ndarray, translation=(0.0, 0.0, 0.0)) -> np.ndarray:
     """4x4 of y -> M (y - c) + c + t."""
@@ -272,7 +285,7 @@ def _near(pts: np.ndarray, brain_points: np.ndarray, step: float) -> np.ndarray:
 
 
 def _with_lesion(model: TissueModel, name: str, lesion: Lesion) -> sitk.Image:
-    arr = model.contrasts[name].copy()
+    arr = model.contrasts[DERIVED_CONTRASTS.get(name, name)].copy()
     v = _VALUES[name]
     reach = lesion.radii.max() * 1.8 + 3.0
     grid = model.grid
@@ -289,7 +302,7 @@ def _with_lesion(model: TissueModel, name: str, lesion: Lesion) -> sitk.Image:
     core = _ramp((rho - 0.55) * r) * brain
     rim = les - core
     edema = (_ramp((rho - 1.7) * r) * brain - les).clip(0.0, None)
-    if name == "t1c":
+    if name in ("t1c", "t1"):
         edema_v = arr[sl] * 0.8
     else:
         edema_v = v["edema"]

@@ -1,8 +1,43 @@
 """Plan patients, render their series, write DICOM + a ground-truth manifest; and the in-memory variant.
 
 One code path: ``generate_corpus`` and ``simulate_patient`` both go through ``plan_patient`` (identities, dates,
-poses, grids) and ``render_series`` (voxels). Every random choice comes from a generator seeded by
-(corpus seed, patient index, purpose), so quirk switches never change the other files.
+poses, grids) and ``render_series`` (voxels). Every random choice comes from a generator seeded by (corpus seed,
+patient index, purpose), so quirk switches never change the other files. Each series of the built-in session is
+placed independently (``_pose``: up to 12 degrees and 15 mm); sessions rebuilt by a layout quirk (layouts.py) hold
+one head position with a small motion per series.
+
+The manifest (``<corpus>.manifest.json``, format 1). Top level: ``generator`` (version, seed, patients, quirks,
+layout, template_sha256, scenarios), ``n_files``, ``n_bytes``, ``files`` (path, kind, series_uid, sop_uid,
+duplicate_of), ``patients``, ``expected_pairs``, ``expected_exclusions``, ``quirks`` (one entry per quirk applied:
+where, the files it touched, ``expected``: what a correct tool concludes), ``phi``, ``phi_strings``.
+
+A study: study_uid, modality, study_date, study_time, accession_number, description, frame_of_reference_uid,
+manufacturer, model, ``session_id`` (a patient's studies of one modality on one date form one session, e.g.
+"MR-20121012"), series.
+
+A series: series_uid, series_number, description, role, modality, series_time, image_type, ``files`` (in true
+spatial order; a 4D series volume by volume, ``files[v * slices + k]``), ``usable``/``reason`` (whether it can
+become a volume at all; a 4D series is usable: each of its volumes is one), ``geometry`` (size, spacing, origin,
+direction of the grid, for a 4D series that of each volume), ``images`` (single images: localizer, scout),
+``transform`` (4x4 template physical LPS -> series physical LPS; reconstructions of one CT acquisition share it),
+``rescale`` (CT: stored -> HU as written), ``quirks``, and the truth a reader concludes from the images whatever the
+descriptions say: ``candidate``/``candidate_reason`` (could be taken for the pair: a T1-weighted MR volume, a CT
+volume; never perfusion, diffusion, screenshots, scouts, non-image objects), ``weighting`` (T1, T2, FLAIR, T2*,
+DWI), ``post_contrast``, ``contrast_agent`` (ContrastBolusAgent as written, "" if none), ``mr_acquisition`` (2D/3D),
+``kernel`` (CT: soft/bone), ``derived`` (ImageType DERIVED), ``whole_head`` (the grid holds the whole head),
+``body_part`` (BodyPartExamined as written; null: absent). Where they apply: ``volumes`` and ``split_by`` (a 4D
+series: how many volumes, and the ways to tell them apart, each a list of tags {tag, keyword, private_creator?} that
+together separate the volumes, the vendor's own first), ``temporal`` (habit, times_s, bolus_arrival_s,
+bolus_time_to_peak_s), ``diffusion`` (style, b_values, directions: LPS unit vectors, null for b=0),
+``acquisition_series_uid`` (a reconstruction: the CT series of the same acquisition), ``references`` and ``rois``
+(RT structure set: the CT series, frame of reference, images, contours), ``sop_class_uid`` (other than the classic
+MR/CT image storage), ``samples_per_pixel``/``photometric`` (RGB capture).
+
+An expected pair: patient_id, mr/ct_study_uid, mr/ct_series_uid (the series a neuroradiologist takes: MR,
+T1-weighted, post-contrast before pre, 3D before 2D, finer voxels, whole head, ORIGINAL before DERIVED; CT, ORIGINAL
+before reformats, soft tissue before bone kernels, thinnest), days_apart (CT date - MR date; the closest MR and CT
+sessions, at most 183 days), mr/ct_session_id, mr/ct_session_study_uids, mr/ct_alternatives (every other candidate
+of the session: series_uid, description, why_not).
 """
 
 from __future__ import annotations
@@ -41,6 +76,10 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = "1"
 QUIRKS: tuple[str, ...] = ("missing_slice", "duplicate_instance", "truncated_file", "non_dicom_file",
                            "gantry_tilt", "compressed", "shuffled_instance_numbers", "multiframe_mr")
+# Clinical layouts (what real exports look like; see layouts.py): each changes one session of one paired patient.
+LAYOUT_QUIRKS: tuple[str, ...] = ("study_per_sequence", "sagittal_t1", "coronal_t1", "contrast_tag_only", "perfusion",
+                                  "dti", "secondary_capture", "rtstruct", "ct_reformat", "ct_bone", "ct_thick",
+                                  "ct_scout")
 SCENARIOS = ("pair", "two_ct", "too_far", "mr_only", "two_mr", "ct_only", "pair_edge")
 LAYOUTS = ("tcia", "flat")
 MAX_DAYS = 183
@@ -49,17 +88,22 @@ CT_PADDING_STORED = -2000  # stored value outside the reconstruction circle (HU 
 
 
 def parse_quirks(text: str) -> tuple[str, ...]:
-    """"" -> (), "all" -> every quirk, "a,b" -> those (validated, in QUIRKS order)."""
+    """"" -> (), "all" -> every quirk (file-level, then layouts), "a,b" -> those (validated, in that order)."""
     text = (text or "").strip()
     if not text:
         return ()
     if text.lower() == "all":
-        return QUIRKS
+        return QUIRKS + LAYOUT_QUIRKS
     names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if n not in QUIRKS]
+    _check_quirks(names, " or 'all'")
+    return tuple(q for q in QUIRKS + LAYOUT_QUIRKS if q in names)
+
+
+def _check_quirks(names: Sequence[str], hint: str = "") -> None:
+    unknown = [n for n in names if n not in QUIRKS + LAYOUT_QUIRKS]
     if unknown:
-        raise ConfigError(f"unknown quirk(s) {', '.join(unknown)}; choose from {', '.join(QUIRKS)} or 'all'")
-    return tuple(q for q in QUIRKS if q in names)
+        raise ConfigError(f"unknown quirk(s) {', '.join(unknown)}; choose from "
+                          f"{', '.join(QUIRKS + LAYOUT_QUIRKS)}{hint}")
 
 
 # ------------------------------------------------------------------------------------------------ protocols
@@ -88,6 +132,27 @@ CT_PROTOCOLS: dict[str, dict[str, Any]] = {
     "sr": dict(number=999, description="Dose Report"),
 }
 MR_ORDER = ("localizer", "t2", "flair", "t1c")
+# Ground truth by role, whatever the descriptions say: (weighting, post-contrast, candidate, why). A candidate is a
+# series a reader could take for the pair: a T1-weighted MR volume, a CT volume.
+ROLE_TRUTH: dict[str, tuple[str | None, bool | None, bool, str]] = {
+    "t1c": ("T1", True, True, "T1-weighted volume"),
+    "t1": ("T1", False, True, "T1-weighted volume"),
+    "t2": ("T2", False, False, "T2-weighted, not T1"),
+    "flair": ("FLAIR", False, False, "FLAIR, not T1"),
+    "localizer": (None, False, False, "localizer: single images in three planes"),
+    "perfusion": ("T2*", True, False, "DSC perfusion: a time series of volumes, never a T1 candidate"),
+    "dti": ("DWI", False, False, "diffusion: volumes per b-value and direction, never a T1 candidate"),
+    "secondary_capture": (None, None, False, "secondary capture: an RGB screenshot without patient geometry"),
+    "ct": (None, None, True, "CT volume"),
+    "ct_thick": (None, None, True, "CT volume"),
+    "ct_bone": (None, None, True, "CT volume"),
+    "ct_reformat": (None, None, True, "CT volume"),
+    "scout": (None, None, False, "scout: projection images, not a volume"),
+    "sr": (None, None, False, "not an image (structured report)"),
+    "rtstruct": (None, None, False, "not an image (RT structure set)"),
+}
+AXIAL_ROLES = ("t1c", "t2", "flair", "ct", "t1")  # planned on an axial grid over the whole head by default
+VOLUME_ROLES = ("t1c", "t2", "flair", "ct", "t1", "ct_thick", "ct_bone", "ct_reformat")  # one file per slice
 CT_ORDER = ("scout", "ct", "sr")
 SCANNERS = {
     "MR": [("GE MEDICAL SYSTEMS", "SIGNA HDxt"), ("GE MEDICAL SYSTEMS", "DISCOVERY MR750")],
@@ -118,6 +183,7 @@ class SeriesPlan:
     quirks: list[str] = field(default_factory=list)
     transfer_syntax: str | None = None
     multiframe: bool = False
+    whole_head: bool | None = None  # the grid holds the whole head (set once the plan is final)
     usable: bool = True
     reason: str = ""
     missing_k: int | None = None  # quirk: this slice's file is not written
@@ -125,6 +191,10 @@ class SeriesPlan:
     duplicate_k: int | None = None  # quirk: this slice's file is written twice
     shuffled: bool = False  # quirk: InstanceNumber does not follow the slice order
     missing_path: str = ""
+    recipe: Any = None  # renders and writes what the built-in roles do not (4D MR, CT reconstructions, captures, ...)
+    folder_no: int = 0  # the number in its TCIA folder name
+    manifest: dict = field(default_factory=dict)  # more ground truth for its manifest entry (4D, references, ...)
+    couch: dict | None = None  # CT: the headrest plate as rendered (set by render_series)
 
 
 @dataclass
@@ -132,6 +202,7 @@ class StudyPlan:
     info: dw.StudyInfo
     date: dt.date
     series: list[SeriesPlan]
+    folder_no: int = 0
 
 
 @dataclass
@@ -247,9 +318,7 @@ def plan_patient(pseed: int, scenario: str, index: int, model: TissueModel, occu
     birth = dt.date(1938, 1, 1) + dt.timedelta(days=int(rid.integers(0, 50 * 365)))
     patient = dw.PatientInfo(patient_id=pid, name=name, birth_date=birth.strftime("%Y%m%d"), sex=sex)
     mr_dates, ct_dates = _study_dates(_rng(pseed, 2), scenario, occurrence)
-    anat = _rng(pseed, 0)  # also consumed by make_patient: keep the order fixed
-    scale = anat.uniform(0.92, 1.08, size=3)
-    scaling = affine_about(np.diag(scale), model.center)
+    scaling = patient_scaling(pseed, model)
     studies: list[StudyPlan] = []
     for modality, dates in (("MR", mr_dates), ("CT", ct_dates)):
         for ordinal, date in enumerate(dates):
@@ -277,21 +346,37 @@ def plan_patient(pseed: int, scenario: str, index: int, model: TissueModel, occu
                                            scaling, model, uid_parts))
             studies.append(StudyPlan(info=study, date=date, series=series))
     studies.sort(key=lambda s: (s.date, s.info.modality))
+    rfold = _rng(pseed, 4)
+    for study in studies:
+        study.folder_no = int(rfold.integers(10000, 99999))
+        for s in study.series:
+            s.folder_no = int(rfold.integers(10000, 99999))
     return PatientPlan(index=index, seed=pseed, scenario=scenario, info=patient, studies=studies)
 
 
+def patient_scaling(pseed: int, model: TissueModel) -> np.ndarray:
+    """The patient's head size as a 4x4 scaling about the brain centre (the first draws of the anatomy stream,
+    which make_patient repeats)."""
+    scale = _rng(pseed, 0).uniform(0.92, 1.08, size=3)
+    return affine_about(np.diag(scale), model.center)
+
+
 def _plan_series(role: str, modality: str, sseed: int, when: dt.datetime, scaling: np.ndarray,
-                 model: TissueModel, uid_parts: tuple) -> SeriesPlan:
-    proto = dict((MR_PROTOCOLS if modality == "MR" else CT_PROTOCOLS)[role])
+                 model: TissueModel, uid_parts: tuple, transform: np.ndarray | None = None,
+                 proto: dict | None = None, uid_key: tuple = ()) -> SeriesPlan:
+    """One series' plan; without ``transform`` its pose is drawn from the series' own stream (each series of a
+    session independently placed), with ``proto`` other acquisition parameters than the role's default."""
+    proto = dict(proto if proto is not None else (MR_PROTOCOLS if modality == "MR" else CT_PROTOCOLS)[role])
     rng = _rng(sseed, 0)
-    transform = _pose(rng, model.center) @ scaling
+    if transform is None:
+        transform = _pose(rng, model.center) @ scaling
     head = model.head_points @ transform[:3, :3].T + transform[:3, 3]
     center = transform[:3, :3] @ model.center + transform[:3, 3]
-    info = dw.SeriesInfo(uid=str(dw.make_uid(*uid_parts, role, "series")), number=proto["number"],
+    info = dw.SeriesInfo(uid=str(dw.make_uid(*uid_parts, *uid_key, role, "series")), number=proto["number"],
                          description=proto["description"], role=role, time=when.strftime("%H%M%S"),
                          image_type=list(proto.get("image_type", [])), protocol=proto)
     plan = SeriesPlan(info=info, role=role, modality=modality, transform=transform, geometry=None, seed=sseed)
-    if role in ("t1c", "t2", "flair", "ct"):
+    if role in AXIAL_ROLES and proto.get("plane", "axial") == "axial":
         plan.geometry = _axial_grid(head, rng, proto["fov"] + rng.choice([-10.0, 0.0, 10.0]), proto["matrix"],
                                     proto["step"])
         plan.thickness = proto["thickness"]
@@ -306,7 +391,8 @@ def _plan_series(role: str, modality: str, sseed: int, when: dt.datetime, scalin
         plan.usable, plan.reason = False, "localizer"
     elif role == "scout":
         c = np.array([_round(v, 1) for v in center])
-        plan.images = [_plane_geometry(c, (0, 1, 0), (0, 0, -1), proto["fov"], proto["matrix"], 1.0)]
+        planes = proto.get("planes", [((0, 1, 0), (0, 0, -1))])  # lateral; AP is ((1, 0, 0), (0, 0, -1))
+        plan.images = [_plane_geometry(c, r, cl, proto["fov"], proto["matrix"], 1.0) for r, cl in planes]
         plan.info.protocol["recon_diameter"] = proto["fov"]
         plan.usable, plan.reason = False, "scout"
     elif role == "sr":
@@ -445,9 +531,11 @@ def render_series(plan: SeriesPlan, anatomy: PatientAnatomy) -> list[np.ndarray]
 
     MR: uint16 magnitude. CT: int16 stored values (HU - intercept), padding outside the reconstruction circle.
     """
+    if plan.recipe is not None:
+        return plan.recipe.render(plan, anatomy)
     rng = _rng(plan.seed, 1)
     deform = anatomy.deformation()
-    if plan.role in ("t1c", "t2", "flair", "localizer"):
+    if plan.role in ("t1c", "t2", "flair", "localizer", "t1"):
         contrast = "t1c" if plan.role == "localizer" else plan.role
         img = anatomy.contrast(contrast)
         geoms = [plan.geometry] if plan.geometry is not None else plan.images
@@ -463,12 +551,12 @@ def render_series(plan: SeriesPlan, anatomy: PatientAnatomy) -> list[np.ndarray]
     if plan.role == "ct":
         hu = _render_fine(anatomy.contrast("ct"), plan.geometry, plan.transform, deform, AIR["ct"])
         hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(5.0)
-        _add_couch(hu, plan.geometry, rng)
+        plan.couch = _add_couch(hu, plan.geometry, rng)  # the same plate for its other reconstructions
         stored = np.clip(np.rint(hu - CT_INTERCEPT), -1024, 4095).astype(np.int16)
         stored[:, ~_recon_circle(plan.geometry)] = CT_PADDING_STORED
         return [stored]
     if plan.role == "scout":
-        return [_scout(plan, anatomy)]
+        return [_scout(plan, anatomy, g) for g in plan.images]
     return []
 
 
@@ -513,35 +601,42 @@ def _recon_circle(g: Geometry) -> np.ndarray:
     return i * i + j * j <= (n / 2) ** 2
 
 
-def _add_couch(hu: np.ndarray, g: Geometry, rng: np.random.Generator) -> None:
-    """A curved headrest plate behind the occiput, fixed in the scanner frame, never touching the head."""
+def _add_couch(hu: np.ndarray, g: Geometry, rng: np.random.Generator) -> dict | None:
+    """A curved headrest plate behind the occiput, fixed in the scanner frame, never touching the head.
+
+    Returns the plate (centre x, y and inner radius in mm, HU) so that other reconstructions place the same one."""
     from scipy import ndimage
 
     x, y = _inplane_xy(g)
     head = (hu > -500).any(axis=0)
     if not head.any():
-        return
+        return None
     px = float(min(g.spacing[0], g.spacing[1]))
     dist = ndimage.distance_transform_edt(~head) * px  # mm from the head (in-plane projection over all slices)
     cx = float(x[head].mean())
     y_back = float(y[head].max())
     radius = float(rng.uniform(80.0, 110.0))
     gap = float(rng.uniform(6.0, 10.0))
-    plate = np.zeros_like(head)
+    cy = y_back + gap - radius
     for _ in range(20):  # push the plate back until it clears the head everywhere
         cy = y_back + gap - radius
-        r = np.hypot(x - cx, y - cy)
-        plate = (r >= radius) & (r <= radius + 6.0) & (y > cy + 0.5 * radius)
+        plate = couch_plate(x, y, cx, cy, radius)
         if not plate.any() or dist[plate].min() >= 5.0:
             break
         gap += 2.0
-    hu[:, plate] = np.float32(rng.uniform(250.0, 450.0)) + \
-        rng.standard_normal((hu.shape[0], int(plate.sum())), dtype=np.float32) * np.float32(5.0)
+    level = np.float32(rng.uniform(250.0, 450.0))
+    hu[:, plate] = level + rng.standard_normal((hu.shape[0], int(plate.sum())), dtype=np.float32) * np.float32(5.0)
+    return {"cx": cx, "cy": cy, "radius": radius, "hu": float(level)}
 
 
-def _scout(plan: SeriesPlan, anatomy: PatientAnatomy) -> np.ndarray:
-    """A lateral projection radiograph through the head (line integral of attenuation)."""
-    g = plan.images[0]
+def couch_plate(x: np.ndarray, y: np.ndarray, cx: float, cy: float, radius: float) -> np.ndarray:
+    """Where the headrest plate is: a 6 mm arc behind the head, constant along z (x, y: physical LPS mm)."""
+    r = np.hypot(x - cx, y - cy)
+    return (r >= radius) & (r <= radius + 6.0) & (y > cy + 0.5 * radius)
+
+
+def _scout(plan: SeriesPlan, anatomy: PatientAnatomy, g: Geometry) -> np.ndarray:
+    """A projection radiograph through the head along the image normal (line integral of attenuation)."""
     vol_g = Geometry(size=(g.size[0], g.size[1], 64), spacing=(g.spacing[0], g.spacing[1], 4.0),
                      origin=g.origin - g.axes[:, 2] * 32 * 4.0, axes=g.axes)
     hu = render(anatomy.contrast("ct"), vol_g, plan.transform, None, AIR["ct"])
@@ -649,50 +744,30 @@ class _Out:
         self.pending = {}
 
 
-def _scenario(index: int) -> str:
-    return SCENARIOS[index % len(SCENARIOS)]
-
-
 def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in " .-_" else "_" for c in text)
 
 
-def _study_folder(study: StudyPlan, rng: np.random.Generator) -> str:
-    return f"{study.date.strftime('%m-%d-%Y')}-NA-{_safe(study.info.description)}-{int(rng.integers(10000, 99999))}"
+def _study_folder(study: StudyPlan) -> str:
+    return f"{study.date.strftime('%m-%d-%Y')}-NA-{_safe(study.info.description)}-{study.folder_no}"
 
 
-def _series_folder(series: SeriesPlan, rng: np.random.Generator) -> str:
-    return f"{series.info.number}.000000-{_safe(series.info.description)}-{int(rng.integers(10000, 99999))}"
+def _series_folder(series: SeriesPlan) -> str:
+    return f"{series.info.number}.000000-{_safe(series.info.description)}-{series.folder_no}"
 
 
 def _series_datasets(plan: SeriesPlan, patient: PatientPlan, study: StudyPlan,
                      pixels: list[np.ndarray], uid_parts: tuple) -> list[tuple[int, int, Any, Any]]:
     """(spatial index k, InstanceNumber, dataset, shared header or None) for each file of the series."""
+    if plan.recipe is not None:
+        return plan.recipe.datasets(plan, patient, study, pixels, uid_parts)
     out = []
     pinfo, sinfo, info = patient.info, study.info, plan.info
-    if plan.role in ("t1c", "t2", "flair", "ct"):
-        vol = pixels[0]
-        g = plan.geometry
-        n = g.size[2]
-        window = (40.0, 80.0) if plan.role == "ct" else _window(vol)
-        row, col = g.axes[:, 0], g.axes[:, 1]
-        geo = dict(rows_cols=vol.shape[-2:], row=row, col=col, pixel_spacing=(g.spacing[1], g.spacing[0]),
-                   thickness=plan.thickness, window=window, spacing_between=plan.spacing_between)
-        if plan.modality == "MR":
-            header = dw.mr_header(pinfo, sinfo, info, **geo)
-        else:
-            header = dw.ct_header(pinfo, sinfo, info, intercept=CT_INTERCEPT, padding=CT_PADDING_STORED,
-                                  tilt=plan.tilt_deg, **geo)
-        numbers = _instance_numbers(plan)
-        for k in range(n):
-            instance = numbers[k]
-            sop = str(dw.make_uid(*uid_parts, info.uid, k, "sop"))
-            ds = dw.slice_dataset(header, sop_uid=sop, instance=instance, position=g.physical([0, 0, k]),
-                                  pixels=vol[k])
-            out.append((k, instance, ds, header))
+    if plan.role in VOLUME_ROLES:
+        out = volume_datasets(plan, patient, study, pixels, uid_parts)
     elif plan.role in ("localizer", "scout"):
         for k, (g, img) in enumerate(zip(plan.images, pixels)):
-            sop = str(dw.make_uid(*uid_parts, info.uid, k, "sop"))
+            sop = sop_uid(uid_parts, info.uid, k)
             common = dict(sop_uid=sop, instance=k + 1, pixels=img, row=g.axes[:, 0], col=g.axes[:, 1],
                           position=g.origin, pixel_spacing=(g.spacing[1], g.spacing[0]), thickness=g.spacing[2],
                           window=_window(img[None]))
@@ -702,11 +777,44 @@ def _series_datasets(plan: SeriesPlan, patient: PatientPlan, study: StudyPlan,
                 ds = dw.ct_image(pinfo, sinfo, info, intercept=0.0, padding=None, **common)
             out.append((k, k + 1, ds, None))
     elif plan.role == "sr":
-        sop = str(dw.make_uid(*uid_parts, info.uid, 0, "sop"))
+        sop = sop_uid(uid_parts, info.uid, 0)
         text = (f"CT head without contrast. CTDIvol 52.3 mGy, DLP 915 mGy*cm. Referring: {sinfo.referring}. "
                 f"Institution: {sinfo.institution}.")
         out.append((0, 1, dw.text_sr(pinfo, sinfo, info, sop_uid=sop, text=text), None))
     return out
+
+
+def volume_datasets(plan: SeriesPlan, patient: PatientPlan, study: StudyPlan, pixels: list[np.ndarray],
+                    uid_parts: tuple) -> list[tuple[int, int, Any, Any]]:
+    """One file per slice of a 3D volume series, sharing one header."""
+    vol, g = pixels[0], plan.geometry
+    header = volume_header(plan, patient, study, vol)
+    numbers = _instance_numbers(plan)
+    out = []
+    for k in range(g.size[2]):
+        ds = dw.slice_dataset(header, sop_uid=sop_uid(uid_parts, plan.info.uid, k), instance=numbers[k],
+                              position=g.physical([0, 0, k]), pixels=vol[k])
+        out.append((k, numbers[k], ds, header))
+    return out
+
+
+def sop_uid(uid_parts: tuple, series_uid: str, k: int) -> str:
+    """The SOPInstanceUID of image ``k`` (spatial order) of a series."""
+    return str(dw.make_uid(*uid_parts, series_uid, k, "sop"))
+
+
+def volume_header(plan: SeriesPlan, patient: PatientPlan, study: StudyPlan, vol: np.ndarray) -> Any:
+    """The header shared by every slice of a volume series (``vol``: its stored values, for the MR window)."""
+    g = plan.geometry
+    proto = plan.info.protocol
+    window = proto.get("window") or ((40.0, 80.0) if plan.modality == "CT" else _window(vol))
+    geo = dict(rows_cols=vol.shape[-2:], row=g.axes[:, 0], col=g.axes[:, 1],
+               pixel_spacing=(g.spacing[1], g.spacing[0]), thickness=plan.thickness, window=window,
+               spacing_between=plan.spacing_between)
+    if plan.modality == "MR":
+        return dw.mr_header(patient.info, study.info, plan.info, **geo)
+    return dw.ct_header(patient.info, study.info, plan.info, intercept=CT_INTERCEPT,
+                        padding=proto.get("padding", CT_PADDING_STORED), tilt=plan.tilt_deg, **geo)
 
 
 def _instance_numbers(plan: SeriesPlan) -> list[int]:
@@ -720,14 +828,25 @@ def _instance_numbers(plan: SeriesPlan) -> list[int]:
 
 
 def _series_manifest(plan: SeriesPlan, files: list[str]) -> dict:
+    weighting, post_contrast, candidate, why = ROLE_TRUTH[plan.role]
+    proto = plan.info.protocol
     entry = {
         "series_uid": plan.info.uid, "series_number": plan.info.number, "description": plan.info.description,
         "role": plan.role, "modality": plan.modality, "files": files, "usable": plan.usable, "reason": plan.reason,
         "geometry": plan.geometry.as_dict() if plan.geometry is not None else None,
         "transform": [[float(v) for v in row] for row in plan.transform],
-        "rescale": {"slope": 1, "intercept": CT_INTERCEPT, "padding_value": CT_PADDING_STORED}
-        if plan.modality == "CT" and plan.role != "sr" else None,
+        "rescale": _rescale(plan),
         "quirks": list(plan.quirks),
+        "series_time": plan.info.time,
+        "image_type": list(plan.info.image_type),
+        "candidate": candidate, "candidate_reason": why,
+        "weighting": weighting, "post_contrast": post_contrast,
+        "contrast_agent": proto.get("contrast") or "" if plan.modality == "MR" else None,
+        "mr_acquisition": proto.get("acquisition_type") if plan.modality == "MR" and plan.geometry else None,
+        "kernel": _kernel(plan),
+        "derived": _derived(plan),
+        "whole_head": plan.whole_head,
+        "body_part": proto.get("body_part", "HEAD") if plan.geometry is not None or plan.images else None,
     }
     if plan.images:
         entry["images"] = [g.as_dict() for g in plan.images]
@@ -739,41 +858,118 @@ def _series_manifest(plan: SeriesPlan, files: list[str]) -> dict:
         entry["missing"] = {"k": plan.missing_k, "path": plan.missing_path}
     if plan.multiframe:
         entry["sop_class_uid"] = str(dw.ENHANCED_MR_IMAGE_STORAGE)
+    entry.update(plan.manifest)
     return entry
+
+
+def _rescale(plan: SeriesPlan) -> dict | None:
+    """Stored value -> HU as written (scouts are written with intercept 0 and no padding)."""
+    if plan.modality != "CT" or plan.role not in VOLUME_ROLES + ("scout",):
+        return None
+    if plan.role == "scout":
+        return {"slope": 1, "intercept": 0.0, "padding_value": None}
+    padding = plan.info.protocol.get("padding", CT_PADDING_STORED)
+    return {"slope": 1, "intercept": CT_INTERCEPT, "padding_value": padding}
+
+
+def _derived(plan: SeriesPlan) -> bool:
+    return bool(plan.info.image_type) and plan.info.image_type[0] == "DERIVED"
+
+
+def _kernel(plan: SeriesPlan) -> str | None:
+    if plan.modality != "CT" or plan.role not in VOLUME_ROLES:
+        return None
+    return "bone" if plan.role == "ct_bone" else "soft"
+
+
+def covers_head(plan: SeriesPlan, model: TissueModel) -> bool | None:
+    """Whether the series' grid holds the whole head (every head surface point within half a voxel of it)."""
+    g = plan.geometry
+    if g is None:
+        return None
+    head = model.head_points @ plan.transform[:3, :3].T + plan.transform[:3, 3]
+    ijk = np.linalg.solve(g.index_matrix, (head - g.origin).T)
+    size = np.asarray(g.size, float)[:, None]
+    return bool(np.all((ijk >= -0.5) & (ijk <= size - 0.5)))
+
+
+# ------------------------------------------------------------------------------------------------ expected choices
+def sessions(p: PatientPlan) -> list[tuple[str, list[StudyPlan]]]:
+    """(session id, studies): a patient's studies of one modality on one date belong to one session."""
+    out: dict[tuple[str, dt.date], list[StudyPlan]] = {}
+    for st in p.studies:
+        out.setdefault((st.info.modality, st.date), []).append(st)
+    return [(f"{m}-{d.strftime('%Y%m%d')}", sts) for (m, d), sts in out.items()]
+
+
+def _rank(s: SeriesPlan) -> tuple:
+    """Lower is better. MR: post-contrast, 3D, finer voxels, whole head, ORIGINAL. CT: ORIGINAL, soft tissue kernel,
+    thinnest slices."""
+    if s.modality == "MR":
+        voxel = float(np.prod(s.geometry.spacing)) if s.geometry is not None else math.inf
+        return (not ROLE_TRUTH[s.role][1], s.info.protocol.get("acquisition_type") != "3D", round(voxel, 4),
+                not s.whole_head, _derived(s))
+    return (_derived(s), _kernel(s) != "soft", round(float(s.thickness), 4))
+
+
+_RANK_REASONS = {"MR": ("pre-contrast", "2D (a 3D acquisition is preferred)", "coarser voxels", "partial coverage",
+                        "DERIVED"),
+                 "CT": ("DERIVED (reformatted)", "bone kernel (soft tissue preferred)", "thicker slices")}
+
+
+def choose(studies: list[StudyPlan]) -> tuple[SeriesPlan, StudyPlan, list[dict]] | None:
+    """The series a neuroradiologist takes from one session, its study, and why each other candidate lost."""
+    cands = [(s, st) for st in studies for s in st.series if ROLE_TRUTH[s.role][2]]
+    usable = sorted([c for c in cands if c[0].usable], key=lambda c: _rank(c[0]))
+    if not usable:
+        return None
+    best, study = usable[0]
+    others = []
+    for s, _ in cands:
+        if s is best:
+            continue
+        if not s.usable:
+            why = f"not usable: {s.reason}"
+        else:
+            a, b = _rank(best), _rank(s)
+            why = next(r for r, x, y in zip(_RANK_REASONS[s.modality], a, b) if x != y) if a != b else "equal rank"
+        others.append({"series_uid": s.info.uid, "description": s.info.description, "why_not": why})
+    return best, study, others
 
 
 def _expected(patients: list[PatientPlan]) -> tuple[list[dict], list[dict]]:
     pairs, exclusions = [], []
     for p in patients:
-        mrs = [s for s in p.studies if s.info.modality == "MR"]
-        cts = [s for s in p.studies if s.info.modality == "CT"]
-
-        def chosen(study: StudyPlan, role: str) -> SeriesPlan | None:
-            return next((s for s in study.series if s.role == role and s.usable), None)
-
+        by_modality: dict[str, list[tuple[str, list[StudyPlan]]]] = {"MR": [], "CT": []}
+        for sid, sts in sessions(p):
+            by_modality[sts[0].info.modality].append((sid, sts))
         reason = ""
-        if not mrs:
+        if not by_modality["MR"]:
             reason = "no MR study"
-        elif not cts:
+        elif not by_modality["CT"]:
             reason = "no CT study"
         else:
-            mr_ok = [(s, chosen(s, "t1c")) for s in mrs if chosen(s, "t1c")]
-            ct_ok = [(s, chosen(s, "ct")) for s in cts if chosen(s, "ct")]
+            mr_ok = [(sid, sts, c) for sid, sts in by_modality["MR"] if (c := choose(sts))]
+            ct_ok = [(sid, sts, c) for sid, sts in by_modality["CT"] if (c := choose(sts))]
             if not mr_ok:
                 reason = "no usable MR series"
             elif not ct_ok:
                 reason = "no usable CT series"
             else:
-                cands = sorted(((abs((c.date - m.date).days), m, ms, c, cs) for m, ms in mr_ok for c, cs in ct_ok),
+                cands = sorted(((abs((c[1][0].date - m[1][0].date).days), m, c) for m in mr_ok for c in ct_ok),
                                key=lambda t: t[0])
-                best = cands[0]
-                if best[0] > MAX_DAYS:
-                    reason = f"too far apart (closest MR/CT studies {best[0]} days apart > {MAX_DAYS})"
+                gap, m, c = cands[0]
+                if gap > MAX_DAYS:
+                    reason = f"too far apart (closest MR/CT studies {gap} days apart > {MAX_DAYS})"
                 else:
-                    _, m, ms, c, cs = best
-                    pairs.append({"patient_id": p.info.patient_id, "mr_study_uid": m.info.uid,
-                                  "ct_study_uid": c.info.uid, "mr_series_uid": ms.info.uid,
-                                  "ct_series_uid": cs.info.uid, "days_apart": (c.date - m.date).days})
+                    (m_id, m_sts, (ms, mst, m_alt)), (c_id, c_sts, (cs, cst, c_alt)) = m, c
+                    pairs.append({"patient_id": p.info.patient_id, "mr_study_uid": mst.info.uid,
+                                  "ct_study_uid": cst.info.uid, "mr_series_uid": ms.info.uid,
+                                  "ct_series_uid": cs.info.uid, "days_apart": (cst.date - mst.date).days,
+                                  "mr_session_id": m_id, "ct_session_id": c_id,
+                                  "mr_session_study_uids": [st.info.uid for st in m_sts],
+                                  "ct_session_study_uids": [st.info.uid for st in c_sts],
+                                  "mr_alternatives": m_alt, "ct_alternatives": c_alt})
         if reason:
             exclusions.append({"patient_id": p.info.patient_id, "reason": reason})
     return pairs, exclusions
@@ -798,20 +994,25 @@ def _phi(patients: list[PatientPlan]) -> dict:
 
 def generate_corpus(out_url: str, patients: int = 3, seed: int = 0, quirks: Sequence[str] = (), layout: str = "tcia",
                     manifest_url: str | None = None, storage_options: dict | None = None,
-                    progress: bool = False, template: Template | None = None) -> SynthSummary:
-    """Write a synthetic DICOM corpus to ``out_url`` (any fsspec URL) and its ground-truth manifest beside it."""
+                    progress: bool = False, template: Template | None = None,
+                    scenarios: Sequence[str] | None = None) -> SynthSummary:
+    """Write a synthetic DICOM corpus to ``out_url`` (any fsspec URL) and its ground-truth manifest beside it.
+
+    Patient i has scenario ``scenarios[i % len(scenarios)]`` (default: every scenario in turn, SCENARIOS)."""
     from ..io import Location
     from ..progress import Progress
 
     t0 = time.perf_counter()
     quirks = tuple(quirks)
-    bad = [q for q in quirks if q not in QUIRKS]
-    if bad:
-        raise ConfigError(f"unknown quirk(s) {', '.join(bad)}; choose from {', '.join(QUIRKS)}")
+    _check_quirks(quirks)
     if layout not in LAYOUTS:
         raise ConfigError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     if patients < 1:
         raise ConfigError("--patients must be at least 1")
+    scenarios = tuple(scenarios or SCENARIOS)
+    if not set(scenarios) <= set(SCENARIOS):
+        raise ConfigError(f"unknown scenario(s) {', '.join(sorted(set(scenarios) - set(SCENARIOS)))}; "
+                          f"choose from {', '.join(SCENARIOS)}")
     where = Location.of(out_url, storage_options)
     fs, root = where.fs, where.path.rstrip("/")
     if fs.exists(root) and fs.ls(root):
@@ -824,11 +1025,18 @@ def generate_corpus(out_url: str, patients: int = 3, seed: int = 0, quirks: Sequ
     counts: dict[str, int] = {}
     plans = []
     for i in range(patients):
-        sc = _scenario(i)
+        sc = scenarios[i % len(scenarios)]
         plans.append(plan_patient(patient_seed(seed, i), sc, i, model, counts.get(sc, 0), seed, taken))
         counts[sc] = counts.get(sc, 0) + 1
 
-    quirk_log = assign_quirks(plans, quirks, model, seed)
+    from .layouts import apply_layouts
+
+    layout_log = apply_layouts(plans, quirks, model, seed, taken)
+    quirk_log = assign_quirks(plans, quirks, model, seed) + layout_log
+    for p in plans:
+        for st in p.studies:
+            for s in st.series:
+                s.whole_head = covers_head(s, model)
     namer = _Namer(layout, seed)
     patient_entries = []
     with Progress("synth", patients, progress, unit="patients", transient=True) as bar:
@@ -844,7 +1052,8 @@ def generate_corpus(out_url: str, patients: int = 3, seed: int = 0, quirks: Sequ
     manifest = {
         "format": 1,
         "generator": {"version": GENERATOR_VERSION, "seed": int(seed), "patients": int(patients),
-                      "quirks": list(quirks), "layout": layout, "template_sha256": model.template_sha256},
+                      "quirks": list(quirks), "layout": layout, "template_sha256": model.template_sha256,
+                      "scenarios": list(scenarios)},
         "n_files": len(out.files), "n_bytes": int(out.n_bytes),
         "files": out.files,
         "patients": patient_entries,
@@ -882,7 +1091,7 @@ def _add_quirk_files(quirk_log: list[dict], patient_entries: list[dict], out: _O
             e["files"] = [f["path"] for f in files if f["duplicate_of"]]
             e["duplicate_of"] = [f["duplicate_of"] for f in files if f["duplicate_of"]]
         else:
-            e["files"] = list(series[e["series_uid"]]["files"])
+            e["files"] = [f for uid in e.get("series_uids", [e["series_uid"]]) for f in series[uid]["files"]]
 
 
 class _Namer:
@@ -899,17 +1108,19 @@ class _Namer:
 
 def _write_patient(plan: PatientPlan, model: TissueModel, out: _Out, corpus_seed: int, namer: _Namer) -> dict:
     anatomy = patient_anatomy(plan, model)
-    rfold = _rng(plan.seed, 4)
     entry = {"patient_id": plan.info.patient_id, "patient_name": plan.info.name, "birth_date": plan.info.birth_date,
              "sex": plan.info.sex, "scenario": plan.scenario, "sim_seed": plan.seed,
              "lesion": anatomy.lesion.as_dict(), "scale": [float(v) for v in anatomy.scale], "studies": []}
+    session_of = {st.info.uid: sid for sid, sts in sessions(plan) for st in sts}
     for study in plan.studies:
-        sfold = _study_folder(study, rfold)
+        sfold = _study_folder(study)
         st_entry = {"study_uid": study.info.uid, "modality": study.info.modality, "study_date": study.info.date,
                     "accession_number": study.info.accession, "description": study.info.description,
-                    "frame_of_reference_uid": study.info.frame_uid, "series": []}
+                    "frame_of_reference_uid": study.info.frame_uid, "session_id": session_of[study.info.uid],
+                    "study_time": study.info.time, "manufacturer": study.info.manufacturer,
+                    "model": study.info.model, "series": []}
         for series in study.series:
-            folder = f"{plan.info.patient_id}/{sfold}/{_series_folder(series, rfold)}"
+            folder = f"{plan.info.patient_id}/{sfold}/{_series_folder(series)}"
             files = _write_series(series, plan, study, anatomy, folder, out, corpus_seed, namer)
             st_entry["series"].append(_series_manifest(series, files))
         entry["studies"].append(st_entry)
@@ -932,15 +1143,16 @@ def _write_series(series: SeriesPlan, plan: PatientPlan, study: StudyPlan, anato
         out.flush()
         return [rel]
     by_k: dict[int, str] = {}
-    encoder = None
+    encoders: dict[int, dw.SeriesEncoder] = {}  # one per shared header (a 4D series has one per volume)
     for k, instance, ds, header in _series_datasets(series, plan, study, pixels, uid_parts):
         rel = namer(f"{folder}/1-{instance:03d}.dcm")
         if k == series.missing_k:
             series.missing_path = rel
             continue
         if header is not None and ts is None:
-            encoder = encoder or dw.SeriesEncoder(header)
-            data = encoder.encode(ds)
+            if id(header) not in encoders:
+                encoders[id(header)] = dw.SeriesEncoder(header)
+            data = encoders[id(header)].encode(ds)
         else:
             data = dw.encode(ds, ts)
         sop = str(ds.SOPInstanceUID)

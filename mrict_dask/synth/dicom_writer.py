@@ -1,4 +1,6 @@
-"""DICOM objects as a scanner writes them: MR and CT image storage, enhanced MR, a basic text SR.
+"""DICOM objects as a scanner writes them: MR and CT image storage, enhanced MR, a basic text SR, a secondary
+capture, an RT structure set, and the tags that tell the volumes of a 4D MR series apart (time, diffusion; standard
+or under a vendor's private creator).
 
 Everything here is pure: plain values in, ``pydicom.Dataset`` / bytes out. Deterministic given its inputs
 (no clocks, no random UIDs), so the same seed gives byte-identical files.
@@ -26,6 +28,8 @@ MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4")
 ENHANCED_MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4.1")
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 BASIC_TEXT_SR_STORAGE = UID("1.2.840.10008.5.1.4.1.1.88.11")
+SECONDARY_CAPTURE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7")
+RT_STRUCTURE_SET_STORAGE = UID("1.2.840.10008.5.1.4.1.1.481.3")
 IMPLEMENTATION_UID = UID("1.2.826.0.1.3680043.8.498.1")  # pydicom's root: a writer's implementation class
 IMPLEMENTATION_VERSION = "MRICT_SYNTH_1"
 
@@ -185,7 +189,11 @@ def mr_header(patient: PatientInfo, study: StudyInfo, series: SeriesInfo, *, row
     ds.FrameOfReferenceUID = study.frame_uid
     ds.PositionReferenceIndicator = ""
     ds.PatientPosition = "HFS"
-    ds.BodyPartExamined = "HEAD"
+    body_part = p.get("body_part", "HEAD")
+    if body_part is not None:  # None: the element is absent, as some exports leave it
+        ds.BodyPartExamined = body_part
+    if not body_part:  # the body part might be a paired one: laterality is then required, if empty
+        ds.Laterality = ""
     ds.ScanningSequence = p["scanning_sequence"]
     ds.SequenceVariant = p["sequence_variant"]
     ds.ScanOptions = p.get("scan_options", "")
@@ -197,13 +205,13 @@ def mr_header(patient: PatientInfo, study: StudyInfo, series: SeriesInfo, *, row
         ds.InversionTime = _fmt(p["ti"])
     ds.EchoTrainLength = p.get("etl", 1)
     ds.NumberOfAverages = "1"
-    ds.ImagingFrequency = "63.87"
+    ds.ImagingFrequency = p.get("frequency", "63.87")
     ds.ImagedNucleus = "1H"
-    ds.MagneticFieldStrength = "1.5"
+    ds.MagneticFieldStrength = p.get("field", "1.5")
     ds.FlipAngle = _fmt(p.get("flip", 90))
-    ds.PixelBandwidth = "244.14"
-    ds.ReceiveCoilName = "HEAD"
-    ds.AcquisitionMatrix = [0, 256, 224, 0]
+    ds.PixelBandwidth = p.get("bandwidth", "244.14")
+    ds.ReceiveCoilName = p.get("coil", "HEAD")
+    ds.AcquisitionMatrix = p.get("acq_matrix", [0, 256, 224, 0])
     ds.InPlanePhaseEncodingDirection = "ROW"
     if spacing_between is not None:
         ds.SpacingBetweenSlices = _fmt(spacing_between)
@@ -316,7 +324,8 @@ def encode(ds: Dataset, transfer_syntax: UID | None = None) -> bytes:
     """The DICOM Part 10 file bytes; optionally re-encoded to a lossless compressed transfer syntax."""
     if transfer_syntax is not None and transfer_syntax != ds.file_meta.TransferSyntaxUID:
         if transfer_syntax in (RLELossless, JPEG2000Lossless):
-            ds.compress(transfer_syntax, encoding_plugin="pylibjpeg")
+            # keep the SOP Instance UID: pydicom would draw a new, random one (the same seed must give the same bytes)
+            ds.compress(transfer_syntax, encoding_plugin="pylibjpeg", generate_instance_uid=False)
         else:  # pragma: no cover - programming error
             raise ValueError(f"unsupported transfer syntax {transfer_syntax}")
     buf = io.BytesIO()
@@ -503,5 +512,162 @@ def enhanced_mr(patient: PatientInfo, study: StudyInfo, series: SeriesInfo, *, s
         frames.append(f)
     ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
     ds.PixelData = np.ascontiguousarray(volume.astype("<u2")).tobytes()
+    _file_meta(ds, ExplicitVRLittleEndian)
+    return ds
+
+
+# ------------------------------------------------------------------------------------------------ 4D MR series
+# How the volumes of one MR series are told apart, as vendors write it (classic single-frame MR Image Storage).
+TEMPORAL_HABITS = ("temporal_position", "acquisition_number", "acquisition_time")
+DIFFUSION_STYLES = ("standard", "siemens", "ge", "philips")
+
+
+def tm(seconds_of_day: float) -> str:
+    """A DICOM TM with microseconds (4D series stamp each volume within the same second)."""
+    whole = int(seconds_of_day)
+    micro = int(round((seconds_of_day - whole) * 1e6))
+    if micro == 1_000_000:
+        whole, micro = whole + 1, 0
+    return f"{whole // 3600:02d}{whole // 60 % 60:02d}{whole % 60:02d}.{micro:06d}"
+
+
+def set_temporal(ds: Dataset, habit: str, index: int, count: int, offset_s: float, start_s: float) -> None:
+    """Mark one time point of a dynamic series: AcquisitionTime always; then the vendor's own habit, if any
+    ("acquisition_time": nothing else; TriggerTime is for gated acquisitions only, which DSC is not)."""
+    ds.AcquisitionTime = tm(start_s + offset_s)
+    if habit == "temporal_position":
+        ds.TemporalPositionIdentifier = index + 1
+        ds.NumberOfTemporalPositions = count
+    elif habit == "acquisition_number":
+        ds.AcquisitionNumber = index + 1
+    elif habit != "acquisition_time":  # pragma: no cover - programming error
+        raise ValueError(habit)
+
+
+def set_diffusion(ds: Dataset, style: str, b_value: float, direction: np.ndarray | None) -> None:
+    """The b-value and gradient direction (patient LPS unit vector; None for b=0) of one diffusion volume."""
+    b = int(round(b_value))
+    g = None if direction is None else [float(v) for v in direction]
+    if style == "standard":
+        ds.add_new(0x00189087, "FD", float(b))  # DiffusionBValue
+        if g is not None:
+            ds.add_new(0x00189089, "FD", g)  # DiffusionGradientOrientation
+    elif style == "siemens":
+        block = ds.private_block(0x0019, "SIEMENS MR HEADER", create=True)
+        block.add_new(0x0C, "IS", str(b))  # B_value
+        block.add_new(0x0D, "CS", "NONE" if g is None else "DIRECTIONAL")
+        if g is not None:
+            block.add_new(0x0E, "FD", g)  # DiffusionGradientDirection
+    elif style == "ge":
+        acq = ds.private_block(0x0019, "GEMS_ACQU_01", create=True)
+        for element, v in zip((0xBB, 0xBC, 0xBD), g if g is not None else [0.0, 0.0, 0.0]):
+            acq.add_new(element, "DS", _fmt(v))
+        parm = ds.private_block(0x0043, "GEMS_PARM_01", create=True)
+        parm.add_new(0x39, "IS", [str(b + 1_000_000_000), "8", "0", "0"])  # slop_int_6..9; +1e9: b set by the user
+    elif style == "philips":
+        ds.private_block(0x2001, "Philips Imaging DD 001", create=True).add_new(0x03, "FL", float(b))
+        block = ds.private_block(0x2005, "Philips MR Imaging DD 001", create=True)
+        for element, v in zip((0xB0, 0xB1, 0xB2), g if g is not None else [0.0, 0.0, 0.0]):
+            block.add_new(element, "FL", float(v))
+    else:  # pragma: no cover - programming error
+        raise ValueError(style)
+
+
+# ------------------------------------------------------------------------------------------------ non-volume objects
+def secondary_capture(patient: PatientInfo, study: StudyInfo, series: SeriesInfo, *, sop_uid: str, rgb: np.ndarray,
+                      modality: str) -> Dataset:
+    """A workstation screenshot (RGB, no patient geometry) filed in an image study under that study's modality."""
+    ds = Dataset()
+    _common(ds, patient, study, series, modality)
+    for kw in ("AcquisitionDate", "AcquisitionTime"):
+        delattr(ds, kw)
+    ds.SOPClassUID = SECONDARY_CAPTURE_STORAGE
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceNumber = 1
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.ConversionType = "WSD"
+    ds.Laterality = ""
+    ds.PatientOrientation = ""
+    ds.BurnedInAnnotation = "NO"
+    ds.DateOfSecondaryCapture = study.date
+    ds.TimeOfSecondaryCapture = series.time
+    ds.SecondaryCaptureDeviceManufacturer = series.protocol.get("device", "")
+    rows, cols, _ = rgb.shape
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.Rows = int(rows)
+    ds.Columns = int(cols)
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.LossyImageCompression = "00"
+    ds.add_new(0x7FE00010, "OB", np.ascontiguousarray(rgb.astype(np.uint8)).tobytes())
+    _file_meta(ds, ExplicitVRLittleEndian)
+    return ds
+
+
+@dataclass
+class Contour:
+    image_sop_uid: str  # the CT image whose plane holds the contour
+    points: np.ndarray  # (n, 3) patient LPS mm
+
+
+@dataclass
+class Roi:
+    number: int
+    name: str
+    interpreted_type: str  # e.g. GTV, EXTERNAL, ORGAN
+    color: tuple[int, int, int]
+    contours: list[Contour]
+
+
+def rt_structure_set(patient: PatientInfo, study: StudyInfo, series: SeriesInfo, *, sop_uid: str, label: str,
+                     referenced_series_uid: str, image_class: str, image_uids: list[str], rois: list[Roi]) -> Dataset:
+    """A minimal RT Structure Set: closed planar contours on the images of one CT series (its frame of reference)."""
+    ds = Dataset()
+    _common(ds, patient, study, series, "RTSTRUCT")
+    for kw in ("AcquisitionDate", "AcquisitionTime", "ContentDate", "ContentTime"):
+        delattr(ds, kw)
+    ds.FrameOfReferenceUID = study.frame_uid
+    ds.PositionReferenceIndicator = ""
+    p = series.protocol
+    ds.Manufacturer = p.get("manufacturer", "")
+    ds.ManufacturerModelName = p.get("model", "")
+    ds.OperatorsName = ""
+    ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceNumber = 1
+    ds.StructureSetLabel = label
+    ds.StructureSetName = label
+    ds.StructureSetDate = study.date
+    ds.StructureSetTime = series.time
+    contour_images = [_item(ReferencedSOPClassUID=image_class, ReferencedSOPInstanceUID=u) for u in image_uids]
+    ref_series = _item(SeriesInstanceUID=referenced_series_uid, ContourImageSequence=DicomSequence(contour_images))
+    # the referenced study by its Study Component Management SOP class, as RT systems write it
+    ref_study = _item(ReferencedSOPClassUID="1.2.840.10008.3.1.2.3.1", ReferencedSOPInstanceUID=study.uid,
+                      RTReferencedSeriesSequence=DicomSequence([ref_series]))
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([_item(
+        FrameOfReferenceUID=study.frame_uid, RTReferencedStudySequence=DicomSequence([ref_study]))])
+    ds.StructureSetROISequence = DicomSequence([_item(
+        ROINumber=r.number, ReferencedFrameOfReferenceUID=study.frame_uid, ROIName=r.name,
+        ROIGenerationAlgorithm="MANUAL") for r in rois])
+    contour_seqs = []
+    for r in rois:
+        contours = []
+        for n, c in enumerate(r.contours, start=1):
+            item = _item(ContourImageSequence=DicomSequence([_item(ReferencedSOPClassUID=image_class,
+                                                                   ReferencedSOPInstanceUID=c.image_sop_uid)]),
+                         ContourGeometricType="CLOSED_PLANAR", NumberOfContourPoints=len(c.points), ContourNumber=n)
+            item.ContourData = [_fmt(round(float(v), 3)) for v in np.asarray(c.points).ravel()]
+            contours.append(item)
+        contour_seqs.append(_item(ReferencedROINumber=r.number, ROIDisplayColor=list(r.color),
+                                  ContourSequence=DicomSequence(contours)))
+    ds.ROIContourSequence = DicomSequence(contour_seqs)
+    ds.RTROIObservationsSequence = DicomSequence([_item(
+        ObservationNumber=r.number, ReferencedROINumber=r.number, RTROIInterpretedType=r.interpreted_type,
+        ROIInterpreter="") for r in rois])
+    ds.ApprovalStatus = "UNAPPROVED"
     _file_meta(ds, ExplicitVRLittleEndian)
     return ds
