@@ -104,18 +104,21 @@ _PRIVATE_DIFFUSION: tuple[tuple[str, int, str, int, str], ...] = (
     ("diffusion_b_value", 0x00430010, "GEMS_PARM_01", 0x00431039, "float"),
     ("diffusion_b_value", 0x20010010, "Philips Imaging DD 001", 0x20011003, "float"),
 )
-_GE_GRADIENT = (0x00190010, "GEMS_ACQU_01", (0x001910BB, 0x001910BC, 0x001910BD))
+# Gradient directions written as three single values: (private creator element, the creator's name, x/y/z tags)
+_PRIVATE_GRADIENTS = ((0x00190010, "GEMS_ACQU_01", (0x001910BB, 0x001910BC, 0x001910BD)),
+                      (0x20050010, "Philips MR Imaging DD 001", (0x200510B0, 0x200510B1, 0x200510B2)))
 _PIXEL_REPRESENTATION = 0x00280103
 _SHARED_FG = 0x52009229
 _PER_FRAME_FG = 0x52009230
 # Everything else is skipped by seeking, without being read or decoded.
 _SPECIFIC_TAGS = sorted({t for _, t, _ in _FIELDS} | {_PIXEL_REPRESENTATION, _SHARED_FG, _PER_FRAME_FG}
                         | {t for _, c, _, t, _ in _PRIVATE_DIFFUSION} | {c for _, c, _, _, _ in _PRIVATE_DIFFUSION}
-                        | {_GE_GRADIENT[0], *_GE_GRADIENT[2]}
+                        | {t for c, _, tags in _PRIVATE_GRADIENTS for t in (c, *tags)}
                         | set(_DICOMDIR_TAGS[:4]))
 
 # Implicit VR files carry no VR: the dictionary VR of the binary-valued tags we read.
 _BINARY_VR = {0x00189087: "FD", 0x00189089: "FD", 0x0019100E: "FD", 0x20011003: "FL",
+              0x200510B0: "FL", 0x200510B1: "FL", 0x200510B2: "FL",
               0x00280010: "US", 0x00280011: "US", 0x00280100: "US", 0x00280002: "US", 0x00280103: "US",
               0x00280120: "US or SS"}
 _BINARY_CODES = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "FL": "f", "FD": "d", "UV": "Q", "SV": "q"}
@@ -393,15 +396,16 @@ def _fill_private_diffusion(row: dict, ds: Any, els: dict[int, Any]) -> None:
         if col == "diffusion_b_value" and value is not None:
             value = float(value) % 1e9  # GE adds 1e9 (or multiples) to flag how the b-value was set
         row[col] = value
-    creator_tag, name, tags = _GE_GRADIENT
-    if row["diffusion_direction"] is None and all(t in els for t in tags) and \
-            creator(creator_tag).upper() == name.upper():
+    for creator_tag, name, tags in _PRIVATE_GRADIENTS:
+        if row["diffusion_direction"] is not None or not all(t in els for t in tags) or \
+                creator(creator_tag).upper() != name.upper():
+            continue
         try:
             vec = [_convert(els[t], ds, t, "float") for t in tags]
-            if all(v is not None for v in vec):
-                row["diffusion_direction"] = [float(v) for v in vec]
         except Exception:
-            pass
+            continue
+        if all(v is not None for v in vec):
+            row["diffusion_direction"] = [float(v) for v in vec]
 
 
 def _runs_past(raw: Any, end: int) -> bool:
