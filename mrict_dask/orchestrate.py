@@ -421,7 +421,7 @@ def run_demo(base: str, patients: int = 3, workers: int | None = None, progress:
     echo(f"\nreading a training batch: SlicePairs('{store}', split='train') has {len(ds)} slice pairs")
     if len(ds):
         idx = np.random.default_rng(0).choice(len(ds), size=min(8, len(ds)), replace=False)
-        batch = [ds[int(i)] for i in idx]
+        batch = ds.__getitems__([int(i) for i in idx])  # one batch's reads at once, as a DataLoader asks
         mr = np.stack([b[0] for b in batch])
         ct = np.stack([b[1] for b in batch])
         echo(f"  batch: mr {mr.shape} {mr.dtype} in [{mr.min():.2f}, {mr.max():.2f}], "

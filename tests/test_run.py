@@ -157,3 +157,13 @@ def test_resume_after_driver_killed(corpus, tmp_path):
     assert summary.processed == summary.n_pairs - summary.skipped
     assert summary.ok == summary.n_pairs
     assert verify_store(out).ok
+
+
+def test_demo_command_runs_as_the_readme_says(tmp_path):
+    """`mrict-dask demo` (the README's first command), on one synthetic patient: corpus, run, summary, a batch."""
+    proc = subprocess.run([sys.executable, "-m", "mrict_dask.cli", "demo", "--dir", str(tmp_path / "demo"),
+                           "--patients", "1", "--workers", "1"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "pairs:   1 planned, 1 ok, 0 failed" in proc.stdout, proc.stdout
+    assert "batch: mr (8, " in proc.stdout and "Traceback" not in proc.stderr
+    assert xr.open_zarr(str(tmp_path / "demo" / "store.zarr"))["status"].values.tolist() == ["ok"]
