@@ -110,7 +110,9 @@ def test_layout_matches_contract(tmp_path):
         meta = a.metadata.to_dict()
         inner = meta["codecs"][0]["configuration"]["codecs"]
         assert meta["codecs"][0]["name"] == "sharding_indexed"
-        assert inner[-1]["name"] == "blosc" and inner[-1]["configuration"]["cname"] == "zstd"  # zstd, byte-shuffled
+        blosc = inner[-1]
+        assert blosc["name"] == "blosc" and blosc["configuration"]["cname"] == store.VOLUME_CODEC["cname"]
+        assert blosc["configuration"]["shuffle"] == "shuffle"  # byte-shuffled
     assert g["slice_ok"].shape == (4, z) and g["slice_ok"].chunks == (1, z) and g["slice_ok"].dtype == bool
     for name in ("mr_lo", "mr_hi", "ct_lo", "ct_hi", *QA_KEYS):
         assert g[name].shape == (4,) and g[name].dtype == np.float32, name
