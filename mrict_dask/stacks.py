@@ -81,8 +81,8 @@ class Split:
 
     @property
     def name(self) -> str:
-        """A short file-name-safe tag of this volume."""
-        return re.sub(r"[^A-Za-z0-9]+", "_", self.label).strip("_")[:40]
+        """A file-name-safe tag of this volume, unique within its series: its number, then its label."""
+        return f"v{self.index + 1:03d}_" + re.sub(r"[^A-Za-z0-9]+", "_", self.label).strip("_")[:60]
 
 
 DYNAMIC_MIN_VOLUMES = 3
@@ -170,15 +170,9 @@ def non_volume_reason(image_type: Any, sop_class_uid: Any, rows: Any = None, pho
     return None
 
 
-def file_problem(row: Any) -> str:
-    """Why a catalog row cannot be used as an image file ('' when it can): its read error, or missing pixels."""
-    err = text(row.get("read_error"))
-    if err:
-        return err
-    ok = row.get("pixel_data_ok")
-    if ok is not None and not is_missing(ok) and not bool(ok) and (number(row.get("rows")) or 0) > 0:
-        return "pixel data missing or truncated"
-    return ""
+def file_problem(row: dict) -> str:
+    """Why one catalog row cannot be used as an image file ('' when it can): :meth:`Columns.problems` of it."""
+    return Columns.of([row]).problems().text(0)
 
 
 def _num_key(x: str) -> tuple:
@@ -343,14 +337,14 @@ def _series_stacks(cs: CatalogStacks, good: np.ndarray, bad: np.ndarray, series_
     c, config = cs.c, cs.config
     out: list[Stack] = []
 
-    def new_stack(sub: np.ndarray, suffix: str, refused: str | None = None, notes: list[str] | None = None) -> Stack:
-        return Stack(key=series_uid + suffix, series_uid=series_uid, rows=np.asarray(sub, dtype=np.int64),
+    def new_stack(sub: np.ndarray, refused: str | None = None, notes: list[str] | None = None) -> Stack:
+        return Stack(key=series_uid, series_uid=series_uid, rows=np.asarray(sub, dtype=np.int64),
                      columns=c, refused=refused, notes=list(notes or []), info=_stack_info(c, sub))
 
     # kinds of instance that never enter a volume
     nv = cs.nonvolume.codes[good]
     for code in sorted({int(k) for k in nv[nv >= 0]}, key=lambda k: cs.nonvolume.values[k]):
-        out.append(new_stack(good[nv == code], "", refused=cs.nonvolume.values[code]))
+        out.append(new_stack(good[nv == code], refused=cs.nonvolume.values[code]))
     kept = good[nv < 0]
 
     groups: list[tuple[str, np.ndarray]] = [("multi-frame object", kept[j:j + 1])
@@ -373,7 +367,7 @@ def _series_stacks(cs: CatalogStacks, good: np.ndarray, bad: np.ndarray, series_
     # a handful of images in several planes is a scout, whatever its tags say
     if 0 < len(kept) <= SCOUT_MAX_IMAGES and len(groups) > 1 and \
             len({int(o) for o in _orientation_clusters(c.iop[kept])}) > 1:
-        out.append(new_stack(kept, "", refused=f"localizer/scout ({len(kept)} images in several planes)"))
+        out.append(new_stack(kept, refused=f"localizer/scout ({len(kept)} images in several planes)"))
         groups = []
 
     # dedupe; volumes that share positions told apart (4D series, repeats); then geometry
@@ -411,10 +405,8 @@ def _series_stacks(cs: CatalogStacks, good: np.ndarray, bad: np.ndarray, series_
         final.append((sub, notes, None, None))
     _mark_echo_splits(c, final, n_splits)
 
-    multi_stack = len(final) > 1
-    for i, (sub, notes, refused, split) in enumerate(final):
-        suffix = f"#{i + 1}" if multi_stack else ""
-        st = new_stack(sub, suffix, refused=refused, notes=notes)
+    for sub, notes, refused, split in final:
+        st = new_stack(sub, refused=refused, notes=notes)
         st.split = split
         if not refused:
             try:
@@ -426,6 +418,10 @@ def _series_stacks(cs: CatalogStacks, good: np.ndarray, bad: np.ndarray, series_
             except Refusal as err:
                 st.refused = str(err)
         out.append(st)
+
+    if len(out) > 1:  # every stack its own key: the plan lists each one, and ranks break ties on it
+        for i, st in enumerate(out):
+            st.key = f"{series_uid}#{i + 1}"
 
     # a file of the series that cannot be read may be a slice of a stack: never assemble around the hole
     if len(bad):

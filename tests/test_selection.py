@@ -276,3 +276,40 @@ def test_a_time_series_whose_slices_carry_their_own_times_is_split_by_turn_at_ea
     plan = make_plan(catalog(perf, series_rows("A", st, "20200101", "MR", "T1 POST", step=1.0, n=150, number=4),
                              series_rows("A", uid(), "20200102", "CT", "HEAD", **HEAD_CT)), Config(), KEY)
     assert entry(plan, "ep2d_perf")["reason"].startswith("duplicate slice positions")
+
+
+def test_an_angiography_is_never_a_t1_even_with_contrast_and_a_fast_3d_gradient_echo():
+    st = uid()
+    cat = catalog(
+        series_rows("A", st, "20200101", "MR", "tof_3d_multi-slab", step=0.5, n=160, number=5, te=3.6, tr=21.0,
+                    sequence_name="*fl3d3r_t70", mr_acquisition_type="3D"),
+        series_rows("A", st, "20200101", "MR", "CE-MRA head", step=0.8, n=150, number=6, te=1.4, tr=3.5,
+                    sequence_name="*fl3d1", contrast="Gadovist", mr_acquisition_type="3D"),
+        series_rows("A", st, "20200101", "MR", "t1_mprage_sag", step=1.0, n=176, number=3, te=2.3, tr=2300.0,
+                    ti=900.0, iop=SAGITTAL, mr_acquisition_type="3D"),
+        series_rows("A", uid(), "20200102", "CT", "HEAD", **HEAD_CT),
+    )
+    plan = make_plan(cat, Config(), KEY)
+    assert chosen(plan, "MR") == ["t1_mprage_sag"]
+    for desc in ("tof_3d_multi-slab", "CE-MRA head"):
+        assert entry(plan, desc)["reason"].startswith("not T1-weighted"), entry(plan, desc)
+
+
+def test_a_scout_image_inside_a_ct_series_is_its_own_refused_entry():
+    rows = series_rows("A", uid(), "20200102", "CT", "HEAD", **HEAD_CT, number=2)
+    scout = series_rows("A", rows[0]["study_uid"], "20200102", "CT", "HEAD", n=1, step=1.0, iop=CORONAL, number=2,
+                        series_uid=rows[0]["series_uid"], image_type=r"ORIGINAL\PRIMARY\LOCALIZER")
+    scout[0]["url"] = scout[0]["url"].replace(".dcm", "-scout.dcm")
+    plan = make_plan(catalog(series_rows("A", uid(), "20200101", "MR", "T1 POST", step=1.0, n=150, number=1),
+                             rows, scout), Config(), KEY)
+    ct = [s for s in plan.series if s["modality"] == "CT"]
+    assert sorted((s["decision"], s["n_files"]) for s in ct) == [("chosen", HEAD_CT["n"]), ("refused", 1)]
+    assert len({s["stack"] for s in ct}) == 2 and len(plan.pairs[0].ct_files) == HEAD_CT["n"]
+
+
+def test_volume_file_names_stay_unique_when_labels_share_a_long_prefix():
+    from mrict_dask.stacks import Split
+
+    label = "b=1000 direction (0.71, 0.71, 0.00) (AcquisitionNumber {})"
+    names = {Split(0, i, 3, "diffusion", "x", label.format(i + 12)).name for i in range(3)}
+    assert len(names) == 3 and all(n.startswith(("v001_", "v002_", "v003_")) for n in names)
