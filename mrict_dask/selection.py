@@ -44,8 +44,9 @@ T1_MAX_TR_MS, T1_MAX_TE_MS = 800.0, 30.0
 T1_IR_TI_MS = (300.0, 1300.0)
 """Inversion-prepared gradient echo (MPRAGE/BRAVO-like) T1: inversion time in this range with a short TE."""
 
-OTHER_WEIGHTING = re.compile(r"t2|flair|\bpd\b|proton|dwi|diff|adc|swi|perf|stir|dti|tof|angio", re.I)
-"""A description naming another weighting: tags never turn such a series into a T1."""
+OTHER_WEIGHTING = re.compile(r"t2|flair|\bpd\b|proton|dwi|diff|adc|swi|perf|stir|dti|tof|angio|mra", re.I)
+"""A description naming another weighting: neither its tags nor its sequence name make such a series a T1 (a
+time-of-flight angiography is a fast 3D gradient echo, "fl3d", with a short TR and TE), unless it says T1."""
 
 POST_CONTRAST = re.compile(r"(?<![a-z])(post(?![a-z0-9])|gd(?![a-z])|gad|gado|\+c(?![a-z])|c\+|contrast|"
                            r"enhanced)", re.I)
@@ -177,6 +178,9 @@ def evaluate_mr(stack: Stack, cfg: PlanConfig) -> Candidate:
     text, tags = _t1_evidence(info)
     prefer = _as_patterns(cfg.mr_prefer)
     cls = next((i for i, pat in enumerate(prefer) if re.search(pat, text, re.I)), None)
+    desc = info.get("description") or ""
+    if OTHER_WEIGHTING.search(desc) and not re.search(r"t1", desc, re.I):
+        cls = None
     if cls is None:
         return Candidate(stack, "MR", False, "not T1-weighted by the selection rules (description and sequence tags)")
     by_desc = next((i for i, pat in enumerate(prefer)
