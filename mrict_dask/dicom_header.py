@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import struct
+import threading
 import warnings
 from typing import Any
 
@@ -849,20 +850,36 @@ def _fetch_rounds(items: list[tuple[str, int]], idx: list[int], first: int, read
 
 
 class _Quiet:
-    """pydicom warns (and logs) about every odd value; a scan of thousands of files must stay readable."""
+    """pydicom warns (and logs) about every odd value; a scan of thousands of files must stay readable.
+
+    Process-wide state (warning filters, the pydicom logger's level), so entries are counted: the first one in
+    quiets, the last one out restores, whatever the threads (a DICOMweb batch reads series in parallel).
+    """
+
+    _lock = threading.Lock()
+    _depth = 0
+    _saved: tuple[Any, int] | None = None  # the entered catch_warnings, the logger's level before
 
     def __enter__(self):
-        self._warn = warnings.catch_warnings()
-        self._warn.__enter__()
-        warnings.simplefilter("ignore")
-        self._logger = logging.getLogger("pydicom")
-        self._level = self._logger.level
-        self._logger.setLevel(logging.CRITICAL)
+        with _Quiet._lock:
+            if _Quiet._depth == 0:
+                logger = logging.getLogger("pydicom")
+                caught = warnings.catch_warnings()
+                caught.__enter__()
+                warnings.simplefilter("ignore")
+                _Quiet._saved = (caught, logger.level)
+                logger.setLevel(logging.CRITICAL)
+            _Quiet._depth += 1
         return self
 
     def __exit__(self, *exc):
-        self._logger.setLevel(self._level)
-        self._warn.__exit__(*exc)
+        with _Quiet._lock:
+            _Quiet._depth -= 1
+            if _Quiet._depth == 0 and _Quiet._saved is not None:
+                caught, level = _Quiet._saved
+                _Quiet._saved = None
+                logging.getLogger("pydicom").setLevel(level)
+                caught.__exit__(None, None, None)
         return False
 
 

@@ -649,3 +649,29 @@ def test_quirky_corpus_rows_match_manifest(quirky_corpus):
             np.testing.assert_allclose(row["image_orientation"], [*d[:, 0], *d[:, 1]], atol=1e-4)
     for q in ("missing_slice", "compressed", "gantry_tilt", "multiframe_mr"):
         assert q in seen, q
+
+
+def test_quieting_pydicom_from_many_threads_restores_warnings_and_logging():
+    """A DICOMweb batch converts metadata in threads: the last one out restores what the first one changed."""
+    import logging
+    import threading
+    import warnings
+
+    from pydicom.dataset import Dataset
+
+    from mrict_dask.dicom_header import row_from_dataset
+
+    before = (list(warnings.filters), logging.getLogger("pydicom").level)
+    ds = Dataset()
+    ds.SeriesInstanceUID, ds.Modality, ds.Rows = "1.2.3", "MR", 8
+
+    def work():
+        for _ in range(200):
+            row_from_dataset("u", None, ds)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (list(warnings.filters), logging.getLogger("pydicom").level) == before
