@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import re
-import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -36,7 +35,8 @@ class Outcome:
         return not self.error
 
 
-_URL_OR_PATH = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+|(?:/[^\s'\":,()]+){2,}")
+_URL_OR_PATH = re.compile(r"""'[^']*[/\\][^']*'|"[^"]*[/\\][^"]*"|[A-Za-z][A-Za-z0-9+.-]*://\S+|[^\s'"()]*[/\\][^\s'"(),]*""")
+"""Quoted strings holding a slash, URLs, and any word with a slash or backslash: paths (which may name patients)."""
 
 
 def error_reason(exc: BaseException) -> str:
@@ -47,7 +47,12 @@ def error_reason(exc: BaseException) -> str:
     if isinstance(exc, TaskError):
         return str(exc)
     text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {_URL_OR_PATH.sub('<path>', text)}"[:300]
+    return f"{type(exc).__name__}: {mask_paths(text)}"[:300]
+
+
+def mask_paths(text: str) -> str:
+    """``text`` with URLs and file paths replaced by ``<path>``."""
+    return _URL_OR_PATH.sub("<path>", text)
 
 
 class TaskError(Exception):
@@ -86,7 +91,8 @@ class SerialExecutor:
                     value = fn(item)
                 except Exception as exc:
                     if attempt == self.retries:
-                        log.debug("task %s failed: %s", key(item) if key else "", traceback.format_exc())
+                        # the reason only: a traceback's messages may quote file paths (PHI)
+                        log.debug("task %s failed: %s", key(item) if key else "", error_reason(exc))
                         yield Outcome(item, None, error_reason(exc))
                     continue
                 yield Outcome(item, value)

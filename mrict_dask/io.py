@@ -54,6 +54,15 @@ def redact(storage_options: dict | None) -> dict:
     return out
 
 
+class RedactedOptions(dict):
+    """Storage options whose ``repr`` hides secrets: what a task carries to the workers (which log task arguments)."""
+
+    def __repr__(self) -> str:
+        return repr(redact(self))
+
+    __str__ = __repr__
+
+
 def is_transient(exc: BaseException) -> bool:
     """A storage error worth retrying (connection reset, timeout, 5xx), as opposed to missing or forbidden."""
     if isinstance(exc, _PERMANENT):
@@ -195,26 +204,24 @@ class Location:
     def name(self) -> str:
         return posixpath.basename(self.url.rstrip("/"))
 
+    def _derived(self, url: str) -> Location:
+        """Another URL on the same store: same storage options, no validation again."""
+        other = Location.__new__(Location)
+        other.url, other.storage_options = url, self.storage_options
+        return other
+
     def join(self, *parts: str) -> Location:
         """A location below this one (same storage options)."""
-        child = Location.__new__(Location)
-        child.url = join(self.url, *parts)
-        child.storage_options = self.storage_options
-        return child
+        return self._derived(join(self.url, *parts))
 
     @property
     def parent(self) -> Location:
-        child = Location.__new__(Location)
-        child.url = self.url.rstrip("/").rsplit("/", 1)[0] if "/" in self.url.rstrip("/") else "."
-        child.storage_options = self.storage_options
-        return child
+        url = self.url.rstrip("/")
+        return self._derived(url.rsplit("/", 1)[0] if "/" in url else ".")
 
     def sibling(self, suffix: str) -> Location:
         """This URL with ``suffix`` appended (``store.zarr`` -> ``store.zarr.work``)."""
-        child = Location.__new__(Location)
-        child.url = self.url.rstrip("/") + suffix
-        child.storage_options = self.storage_options
-        return child
+        return self._derived(self.url.rstrip("/") + suffix)
 
     def url_of(self, path: str) -> str:
         """The URL of a path of :attr:`fs` (as listings return them): a local path, or ``protocol://path``."""
@@ -282,8 +289,3 @@ class Location:
         """Delete this object if it is there (no existence check first: listings may be cached, deletes are not)."""
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(self.path)
-
-
-def as_location(url: str | Location, storage_options: dict | None = None) -> Location:
-    """Shorthand for :meth:`Location.of` (public functions accept a URL and options, or a Location)."""
-    return Location.of(url, storage_options)

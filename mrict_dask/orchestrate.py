@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import Config
 from .executor import Executor, Outcome, error_reason, guarded
-from .io import Location, join, redact
+from .io import Location, RedactedOptions, join, redact
 from .progress import Progress
 from .sources import Source
 from .types import PairResult, PairSpec
@@ -231,7 +231,7 @@ def execute_pairs(executor: Executor, pairs: Iterable[PairSpec], total: int, con
     from .store import write_pair
 
     fn = functools.partial(run_pair_task, config=config, store=store, report=report,
-                           source_options=source.storage_options)
+                           source_options=RedactedOptions(source.storage_options))
     markers: list[dict] = []
     with Progress("pairs", total, progress, show_failed=True) as bar:
         for outcome in executor.run(fn, pairs, key=lambda p: f"pair-{p.index}-{p.pair_id}"):
@@ -316,7 +316,7 @@ def run_pipeline(input_url: str | Location | Source, output_url: str | Location,
     source = open_source(input_url, storage_options)
     store = Location.of(output_url, storage_options)
     work = Location.of(work_url, store.storage_options) if work_url else store.sibling(".work")
-    report = store.sibling("-report")
+    report = Location.of(default_report_url(store.url), store.storage_options)
     summary = RunSummary(output_url=store.url, report_url=report.url)
     log.info("run: input=%s output=%s work=%s storage_options=%s", source.url, store.url, work.url,
              redact(store.storage_options))
@@ -340,12 +340,11 @@ def run_pipeline(input_url: str | Location | Source, output_url: str | Location,
             summary.messages.append(f"dask dashboard: {client.dashboard_link}")
 
         t = time.perf_counter()
-        catalog = _load_or_scan(source, work, ex if client is not None else None, config, progress)
+        catalog = _load_or_scan(source, work, ex, config, progress)
         summary.stage_seconds["scan"] = time.perf_counter() - t
 
         t = time.perf_counter()
         plan = make_plan(catalog, config, key)
-        del catalog
         pairs = list(plan.pairs)
         if limit is not None:
             pairs = pairs[:limit]

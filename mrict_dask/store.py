@@ -377,9 +377,11 @@ _DATE = re.compile(r"\b(?:19|20)\d{2}-?(?:0[1-9]|1[0-2])-?(?:0[1-9]|[12]\d|3[01]
 
 
 def clean_status(status: str) -> str:
-    """The status as stored: one line, DICOM UIDs and dates masked (failure reasons may quote them)."""
+    """The status as stored: one line, DICOM UIDs, dates, URLs and paths masked (failure reasons may quote them)."""
+    from .executor import mask_paths
+
     text = " ".join(str(status).split())
-    return _DATE.sub("<date>", _UID.sub("<uid>", text))
+    return _DATE.sub("<date>", _UID.sub("<uid>", mask_paths(text)))
 
 
 def write_pair(url: str | Location, index: int, result: PairResult, storage_options: dict | None = None) -> dict:
