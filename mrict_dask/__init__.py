@@ -3,10 +3,11 @@
 Where each stage lives (each module does one thing; only ``orchestrate`` knows Dask):
 
 - ``io``: :class:`~mrict_dask.io.Location`, a URL with its storage options: validation, join, read, write.
-- ``dicom_header`` -> ``scan`` -> ``catalog``: header-only reading of one file / batches of files on the
-  workers / the catalog's one schema, writer and reader.
-- ``geometry`` -> ``stacks`` -> ``plan``: patient geometry of a slice stack / catalog rows of a series into
-  stacks (or refusals) / selection, pairing and split.
+- ``sources`` (files through fsspec) and ``dicomweb`` (a PACS): the one input interface (list, read rows, fetch).
+- ``dicom_header`` -> ``scan`` -> ``catalog``: header-only reading of one file / batches on the workers / the
+  catalog's one schema, writer and reader; ``columns``: the catalog as arrays for the planner.
+- ``geometry`` -> ``stacks`` -> ``selection`` -> ``plan``: patient geometry of a slice stack / catalog rows of a
+  series into volumes (4D split) or refusals / candidates ranked on evidence / sessions, pairing and split.
 - ``volume``: the pixels of one stack as a SimpleITK image; ``export`` is the ``export-series`` command.
 - ``register``, ``normalize``, ``qa`` -> ``pair``: the science of one pair, a pure function.
 - ``store``: the Zarr output (create, one region per pair, finalize, verify, inspect); ``loader``: reading it

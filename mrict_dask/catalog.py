@@ -284,16 +284,20 @@ class CatalogFile:
         import pyarrow.parquet as pq
 
         self.where = where
+        self._fh = None
         try:
             self._fh = where.open("rb")
             self._pf = pq.ParquetFile(self._fh)
+            self.names = set(self._pf.schema_arrow.names)
+            self.num_rows = self._pf.metadata.num_rows
+            missing = [c for c in REQUIRED_COLUMNS if c not in self.names]
+            if missing:
+                raise InputError(f"{where.url}: not a scan catalog: no {', '.join(missing)} column")
         except Exception as exc:
+            self.close()
+            if isinstance(exc, InputError):
+                raise
             self._fail(exc)
-        self.names = set(self._pf.schema_arrow.names)
-        self.num_rows = self._pf.metadata.num_rows
-        missing = [c for c in REQUIRED_COLUMNS if c not in self.names]
-        if missing:
-            raise InputError(f"{where.url}: not a scan catalog: no {', '.join(missing)} column")
 
     def _fail(self, exc: BaseException):
         import pyarrow as pa
@@ -327,7 +331,9 @@ class CatalogFile:
         return pa.table({name: self.column(name) for name in names})
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
     def __enter__(self) -> CatalogFile:
         return self

@@ -134,12 +134,6 @@ _TEXT = ("read_error", "sop_class_uid", "series_uid", "study_uid", "patient_id",
          "acquisition_number", "image_type", "photometric", "temporal_position", "acquisition_time")
 _NUMBERS = ("series_number", "rows", "columns", "number_of_frames", "slice_thickness", "echo_time",
             "repetition_time", "inversion_time", "trigger_time", "diffusion_b_value", "instance_number")
-PLAN_COLUMNS: tuple[str, ...] = (
-    "url", "is_dicomdir", "pixel_data_ok", "modality", "sop_instance_uid", "image_position", "image_orientation",
-    "pixel_spacing", "frame_positions", "diffusion_direction", *_TEXT, *_NUMBERS)
-"""The catalog columns the planner reads."""
-
-
 class Columns:
     """The planner's view of a catalog (see the module docstring).
 
@@ -213,7 +207,7 @@ class Columns:
         return None if np.isnan(v).any() else v.copy()
 
     def problems(self) -> Coded:
-        """Per row, why it cannot be used as an image file (:func:`mrict_dask.stacks.file_problem`), -1 if it can."""
+        """Per row, why it cannot be used as an image file (its read error, or pixel data missing), -1 if it can."""
         err = self.text["read_error"]
         values = list(err.values)
         codes = err.codes.copy()

@@ -30,6 +30,13 @@ class PlanConfig:
     allow_gantry_tilt: bool = True  # tilted CT is resampled onto an orthogonal grid
 
 
+def plan_config(config: Any) -> PlanConfig:
+    """The plan section of a whole :class:`Config`, or a PlanConfig as it is; defaults for None."""
+    if config is None:
+        return PlanConfig()
+    return getattr(config, "plan", config)
+
+
 @dataclass(frozen=True)
 class RegistrationConfig:
     mr_bins: int = 50

@@ -9,12 +9,13 @@ from typing import Any
 
 import numpy as np
 
+from .config import plan_config
 from .errors import VolumeError
 from .io import Location
 from .progress import Progress
 from .sources import Source, open_source
 from .stacks import CatalogStacks
-from .volume import plan_config, read_volume
+from .volume import read_volume
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -27,14 +28,11 @@ class ExportSummary:
     def describe(self) -> str:
         lines = [f"exported {len(self.written)} volume(s); refused {len(self.refused)} stack(s)"
                  + (f"; {self.files_with_errors} unreadable file(s) skipped" if self.files_with_errors else "")]
-        for out, what in self.written:
-            lines.append(f"  wrote {out}  <- {what}")
-        by_reason = Counter(reason for _, reason in self.refused)
-        for what, reason in self.refused:
-            lines.append(f"  refused {what}: {reason}")
-        if len(self.refused) > 20:
-            lines = lines[:1] + [f"  wrote {o}  <- {w}" for o, w in self.written] + \
-                [f"  refused {n}: {r}" for r, n in by_reason.most_common()]
+        lines += [f"  wrote {out}  <- {what}" for out, what in self.written]
+        if len(self.refused) > 20:  # many: one line per reason
+            lines += [f"  refused {n}: {r}" for r, n in Counter(r for _, r in self.refused).most_common()]
+        else:
+            lines += [f"  refused {what}: {reason}" for what, reason in self.refused]
         return "\n".join(lines)
 
 
@@ -84,7 +82,6 @@ def export_series_command(input_url: str, series_uid: str | None = None, out: st
     splits into several usable stacks is written once per stack (``name_2.nii.gz``...). File names under
     ``all_dir`` use modality, series number, description and a short hash of the series UID, never patient data.
     """
-    import hashlib
 
     if not all_dir and not (series_uid and out):
         from .errors import ConfigError
@@ -100,41 +97,48 @@ def export_series_command(input_url: str, series_uid: str | None = None, out: st
 
         raise InputError("no file of the requested series was found under the input")
     n_series = 1 if series_uid else len(np.unique(uids.codes[uids.codes >= 0]))
-    bar = Progress("export", n_series, progress, unit="series", transient=True)
-    for uid, stacks in catalog_stacks.series(only=series_uid):
-        usable = [s for s in stacks if s.usable]
-        for st in stacks:
-            if not st.usable:
-                summary.refused.append((f"{st.info.get('modality', '')} {st.label}".strip(), str(st.refused)))
-        for i, st in enumerate(usable):
-            what = f"{st.info.get('modality', '')} {st.label}".strip()
-            if st.split is not None:
-                what += f" volume {st.split.index + 1} of {st.split.count}: {st.split.label}"
-            if st.notes:
-                what += f" ({'; '.join(st.notes)})"
-            # a volume of a 4D series is named by what tells it apart (b-value, time point, echo...)
-            tag = st.split.name if st.split is not None else (str(i + 1) if i else "")
-            if series_uid:
-                target = Location.of(_numbered(out, tag) if tag else out, storage_options)
-            else:
-                uid_tag = hashlib.sha256(str(uid).encode()).hexdigest()[:8]
-                num = st.info.get("series_number")
-                name = f"{st.info.get('modality') or 'XX'}_{int(num) if num is not None else 0}_" \
-                       f"{_safe_name(st.info.get('description') or '')}_{uid_tag}" + (f"_{tag}" if tag else "")
-                target = Location.of(all_dir, storage_options).join(name + ".nii.gz")
-            try:
-                img = read_volume(st.urls, source.storage_options, cfg)
-            except VolumeError as err:
-                summary.refused.append((what, str(err).split(": ", 1)[-1]))
-                continue
-            _write_image(img, target)
-            summary.written.append((target.url, what))
-        bar.advance()
-    bar.close()
+    with Progress("export", n_series, progress, unit="series", transient=True) as bar:
+        for uid, stacks in catalog_stacks.series(only=series_uid):
+            _export_series(uid, stacks, summary, source, cfg, out, all_dir, storage_options)
+            bar.advance()
     if series_uid and not summary.written:
         reasons = "; ".join(sorted({r for _, r in summary.refused})) or "no image stack"
         raise VolumeError(f"the requested series cannot be exported: {reasons}")
     return summary
+
+
+def _export_series(uid: str, stacks: list, summary: ExportSummary, source: Source, cfg: Any, out: str | None,
+                   all_dir: str | None, storage_options: dict | None) -> None:
+    """Write every usable stack (volume) of one series: to ``out`` (numbered) if given, else into ``all_dir``."""
+    import hashlib
+
+    usable = [s for s in stacks if s.usable]
+    for st in stacks:
+        if not st.usable:
+            summary.refused.append((f"{st.info.get('modality', '')} {st.label}".strip(), str(st.refused)))
+    for i, st in enumerate(usable):
+        what = f"{st.info.get('modality', '')} {st.label}".strip()
+        if st.split is not None:
+            what += f" volume {st.split.index + 1} of {st.split.count}: {st.split.label}"
+        if st.notes:
+            what += f" ({'; '.join(st.notes)})"
+        # a volume of a 4D series is named by what tells it apart (b-value, time point, echo...)
+        tag = st.split.name if st.split is not None else (str(i + 1) if i else "")
+        if out:
+            target = Location.of(_numbered(out, tag) if tag else out, storage_options)
+        else:
+            uid_tag = hashlib.sha256(str(uid).encode()).hexdigest()[:8]
+            num = st.info.get("series_number")
+            name = f"{st.info.get('modality') or 'XX'}_{int(num) if num is not None else 0}_" \
+                   f"{_safe_name(st.info.get('description') or '')}_{uid_tag}" + (f"_{tag}" if tag else "")
+            target = Location.of(all_dir, storage_options).join(name + ".nii.gz")
+        try:
+            img = read_volume(st.urls, source.storage_options, cfg)
+        except VolumeError as err:
+            summary.refused.append((what, str(err).split(": ", 1)[-1]))
+            continue
+        _write_image(img, target)
+        summary.written.append((target.url, what))
 
 
 def _numbered(url: str, k: int | str) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config, PlanConfig
+from .config import Config, PlanConfig, plan_config
 from .pseudonym import keyed_fraction, pseudonym, short_hash
 from .selection import Candidate, evaluate
 from .stacks import CatalogStacks, Stack
@@ -156,7 +156,7 @@ def make_plan(catalog: Any, config: Config | PlanConfig | None = None, key: byte
     Works on the catalog's columns (:class:`~mrict_dask.stacks.CatalogStacks`): Python objects exist per stack,
     series and patient, never per file.
     """
-    cfg = getattr(config, "plan", config) or PlanConfig()
+    cfg = plan_config(config)
     plan = Plan(config=asdict(cfg))
     cs = CatalogStacks(catalog, cfg)
     c = cs.c
@@ -191,7 +191,6 @@ class _Session:
 
     modality: str
     label: str  # "MR session 1", in time order (PHI-free)
-    start: dt.datetime | None
     studies: list[str] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
     chosen: Candidate | None = None
@@ -209,7 +208,7 @@ def _sessions(modality: str, studies: dict[str, list[Stack]], hours: float) -> l
         same = t is not None and prev is not None and (
             t.date() == prev.date() or abs((t - prev).total_seconds()) <= hours * 3600)
         if not same:
-            last = _Session(modality, f"{modality} session {len(out) + 1}", t)
+            last = _Session(modality, f"{modality} session {len(out) + 1}")
             out.append(last)
         last.studies.append(uid)
     return out

@@ -1,17 +1,16 @@
-"""Scan: list every file under a URL and read DICOM headers only into a one-row-per-file catalog.
+"""Scan: list every instance of an input and read DICOM headers only into a one-row-per-instance catalog.
 
 Layers, from pure to orchestrated:
 
-- ``read_header`` / ``scan_batch``: pure functions. A batch fetches the first bytes of each file (one
-  concurrent ``cat_ranges`` call on object storage), parses them with pydicom up to the pixel data and
-  fetches more only for the few files whose header is longer. Every file gives exactly one row; a bad
-  file gets a ``read_error`` reason instead of raising.
-- ``scan``: lists the files on the driver, then maps ``scan_batch`` over batches (serially, or on a Dask
-  ``client`` given by the caller) and builds the catalog DataFrame.
-- ``scan_to_parquet``: the same, written to Parquet, with a PHI-free ``ScanSummary``.
+- ``list_files`` / ``scan_batch``: the file input's listing, and the Arrow catalog table of a batch of files
+  (headers read by :mod:`mrict_dask.dicom_header`: first bytes only, one concurrent ranged read per batch on
+  object storage). Every file gives exactly one row; a bad file gets a ``read_error`` reason instead of raising.
+- ``scan_table``: the input's source (:mod:`mrict_dask.sources`: files, or a DICOMweb service) lists its units on
+  the driver; its ``read_rows`` runs over batches through an :mod:`~mrict_dask.executor` executor (serially,
+  or on a Dask cluster); the driver gathers one Arrow table per batch, never a Python object per instance.
+- ``scan`` (a DataFrame) and ``scan_to_parquet`` (written to Parquet, with a PHI-free ``ScanSummary``).
 
-Rows returned by ``read_header``/``scan_batch`` hold every column of ``CATALOG_COLUMNS`` plus
-``bytes_read`` (bytes fetched for that file), which ``catalog_frame`` reports in ``DataFrame.attrs``.
+The table's metadata holds ``bytes_read`` (bytes fetched to read the headers).
 """
 
 from __future__ import annotations
@@ -97,11 +96,11 @@ def _read_batch(batch: Batch, fn: Any) -> Any:
 
 def scan(url: str | Location | Source, storage_options: dict | None = None, executor: Any = None,
          batch_size: int = 256, progress: bool = False):
-    """Catalog DataFrame of every file under ``url`` (one row per file, sorted by URL).
+    """Catalog DataFrame of every instance of ``url`` (one row each, sorted by URL); see :func:`scan_table`.
 
     ``executor``: None reads serially in this process; an :mod:`~mrict_dask.executor` executor or a Dask
-    client maps :func:`scan_batch` over batches of ``batch_size`` files (one task each, a bounded number in
-    flight). The driver gathers one small Arrow table per batch, never a Python object per file.
+    client maps the source's row reading over batches of ``batch_size`` units (one task each, a bounded number
+    in flight).
     """
     return catalog_frame(scan_table(url, storage_options, executor, batch_size, progress))
 
@@ -192,7 +191,8 @@ def scan_to_parquet(url: str | Location | Source, out: str | Location, storage_o
                     executor: Any = None, batch_size: int = 256, progress: bool = False) -> ScanSummary:
     """Scan ``url`` and write the catalog as Parquet to ``out`` (a path or fsspec URL).
 
-    The input's storage options apply to ``out`` when both are on the same kind of store (endpoint, keys).
+    The storage options apply to ``out`` when the input is on the same kind of store (endpoint, keys), or is not
+    an fsspec store at all (a DICOMweb input: the options are the run's, for its outputs).
     """
     t0 = time.perf_counter()
     src = open_source(url, storage_options)
@@ -200,8 +200,8 @@ def scan_to_parquet(url: str | Location | Source, out: str | Location, storage_o
         dest = out
     else:
         dest = Location(out)
-        loc = getattr(src, "location", None)  # an fsspec input: its options serve an output on the same store
-        if loc is not None and type(dest.fs) is type(loc.fs):
+        loc = getattr(src, "location", None)
+        if loc is None or type(dest.fs) is type(loc.fs):
             dest = Location(out, src.storage_options)
     table = scan_table(src, executor=executor, batch_size=batch_size, progress=progress)
     write_catalog(table, dest)

@@ -45,16 +45,3 @@ def number(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(x) else x
-
-
-def vector(v: Any, n: int) -> np.ndarray | None:
-    """``v`` as n finite floats, or None (missing, wrong length, not numbers)."""
-    if v is None or isinstance(v, (str, bytes, float, int)):
-        return None
-    try:
-        vals = [float(x) for x in v]
-    except (TypeError, ValueError):
-        return None
-    if len(vals) != n or not all(math.isfinite(x) for x in vals):
-        return None
-    return np.array(vals)

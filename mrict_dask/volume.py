@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import PlanConfig
+from .config import PlanConfig, plan_config
 from .errors import VolumeError
 from .geometry import (
     DUPLICATE_POSITION_TOL_MM,
@@ -67,12 +67,6 @@ class _Slice:
     sop_uid: str
     instance: str  # InstanceNumber (for messages only)
     padding: tuple[float, float] | None
-
-
-def plan_config(config: Any) -> PlanConfig:
-    if config is None:
-        return PlanConfig()
-    return getattr(config, "plan", config)
 
 
 def fetch_bytes(urls: Sequence[str], storage_options: dict | None = None) -> list[Any]:
