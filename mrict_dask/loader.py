@@ -23,8 +23,10 @@ import contextlib
 import hashlib
 import json
 import logging
+import operator
 import os
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -133,6 +135,8 @@ class _LocalFiles:
         self.root = root
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._max_open = max_open
+        # descriptors close with the dataset that dropped this reader, not only with the process
+        self._finalizer = weakref.finalize(self, _close_fds, self._fds)
 
     def _fd(self, key: str) -> int:
         fd = self._fds.get(key)
@@ -158,9 +162,20 @@ class _LocalFiles:
             except OSError as exc:  # FileNotFoundError above all: a shard never written
                 yield exc
 
+    def forget(self, key: str) -> None:
+        """Close ``key``'s descriptor, if open (its file is about to be replaced)."""
+        fd = self._fds.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+
     def close(self) -> None:
-        while self._fds:
-            os.close(self._fds.popitem()[1])
+        _close_fds(self._fds)
+
+
+def _close_fds(fds: OrderedDict[str, int]) -> None:
+    while fds:
+        with contextlib.suppress(OSError):
+            os.close(fds.popitem()[1])
 
 
 class _Objects:
@@ -184,13 +199,13 @@ class _ShardCache:
 
     Each download lands under a unique temporary name and is renamed into place, so the DataLoader's worker
     processes can share one folder: a reader sees a complete copy or none (two workers may both download a
-    shard once; the second rename replaces identical bytes).
+    shard once; the second rename replaces identical bytes). A copy deleted meanwhile is downloaded again; one
+    that fails its checks (a shard index whose crc32c does not match) is replaced once by :meth:`refresh`.
     """
 
     def __init__(self, objects: _Objects, folder: str):
         self.objects, self.folder = objects, folder
         self.files = _LocalFiles(folder)
-        self._have: set[str] = set()
 
     def _local(self, key: str) -> str:
         return os.path.join(self.folder, key)
@@ -203,6 +218,9 @@ class _ShardCache:
         try:
             self.objects.fs.get([f"{self.objects.root}/{k}" for k in keys], tmp)
             for k, t in zip(keys, tmp):
+                with open(t, "rb+") as fh:  # on disk before it has its name: a crash leaves no torn copy
+                    os.fsync(fh.fileno())
+                self.files.forget(k)
                 os.replace(t, self._local(k))
         except FileNotFoundError:
             if len(keys) > 1:  # an object never written (it reads as the fill value): copy the others alone
@@ -214,15 +232,19 @@ class _ShardCache:
                     os.remove(t)
 
     def _fetch(self, keys: Sequence[str]) -> None:
-        missing = sorted(k for k in set(keys) if k not in self._have and not os.path.exists(self._local(k)))
+        missing = sorted(k for k in set(keys) if k not in self.files._fds and not os.path.exists(self._local(k)))
         if missing:
             self._download(missing)
             log.debug("cached %d shards in %s", len(missing), self.folder)
-        self._have.update(keys)
 
     def read(self, reads: Sequence[Read]) -> Iterator[bytes | Exception]:
         self._fetch([k for k, _, _ in reads])
         return self.files.read(reads)
+
+    def refresh(self, key: str) -> None:
+        """Download ``key`` again over a local copy that failed its checks."""
+        log.warning("the cached copy of %s in %s is damaged; downloading it again", key, self.folder)
+        self._download([key])
 
     def close(self) -> None:
         self.files.close()
@@ -307,8 +329,11 @@ class _Store:
             _Objects(loc.fs, loc.path.rstrip("/"))
         self.source: _LocalFiles | _Objects | _ShardCache = self.origin
         if cache_dir is not None and isinstance(self.origin, _Objects):
-            fingerprint = self.root_meta().get("attributes", {}).get("fingerprint", "")
-            tag = hashlib.sha256(f"{url}\n{fingerprint}".encode()).hexdigest()[:16]
+            # what the ok pairs hold: a store finalized again with other bytes (a pair redone, the store rebuilt)
+            # gets a fresh folder, never the old copies
+            attrs = self.root_meta().get("attributes", {})
+            identity = [url, attrs.get("fingerprint", ""), attrs.get("content_digest", "")]
+            tag = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:16]
             self.source = _ShardCache(self.origin, os.path.join(os.path.abspath(cache_dir), tag))
 
     def _json(self, rel: str) -> dict:
@@ -380,10 +405,32 @@ class _Store:
         if need:
             for j, tail in self.read([(a.key(p), -a.index_bytes, None) for a, p in need]):
                 a, p = need[j]
-                if isinstance(tail, Exception) and not isinstance(tail, FileNotFoundError):
-                    raise tail
-                out[a.name, p] = a.set_index(p, None if isinstance(tail, Exception) else tail)
+                out[a.name, p] = self._set_index(a, p, tail, (a.key(p), -a.index_bytes, None))[0]
         return out
+
+    def _set_index(self, a: _VolumeArray, p: int, blob: bytes | memoryview | Exception,
+                   read: Read) -> tuple[ShardIndex, bytes | memoryview]:
+        """Pair ``p``'s parsed shard index from ``blob`` (the answer to ``read``: its shard's tail, or the whole
+        shard), and the bytes it was parsed from.
+
+        The datasets read only pairs the store lists as ok, whose shards all exist: a missing one is a damaged
+        store, never fill values. A cached copy whose index fails its crc32c is downloaded again, once.
+        """
+        if isinstance(blob, FileNotFoundError):
+            raise OSError(f"{a.name}: the shard of pair {p} is missing although the store lists the pair as ok "
+                          "(a damaged store: `mrict-dask verify` checks every pair)") from blob
+        if isinstance(blob, Exception):
+            raise blob
+        try:
+            return a.set_index(p, blob), blob  # type: ignore[return-value]
+        except OSError:
+            if not isinstance(self.source, _ShardCache):
+                raise
+            self.source.refresh(a.key(p))
+            (again,) = self.source.read([read])
+            if isinstance(again, Exception):
+                raise again from None
+            return a.set_index(p, again), again  # type: ignore[return-value]
 
     def slabs(self, names: Sequence[str], items: Sequence[tuple[int, int, int]]) -> list[list[np.ndarray]]:
         """Slices z0..z1-1 of pair p, for each (p, z0, z1) of ``items`` and each array: (z1 - z0, y, x) each."""
@@ -396,7 +443,7 @@ class _Store:
             row = []
             for a in arrays:
                 buf, ix, key = a.empty(z1 - z0), idx[a.name, p], a.key(p)
-                for k, (off, nbytes) in enumerate(ix[z0:z1] if ix is not None else [(_EMPTY, 0)] * (z1 - z0)):
+                for k, (off, nbytes) in enumerate(ix[z0:z1]):
                     if off == _EMPTY:
                         buf[k] = a.fill
                     else:
@@ -418,12 +465,11 @@ class _Store:
             return [[a.zarr_slab(p, 0, a.shape[1]) for a in arrays] for p in pairs]
         wanted = [(p, a) for p in pairs for a in arrays]
         vols = [a.empty(a.shape[1]) for _, a in wanted]
-        for j, blob in self.read([(a.key(p), 0, None) for p, a in wanted]):
+        reads: list[Read] = [(a.key(p), 0, None) for p, a in wanted]
+        for j, answer in self.read(reads):
             (p, a), vol = wanted[j], vols[j]
-            if isinstance(blob, Exception) and not isinstance(blob, FileNotFoundError):
-                raise blob
-            ix = a.set_index(p, None if isinstance(blob, Exception) else blob)
-            for z, (off, nbytes) in enumerate(ix if ix is not None else [(_EMPTY, 0)] * a.shape[1]):
+            ix, blob = self._set_index(a, p, answer, reads[j])
+            for z, (off, nbytes) in enumerate(ix):
                 if off == _EMPTY:
                     vol[z] = a.fill
                 else:
@@ -506,6 +552,7 @@ class _PairsBase:
         raise NotImplementedError
 
     def _checked(self, i: int) -> int:
+        i = operator.index(i)  # ints and numpy integers; 1.5 is a TypeError, as for a list
         n = len(self)  # type: ignore[arg-type]
         if not -n <= i < n:
             raise IndexError(f"sample {i} out of range for {n} samples of {type(self).__name__}")
@@ -595,6 +642,8 @@ class VolumePatches(_PairsBase):
         if patches_per_pair < 1:
             raise ValueError(f"patches_per_pair must be at least 1, not {patches_per_pair}")
         self.patches_per_pair = int(patches_per_pair)
+        if int(seed) < 0:
+            raise ValueError(f"seed must be 0 or more, not {seed}")
         self.seed = int(seed)
         self.epoch = 0
 
@@ -607,12 +656,13 @@ class VolumePatches(_PairsBase):
 
     def locate(self, i: int) -> tuple[int, int, int, int]:
         """(store pair index, z0, y0, x0) of sample ``i``: its pair and the patch's lower corner."""
+        i = self._checked(i)
         p = int(self.pair_indices[i // self.patches_per_pair])
         rng = np.random.default_rng([self.seed, self.epoch, i])
         return (p, *patch_corner(self.grid_zyx, self.patch_size, self._slice_ok[p], rng))
 
     def __getitems__(self, indices: Sequence[int]) -> list:
-        corners = [self.locate(self._checked(i)) for i in indices]
+        corners = [self.locate(i) for i in indices]
         dz, dy, dx = self.patch_size
         slabs = self._handle().slabs(("mr", "ct", "valid"), [(p, z0, z0 + dz) for p, z0, _, _ in corners])
         return [self._sample([np.ascontiguousarray(s[:, y0:y0 + dy, x0:x0 + dx]) for s in slab], p)

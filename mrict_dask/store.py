@@ -8,7 +8,9 @@ Layout (the contract in ARCHITECTURE.md "Output store"):
 - ``pair`` (coordinate: the PHI-free pair_id), ``patient``, ``split``, ``days_apart``: written from the plan
   when the store is created.
 - ``status``, clip bounds, ``mr_affine``/``ct_affine`` and one float32 variable per ``QA_KEYS``: written only by
-  the driver in :func:`finalize_store`, from the completion markers.
+  the driver in :func:`finalize_store`, from the completion markers, with the root attribute ``content_digest``
+  (sha256 of every finalized pair's index, status and array checksums: it changes exactly when what a reader of
+  the ok pairs sees changes; the loader's local cache is keyed by it).
 
 Completion: a pair is complete once its marker ``<store>/_pairs/<index>.json`` exists. The marker is written
 last, holds the store's fingerprint (a marker left by a different store is never trusted), the pair's scalars,
@@ -48,6 +50,9 @@ PAIR_VARS = VOLUME_VARS + ("slice_ok",)  # written by the pair's own task
 CLIP_VARS = ("mr_lo", "mr_hi", "ct_lo", "ct_hi")
 AFFINE_VARS = ("mr_affine", "ct_affine")
 STATUS_PENDING = "pending"
+# Characters the ``status`` variable holds, fixed when the store is created: finalize never has to widen (delete and
+# recreate) the variable under a reader's feet. Longer failure reasons are cut to fit, in the markers too.
+STATUS_WIDTH = 256
 ZSTD_LEVEL = 5
 # Volumes: lz4hc inside blosc with byte shuffle. Random slice reads for training are bound by decompression:
 # measured on normalized 1 mm volumes (benchmarks/bench_loader.py), lz4hc level 3 decodes a slice ~2.7x faster
@@ -160,12 +165,12 @@ def _percentiles_attr(config) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- create
-def _string_dtype(values: Sequence[str]) -> np.dtype:
-    """Fixed-width unicode wide enough for every value (at least one character)."""
-    return np.dtype(f"<U{max([len(v) for v in values] + [1])}")
+def _string_dtype(values: Sequence[str], width: int = 1) -> np.dtype:
+    """Fixed-width unicode wide enough for every value (at least ``width`` characters)."""
+    return np.dtype(f"<U{max([len(v) for v in values] + [width])}")
 
 
-def _write_strings(g, name: str, values: Sequence[str]) -> None:
+def _write_strings(g, name: str, values: Sequence[str], width: int = 1) -> None:
     """(Re)create the per-pair string variable ``name`` as fixed-width unicode holding ``values``.
 
     Zarr v3 ``fixed_length_utf32`` (numpy ``<U``): xarray and zarr both read it back as a plain numpy unicode
@@ -174,7 +179,7 @@ def _write_strings(g, name: str, values: Sequence[str]) -> None:
     """
     from zarr.codecs import ZstdCodec
 
-    dtype = _string_dtype(values)
+    dtype = _string_dtype(values, width)
     a = g.create_array(name, shape=(len(values),), dtype=dtype, fill_value="", dimension_names=("pair",),
                        chunks=(max(len(values), 1),), compressors=ZstdCodec(level=ZSTD_LEVEL),
                        attributes={"description": _DESCRIPTIONS.get(name, name)}, overwrite=True)
@@ -290,7 +295,7 @@ def open_or_create_store(url: str | Location, pairs: Sequence[PairSpec], templat
         strings = {"pair": pair_ids, "patient": [p.patient for p in pairs], "split": [p.split for p in pairs],
                    "status": [STATUS_PENDING] * n}
         for name, values in strings.items():
-            _write_strings(g, name, values)
+            _write_strings(g, name, values, STATUS_WIDTH if name == "status" else 1)
         days = arr("days_apart", (n,), ("pair",), "int32", 0, chunks=(c1,))
         if n:
             days[:] = np.array([p.days_apart for p in pairs], dtype=np.int32)
@@ -377,11 +382,16 @@ _DATE = re.compile(r"\b(?:19|20)\d{2}-?(?:0[1-9]|1[0-2])-?(?:0[1-9]|[12]\d|3[01]
 
 
 def clean_status(status: str) -> str:
-    """The status as stored: one line, DICOM UIDs, dates, URLs and paths masked (failure reasons may quote them)."""
+    """The status as stored: one line, DICOM UIDs, dates, URLs and paths masked (failure reasons may quote them),
+    at most :data:`STATUS_WIDTH` characters."""
     from .executor import mask_paths
 
-    text = " ".join(str(status).split())
-    return _DATE.sub("<date>", _UID.sub("<uid>", mask_paths(text)))
+    return _fit(_DATE.sub("<date>", _UID.sub("<uid>", mask_paths(" ".join(str(status).split())))))
+
+
+def _fit(status: str) -> str:
+    """``status`` cut to the ``status`` variable's width."""
+    return status if len(status) <= STATUS_WIDTH else status[:STATUS_WIDTH - 3] + "..."
 
 
 def write_pair(url: str | Location, index: int, result: PairResult, storage_options: dict | None = None) -> dict:
@@ -513,7 +523,8 @@ def finalize_store(url: str | Location, storage_options: dict | None = None) -> 
     attrs = _root_attrs(store)
     n = int(attrs["n_pairs"])
     markers = completed_pairs(store)
-    status = np.array([markers[i]["status"] if i in markers else STATUS_PENDING for i in range(n)], dtype=object)
+    status = np.array([_fit(markers[i]["status"]) if i in markers else STATUS_PENDING for i in range(n)],
+                      dtype=object)
     scal = {k: np.full(n, np.nan, np.float32) for k in CLIP_VARS + tuple(QA_KEYS)}
     aff = {k: np.full((n, 4, 4), np.nan, np.float64) for k in AFFINE_VARS}
     for i, m in markers.items():
@@ -524,12 +535,16 @@ def finalize_store(url: str | Location, storage_options: dict | None = None) -> 
         for k in AFFINE_VARS:
             aff[k][i] = np.array([[_from_json_float(v) for v in row] for row in m[k]], np.float64)
     counts = Counter("ok" if s == "ok" else ("pending" if s == STATUS_PENDING else "failed") for s in status)
+    content = hashlib.sha256(json.dumps([[i, markers[i].get("status"), markers[i].get("checksum")]
+                                         for i in sorted(markers)], sort_keys=True).encode()).hexdigest()
     with _quiet():
         g = zarr.open_group(zarr_store(store), mode="r+", use_consolidated=False)
         if n:
             old = g["status"]
             if old.dtype.kind == "U" and old.dtype.itemsize < _string_dtype(status).itemsize:
-                _write_strings(g, "status", list(status))  # a longer failure reason than the variable holds
+                # a store created before STATUS_WIDTH, narrower than a failure reason: widened once, for good
+                _write_strings(g, "status", list(status), STATUS_WIDTH)
+                zarr.consolidate_metadata(g.store)
             else:  # wide enough, or a store written before fixed-width strings (variable-length `string`)
                 old[:] = status
             for k, v in scal.items():
@@ -537,7 +552,7 @@ def finalize_store(url: str | Location, storage_options: dict | None = None) -> 
             for k, v in aff.items():
                 g[k][:] = v
         g.update_attributes({"pairs_ok": counts["ok"], "pairs_failed": counts["failed"],
-                             "pairs_pending": counts["pending"]})
+                             "pairs_pending": counts["pending"], "content_digest": content})
         zarr.consolidate_metadata(g.store)
     log.info("finalized %s: %d ok, %d failed, %d pending", store.url, counts["ok"], counts["failed"], counts["pending"])
 
@@ -610,7 +625,7 @@ def verify_store(url: str | Location, storage_options: dict | None = None) -> Ve
             continue
         if status[i] == STATUS_PENDING:
             unfinalized += 1
-        elif status[i] != m.get("status"):
+        elif status[i] != _fit(str(m.get("status"))):
             report.torn.append((i, f"status variable {status[i]!r} disagrees with the marker {m.get('status')!r}"))
             continue
         if m.get("status") != "ok":

@@ -156,13 +156,19 @@ def test_pickles_without_its_handle(built):
     assert all(np.array_equal(a, b) for a, b in zip(clone[0], first))
 
 
-def test_corrupt_shard_index_is_an_error_not_garbage(tmp_path):
+def three_pairs(tmp_path) -> str:
+    """A finished local store of three ok pairs."""
     url = str(tmp_path / "s.zarr")
     pairs = pairs_for(3)
     store.open_or_create_store(url, pairs, tiny_template(), Config())
     for p in pairs:
         store.write_pair(url, p.index, tagged_result(p))
     store.finalize_store(url)
+    return url
+
+
+def test_corrupt_shard_index_is_an_error_not_garbage(tmp_path):
+    url = three_pairs(tmp_path)
     shard = os.path.join(url, "mr", "c", "0", "0", "0", "0")
     with open(shard, "r+b") as fh:  # flip bits inside the shard index (before its crc32c)
         fh.seek(-12, os.SEEK_END)
@@ -362,6 +368,77 @@ def test_shard_cache_serves_later_epochs_without_requests(on_s3, s3, tmp_path):
         assert mr.tobytes() == results[p].mr.tobytes() and ct.tobytes() == results[p].ct.tobytes()
         assert np.array_equal(valid, results[p].valid)
     assert not [f for f in cache.rglob("*") if f.name.endswith(".part")]
+
+
+def test_a_redone_pair_is_never_served_from_an_old_cache(on_s3, s3, tmp_path):
+    """A pair rewritten with other bytes and finalized again changes the store's content_digest, so a dataset
+    opened afterwards with the same cache_dir reads the new bytes, never the copies the old content left."""
+    url, pairs, results = on_s3
+    cache = str(tmp_path / "cache")
+    before = VolumePairs(url, split=None, storage_options=s3.storage_options, cache_dir=cache)
+    p = int(before.pair_indices[0])
+    assert before[0][0].tobytes() == results[p].mr.tobytes()  # now cached
+    redone = tagged_result(pairs[p], seed=99)
+    store.write_pair(url, p, redone, s3.storage_options)
+    store.finalize_store(url, s3.storage_options)
+    after = VolumePairs(url, split=None, storage_options=s3.storage_options, cache_dir=cache)
+    mr, ct, valid = after[0]
+    assert mr.tobytes() == redone.mr.tobytes() and ct.tobytes() == redone.ct.tobytes()
+    assert mr.tobytes() != results[p].mr.tobytes()
+
+
+def test_a_damaged_or_deleted_cached_copy_is_downloaded_again(on_s3, s3, tmp_path):
+    url, pairs, results = on_s3
+    cache = tmp_path / "cache"
+    first = SlicePairs(url, split=None, storage_options=s3.storage_options, cache_dir=str(cache))
+    want = [[a.tobytes() for a in sample] for sample in first.__getitems__(list(range(len(first))))]
+    first.close()
+    copies = sorted(f for f in cache.rglob("*") if f.is_file())
+    assert copies
+    copies[0].write_bytes(b"")  # what a node crash can leave
+    copies[1].write_bytes(copies[1].read_bytes()[:-7])  # cut
+    shutil.rmtree(copies[2].parent)  # deleted to free space
+    again = SlicePairs(url, split=None, storage_options=s3.storage_options, cache_dir=str(cache))
+    got = [[a.tobytes() for a in sample] for sample in again.__getitems__(list(range(len(again))))]
+    assert got == want
+
+
+def test_a_missing_shard_of_an_ok_pair_is_an_error_not_fill_values(tmp_path):
+    url = three_pairs(tmp_path)
+    os.remove(os.path.join(url, "ct", "c", "0", "0", "0", "0"))
+    with pytest.raises(OSError, match="shard of pair 0 is missing"):
+        SlicePairs(url, split="train")[0]
+    with pytest.raises(OSError, match="shard of pair 0 is missing"):
+        VolumePairs(url, split="train")[0]
+
+
+def test_datasets_let_go_of_their_files(built):
+    """Open shard files close when a dataset is dropped, not only when the process ends (a validation dataset
+    built every epoch must not run the process out of file descriptors)."""
+    import gc
+
+    url, _, _ = built
+    fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    start = fds()
+    for _ in range(5):
+        sp = SlicePairs(url, split=None)
+        sp.__getitems__(list(range(len(sp))))
+        assert fds() > start
+        del sp
+        gc.collect()
+    assert fds() <= start
+
+
+def test_indices_are_integers_and_seeds_not_negative(built):
+    url, _, _ = built
+    sp = SlicePairs(url, split=None)
+    assert [a.tobytes() for a in sp[np.int64(1)]] == [a.tobytes() for a in sp[1]]
+    with pytest.raises(TypeError):
+        sp[1.5]
+    with pytest.raises(ValueError, match="seed"):
+        VolumePatches(url, split=None, patch_size=(2, 2, 2), seed=-1)
+    vp = VolumePatches(url, split=None, patch_size=(2, 2, 2))
+    assert vp.locate(-1) == vp.locate(len(vp) - 1)
 
 
 # --------------------------------------------------------------------------------------------- 3D patches
