@@ -581,3 +581,23 @@ def test_cli_inspect_and_verify(tmp_path):
     open(shard, "wb").write(bytes(data))
     res = CliRunner().invoke(main, ["verify", url])
     assert res.exit_code == 1 and "torn pair 0" in res.output
+
+
+def test_status_is_wide_from_the_start_and_long_reasons_are_cut_to_fit(tmp_path):
+    """finalize never deletes and recreates ``status`` (a reader opening the store meanwhile would fail): it is
+    created STATUS_WIDTH characters wide, and a longer reason is cut, in the marker too, so verify agrees."""
+    import xarray as xr
+
+    url = str(tmp_path / "out.zarr")
+    pairs = make_pairs(2)
+    store.open_or_create_store(url, pairs, small_template(), Config())
+    meta = os.path.join(url, "status", "zarr.json")
+    created = open(meta).read()
+    long = "failed: MR: " + "the registration went wrong in a very long way " * 20
+    store.write_pair(url, 0, PairResult(pair_id=pairs[0].pair_id, status=long))
+    store.finalize_store(url)
+    assert open(meta).read() == created  # the same variable, not a wider one
+    status = str(xr.open_zarr(url)["status"].values[0])
+    assert len(status) == store.STATUS_WIDTH and status.endswith("...") and long.startswith(status[:-3])
+    report = store.verify_store(url)
+    assert report.torn == [] and report.checked == 1, report.describe()
