@@ -24,8 +24,10 @@ class PlanConfig:
     # MR: what counts as T1-weighted, as SeriesDescription/SequenceName regexes (case-insensitive; sequence tags
     # count too). With several, an earlier one ranks first, after contrast (see mrict_dask/selection.py).
     mr_prefer: tuple[str, ...] = (r"t1|mp-?rage|spgr|bravo|tfe|flash|fl3d|vibe|tfl",)
-    mr_reject: tuple[str, ...] = (r"(?<![a-z])(loc|scout|survey|localizer|dwi|adc|perfusion|dti|swi)(?![a-z])",)
-    ct_reject: tuple[str, ...] = (r"scout|topo|localizer|dose|mip",)
+    mr_reject: tuple[str, ...] = (r"(?<![a-z])(loc|scout|survey|localizer|dwi|adc|perfusion|dti|swi|calibration|"
+                                  r"asset|prescan|sense[\s_-]?ref\w*|coil[\s_-]?survey)(?![a-z])",)
+    ct_reject: tuple[str, ...] = (r"(?<![a-z])(scout|topo|topogram|localizer|mip|"
+                                  r"dose[\s_-]?(report|info\w*))(?![a-z])",)
     gap_tolerance: float = 0.2  # relative deviation of slice spacing from its median that counts as a gap
     allow_gantry_tilt: bool = True  # tilted CT is resampled onto an orthogonal grid
 
@@ -230,15 +232,23 @@ def load_config(url: str | None = None, overrides: dict[str, Any] | None = None,
     if url:
         import fsspec
 
+        from .io import Location
+
+        Location.of(url, storage_options)  # an unknown URL scheme: one line naming it
         try:
             with fsspec.open(url, "rt", **(storage_options or {})) as fh:
                 text = fh.read()
         except FileNotFoundError as exc:
             raise ConfigError(f"config file not found: {url}") from exc
+        except (OSError, ValueError, UnicodeDecodeError) as exc:  # a folder, an unknown protocol, binary bytes
+            raise ConfigError(f"cannot read config {url} ({type(exc).__name__})") from None
         try:
             data = _parse_text(text, url)
         except Exception as exc:  # parse errors of three formats
             raise ConfigError(f"cannot parse config {url}: {' '.join(str(exc).split())[:300]}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {url} must hold a mapping of sections (run, plan, ...), "
+                              f"not a {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -246,5 +256,7 @@ def load_config(url: str | None = None, overrides: dict[str, Any] | None = None,
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config section '{p}' must be a mapping, not a {type(node).__name__}")
         node[leaf] = value
     return config_from_dict(data)

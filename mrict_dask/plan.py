@@ -292,6 +292,8 @@ def _plan_patient(plan: Plan, pid: str, pseud: str, stacks: list[Stack], cfg: Pl
         plan.series.extend(_entries(pseud, candidates))
         return pairs
 
+    if not pid.strip():  # files of unknown people are never paired with each other
+        return finish(exclude("no PatientID: the images cannot be attributed to one patient"))
     if not sessions["MR"]:
         return finish(exclude("no MR study"))
     if not sessions["CT"]:

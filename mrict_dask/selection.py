@@ -38,27 +38,44 @@ HEAD_EXTENT_MM = (130.0, 160.0, 100.0)
 """Extent (left-right, anterior-posterior, inferior-superior) a volume must span to count as covering the whole
 head; less is ranked after whole-head volumes (the brain is about 140 x 170 x 110 mm)."""
 
-T1_MAX_TR_MS, T1_MAX_TE_MS = 800.0, 30.0
-"""Spin-echo/gradient-echo T1 weighting from sequence tags: short TR and short TE."""
+T1_MAX_TR_MS, T1_MAX_TE_MS, T1_MAX_GRE_TE_MS = 800.0, 30.0, 10.0
+"""T1 weighting from sequence tags: short TR and short TE; a gradient echo's TE must be shorter still (T2*-weighted
+and susceptibility gradient echoes have TEs of 15-40 ms, T1 spoiled gradient echoes 2-6 ms)."""
+
+MR_MAX_VOXEL_MM = (2.0, 8.0)
+"""Coarsest in-plane pixel and slice spacing of a structural T1 candidate: calibration, coil-sensitivity and
+survey scans (e.g. 8 x 8 x 10 mm) are short-TR gradient echoes that would otherwise pass as T1."""
 
 T1_IR_TI_MS = (300.0, 1300.0)
 """Inversion-prepared gradient echo (MPRAGE/BRAVO-like) T1: inversion time in this range with a short TE."""
 
-OTHER_WEIGHTING = re.compile(r"t2|flair|\bpd\b|proton|dwi|diff|adc|swi|perf|stir|dti|tof|angio|mra", re.I)
+OTHER_WEIGHTING = re.compile(r"t2|flair|\bpd\b|proton|dwi|diff|adc|swi|swan|perf|stir|dti|tof|angio|mra|"
+                             r"fiesta|ciss|true.?fisp|\bdrive\b|\bmerge\b|\bmedic\b|\bhemo|suscept", re.I)
 """A description naming another weighting: neither its tags nor its sequence name make such a series a T1 (a
-time-of-flight angiography is a fast 3D gradient echo, "fl3d", with a short TR and TE), unless it says T1."""
+time-of-flight angiography is a fast 3D gradient echo, "fl3d", with a short TR and TE; steady-state free
+precession (FIESTA, CISS, TrueFISP, DRIVE) and T2*/susceptibility echoes (SWAN, MERGE, MEDIC) are short-TR
+gradient echoes too), unless it says T1."""
 
-POST_CONTRAST = re.compile(r"(?<![a-z])(post(?![a-z0-9])|gd(?![a-z])|gad|gado|\+c(?![a-z])|c\+|contrast|"
-                           r"enhanced)", re.I)
+POST_CONTRAST = re.compile(r"(?<![a-z])(post(?![a-z0-9])(?![\s_-]*(?:op|operative|surg\w*|fossa)(?![a-z]))|"
+                           r"gd(?![a-z])|gad|gado|\+c(?![a-z])|c\+|contrast|enhanced|ce(?![a-z])|t1c(?![a-z])|"
+                           r"km(?![a-z])|kontrast)", re.I)
 PRE_CONTRAST = re.compile(r"(?<![a-z])(pre(?![a-z0-9])|wo(?![a-z])|w/o|without|non[\s_-]?(contrast|con|enh)|"
                           r"noncon|unenhanced|native)", re.I)
-"""Descriptions saying post-contrast (and not pre-contrast: "T1 pre contrast" names both words)."""
+"""Descriptions saying post-contrast (and not pre-contrast: "T1 pre contrast" names both words). "Post" before
+"op", "operative" or "fossa" is not about contrast."""
+
+NO_AGENT = re.compile(r"^\s*(none|no|n|nil|null|0|-+|n/?a|no\s+contrast|without\b.*|not\s+given)\s*$", re.I)
+"""ContrastBolusAgent values that say no agent was given."""
 
 DIFFUSION_WORDS = re.compile(r"(?<![a-z])(dwi|dti|diff\w*|adc|trace|tensor|ep2d_diff)", re.I)
 DYNAMIC_WORDS = re.compile(r"(?<![a-z])(perf\w*|dsc|dce|pwi|bold|fmri|asl|pcasl|dynamic|dyn)(?![a-z])", re.I)
 
-BONE_KERNEL = re.compile(r"bone|sharp|lung|edge|detail|^[bhj]r?[6-9]\d", re.I)
-"""Reconstruction kernels that are sharp/bone (GE BONE/BONEPLUS/LUNG/EDGE/DETAIL, Siemens B/H/J 60 and up)."""
+BONE_KERNEL = re.compile(r"bone|sharp|lung|edge|detail|^[bhjqu]r?[6-9]\d|^fc(3\d|5\d|8\d)|^(d|e|l|y[c-e])$", re.I)
+"""Reconstruction kernels that are sharp/bone: GE BONE/BONEPLUS/LUNG/EDGE/DETAIL; Siemens B/H/J/Q/U (and Br/Hr/
+Ur...) 60 and up; Canon/Toshiba FC30-FC39, FC50-FC59 and FC80-FC89; Philips D, E, L and YC-YE."""
+
+BONE_DESCRIPTION = re.compile(r"(?<![a-z])(bone|osteo|lung)", re.I)
+"""A CT series description naming a bone or lung reconstruction (for kernels this list does not know)."""
 
 HEAD_BODY_PART = re.compile(r"head|brain|skull|neuro|cran|cerebr", re.I)
 
@@ -127,9 +144,9 @@ def _kind_of_4d(stack: Stack) -> str | None:
         return f"{what} series ({split.count} volumes told apart by {split.by})"
     desc = " ".join(x for x in (stack.info.get("description"), stack.info.get("sequence_name")) if x)
     if DIFFUSION_WORDS.search(desc):
-        return f"diffusion-weighted series (description '{stack.info.get('description', '')}')"
+        return "diffusion-weighted series (by its description or sequence name)"
     if DYNAMIC_WORDS.search(desc):
-        return f"dynamic series (perfusion, DCE or fMRI; description '{stack.info.get('description', '')}')"
+        return "dynamic series (perfusion, DCE or fMRI; by its description or sequence name)"
     return None
 
 
@@ -140,7 +157,9 @@ def _t1_evidence(info: dict) -> tuple[str, str]:
     seq = (info.get("scanning_sequence") or "").upper()
     tags = ""
     if not OTHER_WEIGHTING.search(desc):
-        short_tr_te = tr is not None and te is not None and tr < T1_MAX_TR_MS and te < T1_MAX_TE_MS
+        gradient_echo = "GR" in seq.split("\\") or "GR" in seq
+        short_tr_te = tr is not None and te is not None and tr < T1_MAX_TR_MS and \
+            te < (T1_MAX_GRE_TE_MS if gradient_echo else T1_MAX_TE_MS)
         ir_gradient_echo = (ti is not None and T1_IR_TI_MS[0] <= ti <= T1_IR_TI_MS[1] and te is not None and te < 10
                             and ("GR" in seq or not seq))
         if short_tr_te:
@@ -151,12 +170,17 @@ def _t1_evidence(info: dict) -> tuple[str, str]:
 
 
 def contrast_evidence(info: dict) -> tuple[bool, str]:
-    """(post-contrast?, the evidence): ContrastBolusAgent first, then the description."""
+    """(post-contrast?, the evidence): ContrastBolusAgent first, unless the description says pre-contrast (some
+    sites fill the agent in on every series of the exam), then the description."""
     agent = (info.get("contrast_agent") or "").strip()
-    if agent:
-        return True, f"post-contrast (ContrastBolusAgent '{agent}')"
     desc = info.get("description") or ""
-    if POST_CONTRAST.search(desc) and not PRE_CONTRAST.search(desc):
+    pre = bool(PRE_CONTRAST.search(desc))
+    if agent and not NO_AGENT.match(agent):
+        # the agent's free text is not quoted: evidence reaches the report, and sites type anything there
+        if pre and not POST_CONTRAST.search(desc):
+            return False, "pre-contrast by its description, although ContrastBolusAgent is set"
+        return True, "post-contrast (ContrastBolusAgent set)"
+    if POST_CONTRAST.search(desc) and not pre:
         return True, "post-contrast (its description)"
     return False, "no contrast agent (tags and description)"
 
@@ -175,6 +199,11 @@ def evaluate_mr(stack: Stack, cfg: PlanConfig) -> Candidate:
     cov = coverage_problem(stack)
     if cov:
         return Candidate(stack, "MR", False, cov)
+    sp = stack.geometry.spacing
+    if max(sp[0], sp[1]) > MR_MAX_VOXEL_MM[0] or sp[2] > MR_MAX_VOXEL_MM[1]:
+        return Candidate(stack, "MR", False, f"voxel too coarse for a structural T1 ({_voxel(stack)[2]} mm; at most "
+                                             f"{MR_MAX_VOXEL_MM[0]:g} mm in-plane and {MR_MAX_VOXEL_MM[1]:g} mm "
+                                             "between slices): a calibration or survey scan")
     text, tags = _t1_evidence(info)
     prefer = _as_patterns(cfg.mr_prefer)
     cls = next((i for i, pat in enumerate(prefer) if re.search(pat, text, re.I)), None)
@@ -200,8 +229,9 @@ def evaluate_mr(stack: Stack, cfg: PlanConfig) -> Candidate:
                 "3D acquisition" if three_d else "2D acquisition", f"voxel {shown} mm, {orientation(stack)}"]
     if stack.split is not None:
         evidence.append(f"volume {stack.split.label} of {stack.split.count}")
-    rank = (int(not post), cls, int(not whole), int(derived), int(not three_d), round(worst, 1), round(volume, 2),
-            -stack.n_files, info.get("series_number") or 0, stack.key)
+    # a T1 known only from its TR/TE ranks after one that says so in its description
+    rank = (int(not post), cls, int(by_desc is None), int(not whole), int(derived), int(not three_d), round(worst, 1),
+            round(volume, 2), -stack.n_files, info.get("series_number") or 0, stack.key)
     return Candidate(stack, "MR", True, evidence=evidence, rank=rank)
 
 
@@ -217,13 +247,16 @@ def evaluate_ct(stack: Stack, cfg: PlanConfig) -> Candidate:
     if cov:
         return Candidate(stack, "CT", False, cov)
     kernel = (info.get("convolution_kernel") or "").replace("\\", " ").strip()
-    bone = bool(BONE_KERNEL.search(kernel))
+    bone_kernel = bool(BONE_KERNEL.search(kernel))
+    bone_desc = not bone_kernel and bool(BONE_DESCRIPTION.search(info.get("description") or ""))
+    bone = bone_kernel or bone_desc
     body = info.get("body_part") or ""
     not_head = bool(body) and not HEAD_BODY_PART.search(body)
     derived = _derived(info)
     worst, _, shown = _voxel(stack)
     evidence = ["reformat (DERIVED)" if derived else "original reconstruction",
-                (f"bone/sharp kernel '{kernel}'" if bone else
+                (f"bone/sharp kernel '{kernel}'" if bone_kernel else
+                 f"bone/lung reconstruction by its description (kernel '{kernel or 'not given'}')" if bone_desc else
                  f"soft-tissue kernel '{kernel}'" if kernel else "kernel not given (taken as soft tissue)")]
     if not_head:
         evidence.append(f"body part '{body}'")

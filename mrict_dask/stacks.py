@@ -62,6 +62,9 @@ MAP_TOKENS = {"ADC", "EADC", "FA", "TRACE", "TRACEW", "TENSOR", "CBF", "CBV", "M
               "T2 MAP", "T1MAP", "T2MAP", "T2_STAR_MAP", "R2_STAR", "R2STAR", "MOSAIC", "FUSED", "COLOR", "COLOUR"}
 """ImageType values of derived images that are not a tissue volume: projections, subtractions, parameter maps,
 fused or colour images, mosaics. Other derived images (reformats, MPRs) are volumes, ranked after originals."""
+NOT_MAGNITUDE_TOKENS = {"P", "PHASE", "R", "REAL", "I", "IMAGINARY", "F", "FAT", "FAT_ONLY"}
+"""ImageType values of MR images that hold phase, real or imaginary parts, or the fat-only image of a Dixon
+series: not the tissue magnitude a T1 volume needs (the water, in-phase and magnitude images are)."""
 
 
 @dataclass(frozen=True)
@@ -118,16 +121,16 @@ class Stack:
 
     @property
     def label(self) -> str:
-        return series_label(self.info.get("description"), self.info.get("series_number"))
+        return series_label(self.info.get("series_number"))
 
 
-def series_label(description: Any, number: Any) -> str:
-    desc = text(description) or "(no description)"
+def series_label(number: Any) -> str:
+    """How reasons name a series: by its SeriesNumber only. Reasons reach the store, the report and the logs,
+    and free-text tags (SeriesDescription above all) can hold what a site typed in: names, record numbers,
+    dates. The private plan keeps each series' description."""
     if is_missing(number) or text(number) == "":
-        num = "?"
-    else:
-        num = str(int(float(number))) if is_number(number) else text(number)
-    return f"series '{desc}' #{num}"
+        return "series #?"
+    return f"series #{int(float(number)) if is_number(number) else text(number)}"
 
 def _image_type_tokens(v: Any) -> list[str]:
     if v is None or is_missing(v):
@@ -160,13 +163,15 @@ def non_volume_reason(image_type: Any, sop_class_uid: Any, rows: Any = None, pho
     if SCOUT_TOKENS & set(tokens):
         return f"localizer/scout (ImageType {shown})"
     if SCOUT_WORDS.search(text(description)):
-        return f"localizer/scout (series description '{text(description)}')"
+        return "localizer/scout (by its series description)"
     if PROJECTION_TOKENS & set(tokens):
         return f"projection image (MIP or rendering; ImageType {shown}), not a volume of tissue values"
     if SUBTRACTION_TOKENS & set(tokens):
         return f"subtraction image (ImageType {shown})"
     if MAP_TOKENS & set(tokens):
         return f"derived map or fused image (ImageType {shown})"
+    if NOT_MAGNITUDE_TOKENS & set(tokens[2:]):  # values 1-2 are ORIGINAL/DERIVED and PRIMARY/SECONDARY
+        return f"phase, real, imaginary or fat-only image (ImageType {shown}), not a magnitude image"
     return None
 
 
@@ -454,7 +459,11 @@ def _volume_keys(c: Columns, rows: np.ndarray) -> list[tuple[str, str, np.ndarra
     b = c.num["diffusion_b_value"][rows]
     d = c.diffusion_direction[rows]
     keys: list[tuple[str, str, np.ndarray]] = []
-    if np.isfinite(b).any():
+    # some vendors write b = 0 on every MR image: only b-values that differ, or a b > 0, or a gradient direction
+    # make a diffusion series
+    known = np.isfinite(b)
+    if known.any() and (len(np.unique(b[known])) > 1 or (b[known] > 0).any()
+                        or np.any(np.nan_to_num(d[known]) != 0)):
         diff = np.array([f"b={bv:g}" + ("" if not np.isfinite(dv).all() or bv == 0 or not np.any(dv) else
                                           f" direction ({dv[0]:.2f}, {dv[1]:.2f}, {dv[2]:.2f})")
                          if np.isfinite(bv) else "b unknown" for bv, dv in zip(b, d)], dtype=object)
@@ -502,7 +511,7 @@ def _occurrence(c: Columns, rows: np.ndarray) -> np.ndarray | None:
         turn[j] = k % n
     first = [min(float(times[j]) for j in np.flatnonzero(turn == k)) for k in range(n)]
     last = [max(float(times[j]) for j in np.flatnonzero(turn == k)) for k in range(n)]
-    if any(last[k] > first[k + 1] for k in range(n - 1)):
+    if any(last[k] >= first[k + 1] for k in range(n - 1)):  # shared times order nothing
         return None
     return np.array([f"{k:06d}" for k in turn], dtype=object)
 

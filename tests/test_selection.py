@@ -103,7 +103,7 @@ def test_contrast_from_the_tag_when_the_description_says_nothing_and_lookalike_w
     plan = make_plan(cat, Config(), KEY)
     mr = [s for s in plan.series if s["modality"] == "MR"]
     best = next(s for s in mr if s["decision"] == "chosen")
-    assert best["series_number"] == 7 and "post-contrast (ContrastBolusAgent 'Gadavist')" in best["evidence"]
+    assert best["series_number"] == 7 and "post-contrast (ContrastBolusAgent set)" in best["evidence"]
     for s in mr:
         if s["series_number"] != 7:
             assert "no contrast agent (tags and description)" in s["evidence"], s
@@ -313,3 +313,96 @@ def test_volume_file_names_stay_unique_when_labels_share_a_long_prefix():
     label = "b=1000 direction (0.71, 0.71, 0.00) (AcquisitionNumber {})"
     names = {Split(0, i, 3, "diffusion", "x", label.format(i + 12)).name for i in range(3)}
     assert len(names) == 3 and all(n.startswith(("v001_", "v002_", "v003_")) for n in names)
+
+
+# --------------------------------------------------------------------------------------------- vendor habits
+def test_calibration_and_t2_star_gradient_echoes_are_never_the_t1():
+    """Short-TR gradient echoes that are not structural T1: a coil calibration (8 x 8 x 10 mm), a susceptibility
+    series with contrast agent set (GE sets it on every series after injection), a steady-state sequence."""
+    st = uid()
+    cat = catalog(
+        series_rows("A", st, "20200101", "MR", "SenseRefScan", step=10.0, n=25, number=1, ps=(8.0, 8.0), rows=64,
+                    cols=64, tr=4.0, te=0.7, scanning_sequence="GR", mr_acquisition_type="3D"),
+        series_rows("A", st, "20200101", "MR", "Ax SWAN", step=2.0, n=70, number=2, tr=45.0, te=24.0,
+                    scanning_sequence="GR", mr_acquisition_type="3D", contrast="GADAVIST"),
+        series_rows("A", st, "20200101", "MR", "Ax 3D FIESTA-C", step=0.8, n=120, number=3, tr=5.6, te=2.3,
+                    scanning_sequence="GR", mr_acquisition_type="3D"),
+        series_rows("A", st, "20200101", "MR", "AX GRE", step=5.0, n=30, number=4, tr=650.0, te=18.0,
+                    scanning_sequence="GR"),
+        series_rows("A", st, "20200101", "MR", "AX T1 SE +C", step=5.0, n=30, number=5, tr=500.0, te=10.0,
+                    scanning_sequence="SE", contrast="GADAVIST"),
+        series_rows("A", uid(), "20200102", "CT", "HEAD", **HEAD_CT),
+    )
+    plan = make_plan(cat, Config(), KEY)
+    assert chosen(plan, "MR") == ["AX T1 SE +C"]
+    assert "rejected by rule" in entry(plan, "SenseRefScan")["reason"]
+    for desc in ("Ax SWAN", "Ax 3D FIESTA-C", "AX GRE"):
+        assert "not T1-weighted" in entry(plan, desc)["reason"], desc
+    coarse = series_rows("A", st, "20200101", "MR", "3D coarse", step=10.0, n=25, number=6, ps=(8.0, 8.0),
+                         rows=64, cols=64, tr=4.0, te=0.7, scanning_sequence="GR", mr_acquisition_type="3D")
+    plan = make_plan(catalog(coarse, series_rows("A", uid(), "20200102", "CT", "HEAD", **HEAD_CT)), Config(), KEY)
+    assert "voxel too coarse" in entry(plan, "3D coarse")["reason"]
+
+
+def test_b0_on_every_image_does_not_make_a_series_diffusion():
+    """GE and Philips write b = 0 on their MR images: a T1 with two dynamics stays a T1 (split by time)."""
+    rows = four_d("A", uid(), "20200101", "sT1W_3D_TFE", [{"temporal_position": 1, "diffusion_b_value": 0.0},
+                                                           {"temporal_position": 2, "diffusion_b_value": 0.0}],
+                  n=150, step=1.0, mr_acquisition_type="3D", contrast="GD")
+    plan = make_plan(catalog(rows, series_rows("A", uid(), "20200102", "CT", "HEAD", **HEAD_CT)), Config(), KEY)
+    (e,) = [s for s in plan.series if s["modality"] == "MR"]
+    assert e["decision"] == "chosen" and e["volume_kind"] != "diffusion", e
+
+
+def test_a_contrast_agent_saying_none_or_a_pre_description_is_not_post_contrast():
+    st = uid()
+    cat = catalog(
+        series_rows("A", st, "20200101", "MR", "Ax T1 3D FSPGR", step=1.0, n=160, number=3, contrast="NONE",
+                    mr_acquisition_type="3D"),
+        series_rows("A", st, "20200101", "MR", "AX T1 PRE", step=1.0, n=160, number=4, contrast="GADAVIST",
+                    mr_acquisition_type="3D"),
+        series_rows("A", st, "20200101", "MR", "AX T1 SE", step=5.0, n=30, number=5, contrast="GADAVIST"),
+        series_rows("A", st, "20200101", "MR", "T1 AX POST-OP", step=0.9, n=180, number=6,
+                    mr_acquisition_type="3D"),
+        series_rows("A", uid(), "20200102", "CT", "HEAD", **HEAD_CT),
+    )
+    plan = make_plan(cat, Config(), KEY)
+    assert chosen(plan, "MR") == ["AX T1 SE"]
+    for desc in ("Ax T1 3D FSPGR", "AX T1 PRE", "T1 AX POST-OP"):
+        assert not any(ev.startswith("post-contrast") for ev in entry(plan, desc)["evidence"]), desc
+
+
+def test_bone_kernels_of_other_vendors_and_low_dose_head_ct():
+    st = uid()
+    cat = catalog(
+        series_rows("A", uid(), "20200101", "MR", "AX T1 POST GD", step=1.0, n=150, number=2),
+        series_rows("A", st, "20200102", "CT", "Head Bone 0.5", step=0.5, n=300, number=2, kernel="FC30"),
+        series_rows("A", st, "20200102", "CT", "Head Sharp", step=0.6, n=250, number=3, kernel="Hr68"),
+        series_rows("A", st, "20200102", "CT", "Head", step=0.8, n=190, number=4, kernel="YD"),
+        series_rows("A", st, "20200102", "CT", "HEAD LOW DOSE 5mm", step=5.0, n=30, number=5, kernel="FC21"),
+    )
+    plan = make_plan(cat, Config(), KEY)
+    assert chosen(plan, "CT") == ["HEAD LOW DOSE 5mm"]
+    for desc in ("Head Bone 0.5", "Head Sharp", "Head"):
+        assert any(ev.startswith("bone/sharp kernel") for ev in entry(plan, desc)["evidence"]), desc
+
+
+def test_phase_and_fat_images_are_refused_and_a_blank_patient_id_is_never_paired():
+    st = uid()
+    dixon = [series_rows("A", st, "20200101", "MR", "T1W_mDIXON_GD", step=1.0, n=150, number=9, contrast="GD",
+                         series_uid=st + ".9", image_type=rf"ORIGINAL\PRIMARY\{t}\DIXON", folder=f"A{t}")
+             for t in ("F", "W", "P")]
+    for rows, t in zip(dixon, ("F", "W", "P")):
+        for r in rows:
+            r["url"] = r["url"].replace(".dcm", f"-{t}.dcm")
+            r["instance_number"] += 1000 * "FWP".index(t)
+    cat = catalog(*dixon, series_rows("A", uid(), "20200102", "CT", "HEAD", **HEAD_CT),
+                  series_rows("", uid(), "20200101", "MR", "AX T1 POST", step=1.0, n=150, number=2),
+                  series_rows("", uid(), "20200102", "CT", "HEAD", **HEAD_CT))
+    plan = make_plan(cat, Config(), KEY)
+    a = [s for s in plan.series if s["modality"] == "MR" and s["description"] == "T1W_mDIXON_GD"]
+    refused = [s["reason"] for s in a if s["decision"] == "refused"]
+    assert len(refused) == 2 and all("not a magnitude image" in r for r in refused), a
+    assert [s["decision"] for s in a].count("chosen") == 1
+    assert len(plan.pairs) == 1
+    assert any("no PatientID" in e["reason"] for e in plan.exclusions), plan.exclusions
