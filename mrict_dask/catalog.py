@@ -226,6 +226,8 @@ def _cast(col: Any, f: Any):
                 return bool(v)
             if pa.types.is_string(f.type):
                 return str(v)
+            if pa.types.is_list(f.type) and not isinstance(v, (list, tuple)):
+                return None
             return v
         except (TypeError, ValueError):
             return None
@@ -320,9 +322,13 @@ class CatalogFile:
         except Exception as exc:
             self._fail(exc)
         col = table.column(name)
-        if name in _REPEATED_TEXT and not _is_dictionary(col):
-            col = col.dictionary_encode()
-        return schema_column(name, col, self.num_rows)
+        try:
+            if name in _REPEATED_TEXT and not _is_dictionary(col):
+                col = col.dictionary_encode()
+            return schema_column(name, col, self.num_rows)
+        except Exception:  # a column of a type the catalog never has (the message would quote its values)
+            raise InputError(f"{self.where.url}: column {name} has type {col.type}, not a scan catalog's "
+                             f"{catalog_schema().field(name).type}") from None
 
     def table(self, columns: tuple[str, ...] | None = None):
         import pyarrow as pa

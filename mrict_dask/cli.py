@@ -67,11 +67,15 @@ class _Group(click.Group):
             sys.exit(2)
         except Exception as err:
             # storage unreachable after the client's own retries: the user needs the reason, not a traceback
-            if not (isinstance(err, (ConnectionError, TimeoutError))
+            if not (isinstance(err, (ConnectionError, TimeoutError, OSError))
                     or type(err).__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp")):
                 raise
-            reason = str(err).splitlines()[0][:300] if str(err) else ""
-            click.secho(f"error: storage not reachable: {type(err).__name__}: {reason}", fg="red", err=True)
+            from .executor import mask_paths
+
+            # s3fs turns 5xx answers that outlast its retries into OSError(EIO/EBUSY)
+            reason = mask_paths(str(err).splitlines()[0][:300]) if str(err) else ""
+            click.secho(f"error: storage not reachable or failing: {type(err).__name__}: {reason}", fg="red",
+                        err=True)
             sys.exit(2)
 
 

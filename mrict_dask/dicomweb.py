@@ -86,13 +86,15 @@ class DicomwebError(OSError):
 # ------------------------------------------------------------------------------------------------ URLs
 def split_url(url: str) -> tuple[str, str]:
     """(``http(s)://host/root``, the path below the root: '' or ``/studies/...``) of a ``dicomweb+`` URL."""
+    from .io import has_credentials
+
+    if has_credentials(url):  # the URL itself is not repeated: it holds the secret
+        raise InputError(f"credentials do not belong in the URL (it is logged and kept in the catalog); set "
+                         f"{USER_ENV} and {PASSWORD_ENV}, or {TOKEN_ENV}")
     m = _URL.match(url.strip())
     if not m:
         raise InputError(f"{_safe(url)}: not a DICOMweb URL; write dicomweb+https://HOST[:PORT]/ROOT")
     scheme, host, path = m.group(1), m.group(2), (m.group(3) or "").rstrip("/")
-    if "@" in host:
-        raise InputError(f"{_safe(url)}: credentials do not belong in the URL (it is logged and kept in the "
-                         f"catalog); set {USER_ENV} and {PASSWORD_ENV}, or {TOKEN_ENV}")
     below = ""
     k = path.find("/studies/")
     if k >= 0 or path.endswith("/studies"):
@@ -102,8 +104,8 @@ def split_url(url: str) -> tuple[str, str]:
 
 
 def _safe(url: str) -> str:
-    """``url`` without any user:password@ part (for messages)."""
-    return re.sub(r"//[^/@]*@", "//***@", url)
+    """``url`` without any user:password@ part or query (an access token) (for messages)."""
+    return re.sub(r"//[^/@]*@", "//***@", url.split("?", 1)[0].split("#", 1)[0])
 
 
 def _uids(url: str) -> tuple[str, str, str | None]:
@@ -120,7 +122,9 @@ _clients_lock = threading.Lock()
 
 
 def _credentials() -> tuple[str | None, ...]:
-    return tuple(os.environ.get(k) for k in (USER_ENV, PASSWORD_ENV, TOKEN_ENV))
+    # a value read from a file or a Secret often ends in a newline, which no HTTP header may hold
+    return tuple((v.strip("\r\n") or None) if (v := os.environ.get(k)) is not None else None
+                 for k in (USER_ENV, PASSWORD_ENV, TOKEN_ENV))
 
 
 def _session(user: str | None, password: str | None, token: str | None) -> Any:
@@ -198,7 +202,7 @@ def call(fn: Callable[[], T], what: str, attempts: int = ATTEMPTS) -> T:
             delay = asked if asked is not None else delay
         except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
             reason = type(exc).__name__
-        except ValueError as exc:  # a body that does not decode (JSON, multipart, DICOM)
+        except (ValueError, requests.RequestException) as exc:  # a body that does not decode, redirect loops, ...
             raise DicomwebError(f"{what}: the DICOMweb service sent an unreadable answer "
                                 f"({type(exc).__name__})") from None
         if attempt == attempts:
@@ -219,7 +223,7 @@ def instance_row(series_url: str, item: dict, k: int = 0) -> dict:
     import pydicom
 
     from .catalog import empty_row
-    from .dicom_header import row_from_dataset, unreadable
+    from .dicom_header import _Quiet, row_from_dataset, unreadable
 
     sop = _first(item, "00080018")
     url = f"{series_url}/instances/{sop}" if sop else f"{series_url}#item{k + 1}"
@@ -227,7 +231,8 @@ def instance_row(series_url: str, item: dict, k: int = 0) -> dict:
         # only the elements the file scan reads: most of the time goes to converting the others
         tags = _wanted_tags()
         wanted = {tag: value for tag, value in item.items() if tag.upper() in tags}
-        ds = pydicom.Dataset.from_json(wanted, bulk_data_uri_handler=lambda tag, vr, uri: None)
+        with _Quiet():  # pydicom's warnings about a malformed value quote the value (a date, a name)
+            ds = pydicom.Dataset.from_json(wanted, bulk_data_uri_handler=lambda tag, vr, uri: None)
         row = row_from_dataset(url, None, ds)
     except Exception as exc:  # a malformed element: the instance keeps its row, with the reason
         row = empty_row(url, 0)

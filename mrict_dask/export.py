@@ -36,6 +36,12 @@ class ExportSummary:
         return "\n".join(lines)
 
 
+def _what(st) -> str:
+    """A stack as the export's summary names it: modality, series number and description (the user's own
+    terminal, like the output file names; the run's public outputs never quote descriptions)."""
+    desc = st.info.get("description") or ""
+    return " ".join(x for x in (st.info.get("modality", ""), st.label, f"'{desc}'" if desc else "") if x)
+
 def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:40] or "series"
 
@@ -115,9 +121,9 @@ def _export_series(uid: str, stacks: list, summary: ExportSummary, source: Sourc
     usable = [s for s in stacks if s.usable]
     for st in stacks:
         if not st.usable:
-            summary.refused.append((f"{st.info.get('modality', '')} {st.label}".strip(), str(st.refused)))
+            summary.refused.append((_what(st), str(st.refused)))
     for i, st in enumerate(usable):
-        what = f"{st.info.get('modality', '')} {st.label}".strip()
+        what = _what(st)
         if st.split is not None:
             what += f" volume {st.split.index + 1} of {st.split.count}: {st.split.label}"
         if st.notes:

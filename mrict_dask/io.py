@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import posixpath
+import re
 import threading
 from functools import cached_property
 from typing import Any
@@ -25,7 +26,14 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
 _TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
                     "ClientPayloadError", "ServerDisconnectedError", "ClientConnectorError", "ClientOSError"}
 _LOCAL_PROTOCOLS = ("file", "local")
-_SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+# Storage option values shown as they are in logs: settings, not secrets. Every other value is shown as '***'
+# (connection strings, headers, passwords under any name, lists of them).
+_SHOWN_OPTIONS = {"endpoint_url", "anon", "region_name", "use_ssl", "requester_pays", "default_block_size",
+                  "default_fill_cache", "default_cache_type", "version_aware", "cache_regions", "max_concurrency",
+                  "skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths", "asynchronous",
+                  "config_kwargs", "client_kwargs", "s3_additional_kwargs", "connect_timeout", "read_timeout",
+                  "retries", "max_pool_connections", "addressing_style", "signature_version", "verify",
+                  "block_size", "project", "account_name", "auto_mkdir", "timeout"}
 
 
 def parse_storage_options(text: str | None) -> dict[str, Any]:
@@ -42,15 +50,20 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
 
 
 def redact(storage_options: dict | None) -> dict:
-    """A copy safe to log: secrets replaced by '***'."""
+    """A copy safe to log: only the values of well-known settings are shown (nested settings too); every other
+    value, whatever its key is called, is '***'."""
     out: dict = {}
     for k, v in (storage_options or {}).items():
-        if isinstance(v, dict):
-            out[k] = redact(v)
-        elif any(w in k.lower() for w in _SECRET_WORDS):
+        if str(k) not in _SHOWN_OPTIONS:
             out[k] = "***"
-        else:
+        elif isinstance(v, dict):
+            out[k] = redact(v)
+        elif isinstance(v, str):
+            out[k] = re.sub(r"//[^/@]*@", "//***@", v)  # user:password@ in an endpoint URL
+        elif isinstance(v, (bool, int, float, type(None))):
             out[k] = v
+        else:
+            out[k] = "***"
     return out
 
 
@@ -113,10 +126,32 @@ def _protocols(url: str) -> list[str]:
     return out
 
 
+def has_credentials(url: str) -> bool:
+    """Does ``url`` carry a user name or password (``scheme://user:password@host/...``)? In an HTTP-based URL any
+    '@' counts (a password may hold a '/', which would end the host part early)."""
+    for part in url.split("::"):
+        scheme, sep, rest = part.partition("://")
+        if not sep:
+            continue
+        if "http" in scheme.lower():
+            if "@" in rest:
+                return True
+        elif "@" in rest.split("/", 1)[0]:
+            return True
+    return False
+
+
+CREDENTIALS_IN_URL = ("a URL holding credentials (user:password@) is refused: URLs are logged and kept in the "
+                      "catalog; give credentials through --storage-options or the environment")
+
+
 def check_protocol(url: str) -> None:
-    """Raise InputError unless every protocol in ``url`` is one fsspec knows (built in or registered)."""
+    """Raise InputError unless every protocol in ``url`` is one fsspec knows (built in or registered), and the URL
+    holds no credentials."""
     from fsspec.registry import known_implementations, registry
 
+    if has_credentials(url):
+        raise InputError(CREDENTIALS_IN_URL)  # the URL itself is not repeated: it holds the secret
     known = set(known_implementations) | set(registry)
     for protocol in _protocols(url):
         if protocol.startswith("dicomweb+"):

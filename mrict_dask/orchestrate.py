@@ -41,11 +41,25 @@ def client_for(scheduler: str | None = None, workers: int | None = None, threads
     from distributed import Client, LocalCluster
 
     if scheduler:
+        from distributed.comm import parse_address
+        from distributed.comm.registry import get_backend
+
         from .errors import InputError
 
         try:
+            scheme = parse_address(scheduler)[0]
+            get_backend(scheme)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"not a Dask scheduler address: {scheduler} ({exc})") from None
+        if scheme in ("tls", "wss"):
+            from distributed.security import Security
+
+            if Security().get_connection_args("client").get("ssl_context") is None:
+                raise InputError(f"{scheduler}: a {scheme}:// scheduler needs the client's TLS settings (Dask config "
+                                 "distributed.comm.tls.*, e.g. DASK_DISTRIBUTED__COMM__TLS__CA_FILE)")
+        try:
             client = Client(scheduler, set_as_default=False, timeout=SCHEDULER_TIMEOUT_S)
-        except (OSError, TimeoutError, ValueError) as exc:
+        except (OSError, TimeoutError, ValueError, TypeError) as exc:  # TypeError: tls:// without a TLS context
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise InputError(f"cannot reach the Dask scheduler at {scheduler} within {SCHEDULER_TIMEOUT_S} s "
                              f"({reason})") from None
@@ -223,6 +237,10 @@ def _reason_class(status: str) -> str:
     return text.split(":")[0].strip()[:120]
 
 
+RETRYABLE_FAILURE = "error after retries: "
+"""How the failure reason of a pair whose task kept failing (not its data: storage, PACS, workers) begins."""
+
+
 def execute_pairs(executor: Executor, pairs: Iterable[PairSpec], total: int, config: Config, source: Source,
                   store: Location, report: Location, progress: bool = False) -> list[dict]:
     """Run the pair task over ``pairs`` (possibly lazy) with ``executor``; every pair ends with a marker."""
@@ -241,7 +259,7 @@ def execute_pairs(executor: Executor, pairs: Iterable[PairSpec], total: int, con
                 # retries exhausted: record the failure in the store so the pair is accounted for
                 log.warning("pair %s failed after retries: %s", pair.pair_id, outcome.error)
                 try:
-                    marker = write_pair(store, pair.index, failed_result(pair, f"error after retries: {outcome.error}"))
+                    marker = write_pair(store, pair.index, failed_result(pair, f"{RETRYABLE_FAILURE}{outcome.error}"))
                 except Exception as exc:
                     log.warning("pair %s: the failure could not be recorded either (%s)", pair.pair_id,
                                 error_reason(exc))
@@ -321,6 +339,9 @@ def run_pipeline(input_url: str | Location | Source, output_url: str | Location,
     log.info("run: input=%s output=%s work=%s storage_options=%s", source.url, store.url, work.url,
              redact(store.storage_options))
 
+    if not work_url and not store.is_local:
+        summary.messages.append(f"the private work area (catalog with identifiers, the pseudonym map) is {work.url}, "
+                                "beside the store: pass --work to keep it where readers of the store have no access")
     key, key_source = resolve_key(pseudonym_key, work)
     if key_source.startswith("random"):
         summary.messages.append(f"pseudonym key: {key_source}; pass --pseudonym-key or set MRICT_PSEUDONYM_KEY "
@@ -386,9 +407,15 @@ def run_pipeline(input_url: str | Location | Source, output_url: str | Location,
             reason = _reason_class(status)
             summary.failed[reason] = summary.failed.get(reason, 0) + 1
     missing = len(pairs) - len(final)
+    retryable = sum(str(m.get("status", "")).startswith(f"failed: {RETRYABLE_FAILURE}") for m in final.values())
     if missing:
         summary.messages.append(f"{missing} pairs have no marker: re-run to finish them")
         summary.exit_code = 1
+    elif retryable:
+        # the data may be fine: storage, the PACS or workers failed; a re-run computes these pairs again
+        summary.messages.append(f"{retryable} pairs failed on errors that outlasted the retries (storage, PACS or "
+                                "workers): re-run to retry them")
+        summary.exit_code = 3
     write_report(report, plan, pairs, final, summary, config, template)
     return summary
 

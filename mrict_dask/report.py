@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 from .io import Location
+from .stacks import series_label
 from .types import QA_KEYS
 
 
@@ -40,8 +41,10 @@ def build_report(plan: Any, pairs: list, markers: dict[int, dict], summary: Any,
             "figure": f"figures/{p.pair_id}.png" if m.get("status") == "ok" else None,
         })
     exclusions = [{"patient": e.get("patient"), "reason": e.get("reason")} for e in plan.exclusions]
-    series = [{k: s.get(k) for k in ("patient", "session", "modality", "description", "decision", "rank", "reason",
-                                     "evidence", "volumes")}
+    # no SeriesDescription: free text a site typed in (names, record numbers, dates) stays in the private plan
+    series = [{**{k: s.get(k) for k in ("patient", "session", "modality", "decision", "rank", "reason", "evidence",
+                                        "volumes")},
+               "series": series_label(s.get("series_number"))}
               for s in getattr(plan, "series", [])]
     file_errors = Counter(str(f.get("reason", f.get("read_error", ""))).split(":")[0]
                           for f in getattr(plan, "files_with_errors", []))
@@ -104,7 +107,7 @@ def _qa_summary(pairs: list[dict]) -> list[list[Any]]:
 def _session_order(s: dict) -> tuple:
     """Patient, then session, then candidates by rank (chosen first), the rest after them."""
     rank = s.get("rank")
-    return (str(s.get("patient")), str(s.get("session") or "~"), rank is None, rank or 0, str(s.get("description")))
+    return (str(s.get("patient")), str(s.get("session") or "~"), rank is None, rank or 0, str(s.get("series")))
 
 
 def render_html(rep: dict[str, Any]) -> dict[str, str]:
@@ -149,7 +152,7 @@ def render_html(rep: dict[str, Any]) -> dict[str, str]:
                       "ranked on the evidence shown (most important first); rank 1 is chosen unless the patient "
                       "has no pair.</p>")
         series.append(_table(["patient", "session", "modality", "series", "volumes", "decision", "rank", "reason"],
-                             [[_fmt(s.get(k)) for k in ("patient", "session", "modality", "description", "volumes",
+                             [[_fmt(s.get(k)) for k in ("patient", "session", "modality", "series", "volumes",
                                                         "decision", "rank", "reason")]
                               for s in sorted(rep["series_decisions"], key=_session_order)]))
     return {"report.html": _page("mrict-dask run report", summary),

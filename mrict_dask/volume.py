@@ -259,10 +259,9 @@ def read_volume(urls: Sequence[str], storage_options: dict | None = None,
         except Exception as exc:
             problems.append(f"file {k + 1} of {len(urls)} is not readable DICOM ({type(exc).__name__})")
     try:
-        label = next((series_label(d.get("SeriesDescription"), d.get("SeriesNumber")) for d in datasets),
-                     "series (unreadable)")
+        label = next((series_label(d.get("SeriesNumber")) for d in datasets), "series (unreadable)")
     except Exception:  # pydicom converts values lazily: a malformed one raises on first access
-        label = "series (malformed description)"
+        label = "series (malformed SeriesNumber)"
     if problems:
         raise VolumeError(f"{label}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     try:
@@ -283,7 +282,7 @@ def _assemble(datasets: list[Any], label: str, cfg: PlanConfig) -> sitk.Image:  
         why = non_volume_reason(d.get("ImageType"), d.get("SOPClassUID"), d.get("Rows"),
                                 d.get("PhotometricInterpretation"), d.get("SeriesDescription"))
         if why:
-            raise VolumeError(f"{label}: instance {d.get('InstanceNumber', '?')} is a {why}")
+            raise VolumeError(f"{label}: instance {d.get('InstanceNumber', '?')} cannot be part of a volume: {why}")
     if len({str(d.get("SeriesInstanceUID", "")) for d in datasets}) > 1:
         raise VolumeError(f"{label}: the files belong to more than one series")
 

@@ -122,6 +122,7 @@ def test_malformed_storage_options(junk, tmp_path, text, needle):
     ("order.yaml", "normalize:\n  mr_percentiles: [99, 1]\n", ("normalize.mr_percentiles",)),
     ("regex.yaml", "plan:\n  mr_reject: ['t1(']\n", ("plan.mr_reject", "regular expression")),
     ("section.yaml", "plan: 3\n", ("plan", "mapping")),
+    ("list.yaml", "- 1\n- 2\n", ("mapping", "list")),
     ("broken.yaml", "plan: [1, 2\n", ("cannot parse", "broken.yaml")),
     ("broken.toml", "[plan\nmax_days = 3\n", ("cannot parse", "broken.toml")),
 ])
@@ -247,6 +248,12 @@ def _sweep_cases(tmp_path, junk) -> list[tuple[list[str], tuple[str, ...]]]:
     """(command line, words the one error line must hold) for bad URLs, schedulers, catalogs and counts."""
     not_parquet = tmp_path / "catalog.parquet"
     not_parquet.write_text("url,series_uid\nnot,parquet\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    mistyped = tmp_path / "mistyped.parquet"  # a column of another type: named, its values not quoted
+    pq.write_table(pa.table({"url": ["a", "b"], "series_uid": ["1", "2"], "image_type": [[7001], [7002]]}),
+                   str(mistyped))
     dead = f"tcp://127.0.0.1:{_free_port()}"
     out = str(tmp_path / "o.zarr")
     cases: list[tuple[list[str], tuple[str, ...]]] = []
@@ -258,8 +265,14 @@ def _sweep_cases(tmp_path, junk) -> list[tuple[list[str], tuple[str, ...]]]:
     cases += [
         (["scan", junk, "--out", str(tmp_path / "c.parquet"), "--scheduler", dead], ("scheduler", dead)),
         (["run", junk, out, "--scheduler", dead], ("scheduler", dead)),
+        (["scan", junk, "--out", str(tmp_path / "c.parquet"), "--scheduler", "foo://host:1"],
+         ("not a Dask scheduler address", "foo://host:1")),
+        (["run", junk, out, "--scheduler", "tls://127.0.0.1:1"], ("tls://", "TLS settings")),
+        (["run", junk, out, "--config", str(tmp_path)], ("cannot read config",)),
+        (["run", junk, out, "--config", "foo://c.yaml"], ("unknown URL scheme", "foo://c.yaml")),
         (["plan", str(not_parquet), "--out", str(tmp_path / "p.json")], ("not a readable Parquet catalog",)),
         (["plan", str(tmp_path), "--out", str(tmp_path / "p.json")], ("folder",)),
+        (["plan", str(mistyped), "--out", str(tmp_path / "p.json")], ("column image_type has type",)),
         (["export-series", junk, "--all", str(tmp_path / "x"), "--catalog", str(not_parquet)], ("Parquet",)),
         (["run", junk, out, "--workers", "0"], ("--workers", "0")),
         (["scan", junk, "--out", str(tmp_path / "c.parquet"), "--workers", "-1"], ("--workers",)),
@@ -281,5 +294,21 @@ def test_every_command_refuses_bad_urls_schedulers_catalogs_and_counts_in_one_li
     for args, needles in _sweep_cases(tmp_path, junk):
         line = clear_error(invoke(*args), *needles)
         seen.add(args[0])
-        assert "foo://" not in line or "unknown URL scheme" in line, line
+        assert "foo://" not in line or "unknown URL scheme" in line or "scheduler" in line, line
     assert seen == {"scan", "run", "export-series", "plan", "inspect", "verify", "synth", "demo"}
+
+
+@pytest.mark.parametrize("url", ["https://reader:Secret-pw7@127.0.0.1:1/dicom/",
+                                 "s3://AKIAKEY:Secret-pw7@bucket/dicom",
+                                 "dicomweb+http://reader:pa/Secret-pw7@127.0.0.1:1/dicom-web",
+                                 "simplecache::https://reader:Secret-pw7@127.0.0.1:1/x"])
+def test_credentials_in_a_url_are_refused_without_being_repeated(url, tmp_path):
+    """URLs are logged and kept in the catalog and plan: one holding a user name and password is refused, and
+    the error line does not repeat it."""
+    out = str(tmp_path / "o.zarr")
+    for args in (["scan", url, "--out", str(tmp_path / "c.parquet")], ["run", url, out],
+                 ["export-series", url, "--all", str(tmp_path / "x")]):
+        line = clear_error(invoke(*args), "credentials")
+        assert "Secret-pw7" not in line, line
+    line = clear_error(invoke("run", str(tmp_path), url.replace("/dicom", "/store.zarr")), "credentials")
+    assert "Secret-pw7" not in line and not os.path.exists(out)

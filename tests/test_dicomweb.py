@@ -359,10 +359,11 @@ def test_server_down_mid_run_fails_the_pair_after_retries_and_a_rerun_completes_
     with CountingProxy(small_orthanc.url, before=stop_at_first_instance, drop_when_down=True) as proxy:
         first = run_pipeline(_through(proxy), out, config=fast_config(), executor="serial", pseudonym_key=KEY)
         assert down["at"] is not None and first.n_pairs == 1 and first.ok == 0
+        assert first.exit_code == 3 and "re-run to retry" in first.describe()  # not a success: a re-run is due
         (status,) = xr.open_zarr(out)["status"].values
         assert status.startswith("failed: error after retries: DicomwebUnavailable"), status
         assert "/studies/" not in status, "no URL (UIDs) in the public store"
         small_orthanc.start()
         second = run_pipeline(_through(proxy), out, config=fast_config(), executor="serial", pseudonym_key=KEY)
-    assert second.ok == 1 and second.processed == 1 and not second.failed
+    assert second.ok == 1 and second.processed == 1 and not second.failed and second.exit_code == 0
     assert list(xr.open_zarr(out)["status"].values) == ["ok"]

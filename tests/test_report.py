@@ -57,3 +57,55 @@ def test_summary_page_does_not_grow_with_pairs_and_details_link_every_figure(tmp
                                [ok_values.min(), np.median(ok_values), ok_values.max()], atol=5e-4)
     back = json.load(open(os.path.join(large, "report.json")))
     assert len(back["pairs"]) == 3000 and len(back["series_decisions"]) == 30_000
+
+
+def test_free_text_a_site_typed_into_descriptions_reaches_no_public_output(tmp_path):
+    """Sites type names, record numbers and dates into SeriesDescription and ContrastBolusAgent. The private plan
+    keeps them; the report (pages and JSON), the reasons it quotes, and the store's status never do."""
+    from mrict_dask import store
+    from mrict_dask.plan import make_plan
+    from mrict_dask.types import PairResult
+    from mrict_dask.volume import VolumeError, read_volume
+
+    from .test_loader import pairs_for
+    from .test_plan import KEY, catalog, series_rows, uid
+    from .test_volume import write_series
+
+    typed = ("DOE^JOHN", "MRN88412", "03.04.2019", "Dr Who")
+    st = uid()
+    cat = catalog(
+        series_rows("A", st, "20200101", "MR", "AX T1 POST DOE^JOHN MRN88412", step=1.0, n=150, number=3,
+                    contrast="10ml given 03.04.2019 by Dr Who"),
+        series_rows("A", st, "20200101", "MR", "AX T2 DOE^JOHN", step=5.0, n=30, number=4, te=100, tr=4000),
+        series_rows("A", st, "20200101", "MR", "scout DOE^JOHN", step=5.0, n=3, number=1),
+        series_rows("B", uid(), "20200101", "MR", "DWI DOE^JOHN MRN88412", step=5.0, n=30, number=5),
+        series_rows("A", uid(), "20200102", "CT", "HEAD DOE^JOHN", step=2.5, n=64, number=2),
+    )
+    plan = make_plan(cat, Config(), KEY)
+    assert len(plan.pairs) == 1 and any("DOE^JOHN" in s["description"] for s in plan.series)  # private plan
+    # a series that cannot be read: its reason goes to the store's status
+    w = write_series(tmp_path / "s", n=4, desc="AX T1 DOE^JOHN MRN88412", number=9)
+    with open(w.files[2], "r+b") as fh:
+        fh.truncate(os.path.getsize(w.files[2]) - 50)
+    try:
+        read_volume(w.files)
+        raise AssertionError("a cut file must be refused")
+    except VolumeError as exc:
+        reason = str(exc)
+    url = str(tmp_path / "store.zarr")
+    pairs = pairs_for(1)
+    store.open_or_create_store(url, pairs, tiny_template(), Config())
+    store.write_pair(url, 0, PairResult(pair_id=pairs[0].pair_id, status=f"failed: MR: {reason}"))
+    store.finalize_store(url)
+    summary = RunSummary(output_url=url, report_url=str(tmp_path / "report"), n_pairs=1, failed={"MR": 1})
+    write_report(str(tmp_path / "report"), plan, pairs, store.completed_pairs(url), summary, Config(),
+                 tiny_template())
+    import xarray as xr
+
+    public = [str(xr.open_zarr(url)["status"].values)]
+    public += [open(os.path.join(tmp_path, "report", f)).read() for f in os.listdir(tmp_path / "report")
+               if f.endswith((".html", ".json"))]
+    assert "series #9" in public[0]
+    for text in public:
+        for word in typed:
+            assert word not in text, (word, text[:300])

@@ -311,7 +311,7 @@ def test_pydicom_mr_small_in_every_syntax_decodes_to_the_same_volume(tmp_path):
 
 def test_gap_is_refused(tmp_path):
     w = write_series(tmp_path / "s", steps=[2.0, 2.0, 4.0, 2.0, 2.0], desc="AX T2", number=7)
-    with pytest.raises(VolumeError, match=r"series 'AX T2' #7: missing slice"):
+    with pytest.raises(VolumeError, match=r"series #7: missing slice"):
         read_volume(w.files)
 
 
@@ -347,11 +347,11 @@ def test_truncated_pixel_data_is_refused(tmp_path):
     w = write_series(tmp_path / "s", n=4, desc="AX FLAIR", number=9)
     with open(w.files[2], "r+b") as fh:
         fh.truncate(os.path.getsize(w.files[2]) - 50)
-    with pytest.raises(VolumeError, match=r"series 'AX FLAIR' #9: .*(truncated|unreadable)"):
+    with pytest.raises(VolumeError, match=r"series #9: .*(truncated|unreadable)"):
         read_volume(w.files)
     with open(w.files[1], "r+b") as fh:
         fh.truncate(200)  # cut inside the header
-    with pytest.raises(VolumeError, match="AX FLAIR"):
+    with pytest.raises(VolumeError, match=r"series #9: "):
         read_volume(w.files)
 
 
@@ -635,7 +635,7 @@ def test_dicomdirtests_multislice_series_agree_with_dcm2niix(tmp_path):
     brain = results[("Routine Brain", 2, 4)]
     assert brain.refused.startswith("missing slice")
     assert "Interslice distance varies" in text
-    with pytest.raises(VolumeError, match="Routine Brain"):
+    with pytest.raises(VolumeError, match=r"series #2: missing slice"):
         read_volume(brain.urls)
     # the two-image CT scout: a localizer (dcm2niix stacks it as a 45 degree tilted volume)
     assert results[("Scout", 4, 2)].refused.startswith("localizer")
@@ -799,7 +799,7 @@ def test_corpus_refused_series_raise_with_the_manifest_reason(corpus):
         if s["usable"] or s["role"] not in ("localizer", "scout") or s["role"] in seen:
             continue
         seen.add(s["role"])
-        with pytest.raises(VolumeError, match=rf"series '{s['description']}' #{s['series_number']}: .*localizer"):
+        with pytest.raises(VolumeError, match=rf"series #{s['series_number']}: .*localizer"):
             read_volume([os.path.join(corpus.url, f) for f in s["files"]])
     assert seen == {"localizer", "scout"}
 
