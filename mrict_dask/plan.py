@@ -160,9 +160,11 @@ def make_plan(catalog: Any, config: Config | PlanConfig | None = None, key: byte
     plan = Plan(config=asdict(cfg))
     cs = CatalogStacks(catalog, cfg)
     c = cs.c
+    unusable: Counter[str] = Counter()  # per patient: files that are in no series (unreadable, ...)
     for i in cs.rows_with_problems().tolist():
         problem = cs.problems.text(i)
         plan.files_with_errors.append({"url": c.url(i), "reason": problem or "no SeriesInstanceUID"})
+        unusable[c["patient_id"].text(i)] += 1
 
     stacks_by_patient: dict[str, list[Stack]] = defaultdict(list)
     for _, stacks in cs.series():
@@ -177,7 +179,7 @@ def make_plan(catalog: Any, config: Config | PlanConfig | None = None, key: byte
     for pid in sorted(stacks_by_patient):
         pseud = pseudonym(key, pid)
         plan.patients[pseud] = pid
-        pairs.extend(_plan_patient(plan, pid, pseud, stacks_by_patient[pid], cfg, key))
+        pairs.extend(_plan_patient(plan, pid, pseud, stacks_by_patient[pid], cfg, key, unusable[pid]))
 
     pairs.sort(key=lambda p: p["pair_id"])
     plan.pairs = [PairSpec(index=i, **p) for i, p in enumerate(pairs)]
@@ -255,7 +257,7 @@ def _choose(session: _Session) -> None:
 
 
 def _plan_patient(plan: Plan, pid: str, pseud: str, stacks: list[Stack], cfg: PlanConfig,
-                  key: bytes) -> list[dict]:
+                  key: bytes, unusable: int = 0) -> list[dict]:
     by_modality: dict[str, dict[str, list[Stack]]] = {"MR": defaultdict(list), "CT": defaultdict(list)}
     others: list[Stack] = []
     for st in sorted(stacks, key=lambda s: (s.info.get("study_uid", ""), s.info.get("series_number") or 0, s.key)):
@@ -294,10 +296,13 @@ def _plan_patient(plan: Plan, pid: str, pseud: str, stacks: list[Stack], cfg: Pl
 
     if not pid.strip():  # files of unknown people are never paired with each other
         return finish(exclude("no PatientID: the images cannot be attributed to one patient"))
+    # a study whose every file is unreadable leaves no series: say so, not only "no study"
+    lost = f" ({unusable} of the patient's files could not be read or are in no series: see files_with_errors)" \
+        if unusable else ""
     if not sessions["MR"]:
-        return finish(exclude("no MR study"))
+        return finish(exclude("no MR study" + lost))
     if not sessions["CT"]:
-        return finish(exclude("no CT study"))
+        return finish(exclude("no CT study" + lost))
     chosen = {mod: [s for s in sessions[mod] if s.chosen is not None] for mod in ("MR", "CT")}
     for mod in ("MR", "CT"):
         if not chosen[mod]:

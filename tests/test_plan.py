@@ -382,3 +382,13 @@ def test_plan_json_from_corpus_is_private_and_summary_is_not(clean_plan, tmp_pat
             assert str(v) not in text, k
     data = json.loads(open(tmp_path / "plan.json").read())
     assert {p["patient_id"] for p in c.manifest["expected_pairs"]} <= set(data["patients"].values())
+
+
+def test_a_study_whose_files_are_all_unreadable_is_named_in_the_exclusion():
+    mr = series_rows("A", uid(), "20200101", "MR", "AX T1 POST", step=1.0, n=20, number=2)
+    for r in mr:
+        r.update(read_error="unreadable: truncated header", series_uid=None)
+    plan = make_plan(catalog(mr, series_rows("A", uid(), "20200102", "CT", "HEAD", step=2.5, n=64)), Config(), KEY)
+    (e,) = plan.exclusions
+    assert e["reason"].startswith("no MR study (20 of the patient's files could not be read"), e
+    assert plan.summary().count("no MR study") == 1
