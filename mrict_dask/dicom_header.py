@@ -111,8 +111,10 @@ _PRIVATE_GRADIENTS = ((0x00190010, "GEMS_ACQU_01", (0x001910BB, 0x001910BC, 0x00
 _PIXEL_REPRESENTATION = 0x00280103
 _SHARED_FG = 0x52009229
 _PER_FRAME_FG = 0x52009230
+_CONTRAST_AGENT_SEQ = 0x00180012  # ContrastBolusAgentSequence: enhanced objects code the agent here
 # Everything else is skipped by seeking, without being read or decoded.
-_SPECIFIC_TAGS = sorted({t for _, t, _ in _FIELDS} | {_PIXEL_REPRESENTATION, _SHARED_FG, _PER_FRAME_FG}
+_SPECIFIC_TAGS = sorted({t for _, t, _ in _FIELDS} | {_PIXEL_REPRESENTATION, _SHARED_FG, _PER_FRAME_FG,
+                                                     _CONTRAST_AGENT_SEQ}
                         | {t for _, c, _, t, _ in _PRIVATE_DIFFUSION} | {c for _, c, _, _, _ in _PRIVATE_DIFFUSION}
                         | {t for c, _, tags in _PRIVATE_GRADIENTS for t in (c, *tags)}
                         | set(_DICOMDIR_TAGS[:4]))
@@ -480,6 +482,26 @@ def _fill_functional_groups(row: dict, ds: Any) -> None:
             if v:
                 row["rescale_type"] = str(v).strip()
                 break
+    # Enhanced MR: sequence timing (what tells a T1 from its tags) and contrast live in functional groups too
+    for col, seq_tag, tag in (("repetition_time", 0x00189112, 0x00180080), ("echo_time", 0x00189114, 0x00189082),
+                              ("inversion_time", 0x00189115, 0x00189079)):
+        v = shared_or_common(seq_tag, tag, None)
+        if v:
+            row[col] = v[0]
+    if not row["contrast_agent"]:
+        given = [_fg_value(item, 0x00189341, 0x00189342) for item in [shared, *frames[:1]]]
+        if any(str(v or "").strip().upper() == "YES" for v in given):
+            row["contrast_agent"] = _coded_agent(ds) or "administered (ContrastBolusUsageSequence)"
+
+
+def _coded_agent(ds: Any) -> str | None:
+    """The agent's name from ContrastBolusAgentSequence (its CodeMeaning), if given."""
+    try:
+        items = ds[_CONTRAST_AGENT_SEQ].value if _CONTRAST_AGENT_SEQ in ds else []
+        meaning = items[0][0x00080104].value if items and 0x00080104 in items[0] else None
+    except Exception:
+        return None
+    return str(meaning).strip() or None if meaning else None
 
 
 def _is_dicomdir(ds: Any) -> bool:

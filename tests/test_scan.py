@@ -128,6 +128,7 @@ def _expect(ds: Dataset, **extra) -> dict:
 def _enhanced_mr(n_frames: int = 4) -> tuple[Dataset, list[list[float]]]:
     ds = _image("MR", 71, 1, rows=16, cols=16)
     del ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing, ds.SliceThickness
+    del ds.EchoTime, ds.RepetitionTime, ds.InversionTime, ds.ContrastBolusAgent
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
     ds.NumberOfFrames = n_frames
     shared = Dataset()
@@ -137,6 +138,16 @@ def _enhanced_mr(n_frames: int = 4) -> tuple[Dataset, list[list[float]]]:
     meas = Dataset()
     meas.PixelSpacing, meas.SliceThickness, meas.SpacingBetweenSlices = [1.1, 1.2], "3.0", "3.3"
     shared.PixelMeasuresSequence = Sequence([meas])
+    # sequence timing and contrast only in the functional groups (the agent coded at the top level)
+    timing, echo, modifier, usage, agent = Dataset(), Dataset(), Dataset(), Dataset(), Dataset()
+    timing.RepetitionTime, echo.EffectiveEchoTime, modifier.InversionTimes = 2300.0, 2.9, [900.0]
+    usage.ContrastBolusAgentNumber, usage.ContrastBolusAgentAdministered = 1, "YES"
+    agent.CodeValue, agent.CodingSchemeDesignator, agent.CodeMeaning = "C-17800", "SRT", "Gadolinium"
+    shared.MRTimingAndRelatedParametersSequence = Sequence([timing])
+    shared.MREchoSequence = Sequence([echo])
+    shared.MRModifierSequence = Sequence([modifier])
+    shared.ContrastBolusUsageSequence = Sequence([usage])
+    ds.ContrastBolusAgentSequence = Sequence([agent])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     positions = [[-10.0 + 3.3 * k, 20.5, 44.0] for k in range(n_frames)]
     frames = []
@@ -212,7 +223,8 @@ def written(tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     ds, positions = _enhanced_mr(4)
     e = _expect(ds, image_position=None, image_orientation=[0.0, 1.0, 0.0, 0.0, 0.0, -1.0],
                 pixel_spacing=[1.1, 1.2], slice_thickness=3.0, spacing_between_slices=3.3, number_of_frames=4,
-                frame_positions=positions, rows=16, columns=16, pixel_padding_value=None)
+                frame_positions=positions, rows=16, columns=16, pixel_padding_value=None, repetition_time=2300.0,
+                echo_time=2.9, inversion_time=900.0, contrast_agent="Gadolinium")
     exp["enhanced/mf"] = e
     _save(ds, root / "enhanced/mf")
 
