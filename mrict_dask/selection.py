@@ -157,7 +157,7 @@ def _t1_evidence(info: dict) -> tuple[str, str]:
     seq = (info.get("scanning_sequence") or "").upper()
     tags = ""
     if not OTHER_WEIGHTING.search(desc):
-        gradient_echo = "GR" in seq.split("\\") or "GR" in seq
+        gradient_echo = "GR" in seq
         short_tr_te = tr is not None and te is not None and tr < T1_MAX_TR_MS and \
             te < (T1_MAX_GRE_TE_MS if gradient_echo else T1_MAX_TE_MS)
         ir_gradient_echo = (ti is not None and T1_IR_TI_MS[0] <= ti <= T1_IR_TI_MS[1] and te is not None and te < 10
@@ -203,7 +203,7 @@ def evaluate_mr(stack: Stack, cfg: PlanConfig) -> Candidate:
     if max(sp[0], sp[1]) > MR_MAX_VOXEL_MM[0] or sp[2] > MR_MAX_VOXEL_MM[1]:
         return Candidate(stack, "MR", False, f"voxel too coarse for a structural T1 ({_voxel(stack)[2]} mm; at most "
                                              f"{MR_MAX_VOXEL_MM[0]:g} mm in-plane and {MR_MAX_VOXEL_MM[1]:g} mm "
-                                             "between slices): a calibration or survey scan")
+                                             "between slices; calibration and survey scans are this coarse)")
     text, tags = _t1_evidence(info)
     prefer = _as_patterns(cfg.mr_prefer)
     cls = next((i for i, pat in enumerate(prefer) if re.search(pat, text, re.I)), None)
