@@ -7,6 +7,7 @@ the actual files. Reasons name the series by its description and number, never b
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -454,11 +455,11 @@ SCOUT_MAX_IMAGES = 3
 """A series of at most this many images spread over several planes is a scout (two or three plane localizer)."""
 
 
-def _volume_keys(c: Columns, rows: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
-    """(kind, tags, per-row value) that may tell the volumes of a 4D series apart, most specific first."""
+def _volume_keys(c: Columns, rows: np.ndarray) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(kind, tags, per-row value) that may tell the volumes of a 4D series apart, most specific first; each
+    computed only when the ones before it did not tell the volumes apart."""
     b = c.num["diffusion_b_value"][rows]
     d = c.diffusion_direction[rows]
-    keys: list[tuple[str, str, np.ndarray]] = []
     # some vendors write b = 0 on every MR image: only b-values that differ, or a b > 0, or a gradient direction
     # make a diffusion series
     known = np.isfinite(b)
@@ -467,25 +468,50 @@ def _volume_keys(c: Columns, rows: np.ndarray) -> list[tuple[str, str, np.ndarra
         diff = np.array([f"b={bv:g}" + ("" if not np.isfinite(dv).all() or bv == 0 or not np.any(dv) else
                                           f" direction ({dv[0]:.2f}, {dv[1]:.2f}, {dv[2]:.2f})")
                          if np.isfinite(bv) else "b unknown" for bv, dv in zip(b, d)], dtype=object)
-        keys.append(("diffusion", "DiffusionBValue and gradient direction", diff))
+        yield "diffusion", "DiffusionBValue and gradient direction", diff
         for name, tag in (("acquisition_number", "AcquisitionNumber"), ("temporal_position",
                                                                          "TemporalPositionIdentifier")):
             codes = c[name].codes[rows]
             if (codes >= 0).any():
-                keys.append(("diffusion", f"DiffusionBValue, gradient direction and {tag}",
-                             np.array([f"{x} ({tag} {c[name].text_of(k)})" for x, k in zip(diff, codes)],
-                                      dtype=object)))
+                yield ("diffusion", f"DiffusionBValue, gradient direction and {tag}",
+                       np.array([f"{x} ({tag} {c[name].text_of(k)})" for x, k in zip(diff, codes)], dtype=object))
+        repeats = _diffusion_repeats(c, rows, diff)
+        if repeats is not None:
+            yield "diffusion", "DiffusionBValue, gradient direction and InstanceNumber order", repeats
     for name, tag in (("temporal_position", "TemporalPositionIdentifier"), ("acquisition_number", "AcquisitionNumber"),
                       ("acquisition_time", "AcquisitionTime")):
-        keys.append(("time", tag, np.array([c[name].text(i) for i in rows], dtype=object)))
+        yield "time", tag, np.array([c[name].text(i) for i in rows], dtype=object)
     trig = c.num["trigger_time"][rows]
     if np.isfinite(trig).any():
-        keys.append(("time", "TriggerTime", np.array([f"{v:.1f}" if np.isfinite(v) else "" for v in trig],
-                                                     dtype=object)))
+        yield "time", "TriggerTime", np.array([f"{v:.1f}" if np.isfinite(v) else "" for v in trig], dtype=object)
     order = _occurrence(c, rows)
     if order is not None:
-        keys.append(("time", "AcquisitionTime order at each position", order))
-    return keys
+        yield "time", "AcquisitionTime order at each position", order
+
+
+def _diffusion_repeats(c: Columns, rows: np.ndarray, diff: np.ndarray) -> np.ndarray | None:
+    """Diffusion volumes that share a b-value and direction (several b = 0 volumes, repeated directions) and
+    nothing else tells apart: the k-th image of each (b, direction, position) in InstanceNumber order belongs to
+    repeat k. Only when every image has its own InstanceNumber and each (b, direction) repeats the same number of
+    times at every one of its positions; otherwise None (refused, not guessed)."""
+    inst = c.num["instance_number"][rows]
+    if not np.isfinite(inst).all() or len(np.unique(inst)) < len(rows):
+        return None
+    nrm = unit_axes(c.iop[rows[0]])[2]
+    pos = np.round((c.ipp[rows] @ nrm) / DUPLICATE_POSITION_TOL_MM).astype(np.int64)
+    groups: dict[tuple[str, int], list[int]] = {}
+    for j in np.argsort(inst, kind="stable").tolist():
+        groups.setdefault((diff[j], int(pos[j])), []).append(j)
+    counts: dict[str, set[int]] = {}
+    for (value, _), members in groups.items():
+        counts.setdefault(value, set()).add(len(members))
+    if any(len(n) != 1 for n in counts.values()) or all(n == {1} for n in counts.values()):
+        return None
+    out = np.empty(len(rows), dtype=object)
+    for (value, _), members in groups.items():
+        for k, j in enumerate(members):
+            out[j] = value if len(members) == 1 else f"{value} (repeat {k + 1})"
+    return out
 
 
 def _occurrence(c: Columns, rows: np.ndarray) -> np.ndarray | None:

@@ -406,3 +406,24 @@ def test_phase_and_fat_images_are_refused_and_a_blank_patient_id_is_never_paired
     assert [s["decision"] for s in a].count("chosen") == 1
     assert len(plan.pairs) == 1
     assert any("no PatientID" in e["reason"] for e in plan.exclusions), plan.exclusions
+
+
+def test_dti_with_several_b0_volumes_is_split_by_instance_order():
+    """GE writes several b = 0 volumes into a DTI series with nothing but InstanceNumber telling them apart: each
+    repeat is its own volume (InstanceNumber order at each position), not a refusal; without unique
+    InstanceNumbers the series is refused, not guessed."""
+    dirs = [(0, 0, 0), (0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)]
+    vols = [{"diffusion_b_value": 0.0 if k < 2 else 1000.0, "diffusion_direction": list(d)}
+            for k, d in enumerate(dirs)]
+    rows = four_d("A", uid(), "20200101", "DTI", vols, te=90.0, tr=8000.0, scanning_sequence="EP", number=9,
+                  acquisition_number=None)
+    n = len(rows) // len(dirs)
+    for k, r in enumerate(rows):
+        r["instance_number"] = k + 1  # volume after volume, as the scanner numbers them
+    ct = series_rows("A", uid(), "20200102", "CT", "HEAD", **HEAD_CT)
+    d = entry(make_plan(catalog(rows, ct), Config(), KEY), "DTI")
+    assert d["volumes"] == 5 and d["volume_kind"] == "diffusion" and "InstanceNumber" in d["split_by"], d
+    for r in rows:
+        r["instance_number"] = (r["instance_number"] - 1) % n + 1  # numbers repeat: nothing tells the b0s apart
+    d = entry(make_plan(catalog(rows, ct), Config(), KEY), "DTI")
+    assert d["decision"] == "refused" and not d.get("volumes"), d
