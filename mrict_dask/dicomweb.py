@@ -105,7 +105,9 @@ def split_url(url: str) -> tuple[str, str]:
 
 def _safe(url: str) -> str:
     """``url`` without any user:password@ part or query (an access token) (for messages)."""
-    return re.sub(r"//[^/@]*@", "//***@", url.split("?", 1)[0].split("#", 1)[0])
+    from .io import mask_userinfo
+
+    return mask_userinfo(url.split("?", 1)[0].split("#", 1)[0])
 
 
 def _uids(url: str) -> tuple[str, str, str | None]:

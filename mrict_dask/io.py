@@ -59,7 +59,7 @@ def redact(storage_options: dict | None) -> dict:
         elif isinstance(v, dict):
             out[k] = redact(v)
         elif isinstance(v, str):
-            out[k] = re.sub(r"//[^/@]*@", "//***@", v)  # user:password@ in an endpoint URL
+            out[k] = mask_userinfo(v)  # user:password@ in an endpoint URL
         elif isinstance(v, (bool, int, float, type(None))):
             out[k] = v
         else:
@@ -124,6 +124,11 @@ def _protocols(url: str) -> list[str]:
         protocol, _ = fsspec.core.split_protocol(part)
         out.append(protocol or "file")
     return out
+
+
+def mask_userinfo(url: str) -> str:
+    """``url`` with any ``user:password@`` part shown as ``***@`` (for logs and messages)."""
+    return re.sub(r"//[^/@]*@", "//***@", url)
 
 
 def has_credentials(url: str) -> bool:

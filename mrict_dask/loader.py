@@ -162,6 +162,9 @@ class _LocalFiles:
             except OSError as exc:  # FileNotFoundError above all: a shard never written
                 yield exc
 
+    def is_open(self, key: str) -> bool:
+        return key in self._fds
+
     def forget(self, key: str) -> None:
         """Close ``key``'s descriptor, if open (its file is about to be replaced)."""
         fd = self._fds.pop(key, None)
@@ -232,7 +235,7 @@ class _ShardCache:
                     os.remove(t)
 
     def _fetch(self, keys: Sequence[str]) -> None:
-        missing = sorted(k for k in set(keys) if k not in self.files._fds and not os.path.exists(self._local(k)))
+        missing = sorted(k for k in set(keys) if not self.files.is_open(k) and not os.path.exists(self._local(k)))
         if missing:
             self._download(missing)
             log.debug("cached %d shards in %s", len(missing), self.folder)
