@@ -46,17 +46,29 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:40] or "series"
 
 
-def _write_image(img: Any, target: Location) -> None:
-    """Write a SimpleITK image to a local path or object storage (through a temporary local file)."""
+def write_image(img: Any, target: Location) -> None:
+    """Write a SimpleITK image to a local path or object storage (through a temporary local file); atomically:
+    readers see the whole file or none."""
     import os
     import tempfile
+    import threading
 
     import SimpleITK as sitk
 
     if target.is_local:
+        # under a temporary name, then renamed: a reader (or a killed run) never sees half a file under its name
         path = target.local_path
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        sitk.WriteImage(img, path, useCompression=path.endswith(".gz"))
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        name = os.path.basename(path)
+        ext = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp{ext}")
+        try:
+            sitk.WriteImage(img, tmp, useCompression=path.endswith(".gz"))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         return
     url = target.url
     suffix = ".nii.gz" if url.endswith(".nii.gz") else os.path.splitext(url)[1] or ".nii.gz"
@@ -65,6 +77,23 @@ def _write_image(img: Any, target: Location) -> None:
         sitk.WriteImage(img, path, useCompression=suffix.endswith(".gz"))
         with open(path, "rb") as fh:
             target.write_bytes(fh.read())
+
+
+def read_image(source: Location) -> Any:
+    """A SimpleITK image from a local path or object storage (through a temporary local copy)."""
+    import os
+    import tempfile
+
+    import SimpleITK as sitk
+
+    if source.is_local:
+        return sitk.ReadImage(source.local_path)
+    suffix = ".nii.gz" if source.url.endswith(".nii.gz") else os.path.splitext(source.url)[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "image" + suffix)
+        with open(path, "wb") as fh:
+            fh.write(source.read_bytes())
+        return sitk.ReadImage(path)
 
 
 def _load_catalog(source: Source, catalog: str | None, progress: bool) -> Any:
@@ -143,7 +172,7 @@ def _export_series(uid: str, stacks: list, summary: ExportSummary, source: Sourc
         except VolumeError as err:
             summary.refused.append((what, str(err).split(": ", 1)[-1]))
             continue
-        _write_image(img, target)
+        write_image(img, target)
         summary.written.append((target.url, what))
 
 
