@@ -80,20 +80,36 @@ def write_image(img: Any, target: Location) -> None:
 
 
 def read_image(source: Location) -> Any:
-    """A SimpleITK image from a local path or object storage (through a temporary local copy)."""
+    """A SimpleITK image from a local path or object storage (through a temporary local copy).
+
+    ITK 5's NIfTI reader turns NaN and infinite voxels into 0 without a word (fixed in ITK 6, ITK pull request 6683):
+    a floating-point NIfTI file is also read with nibabel, and one holding such voxels raises ValueError.
+    """
     import os
     import tempfile
 
-    import SimpleITK as sitk
-
     if source.is_local:
-        return sitk.ReadImage(source.local_path)
+        return _read_local_image(source.local_path)
     suffix = ".nii.gz" if source.url.endswith(".nii.gz") else os.path.splitext(source.url)[1]
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "image" + suffix)
         with open(path, "wb") as fh:
             fh.write(source.read_bytes())
-        return sitk.ReadImage(path)
+        return _read_local_image(path)
+
+
+def _read_local_image(path: str) -> Any:
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(path)
+    if path.endswith((".nii", ".nii.gz")) and img.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        import nibabel
+
+        data = np.asarray(nibabel.load(path).dataobj)
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise ValueError(f"{bad} voxel(s) are NaN or infinite")
+    return img
 
 
 def _load_catalog(source: Source, catalog: str | None, progress: bool) -> Any:
