@@ -13,8 +13,9 @@ written whole).
 
     python benchmarks/bench_export.py [--pairs 40] [--distinct 4] [--workers 2] [--workdir DIR]
 
-Targets (the issue): export <= 1.5 s per pair per worker; evaluate <= 1 s per pair per core at 1 mm. Prints the
-numbers beside them and the machine's load average (the machine may be shared); asserts nothing about speed.
+Targets: export <= 1.5 s per pair per worker; evaluate <= 1 s per pair per core at 1 mm. Prints wall and CPU
+seconds beside them and the machine's load average (on a shared machine wall time includes waiting for a core);
+asserts nothing about speed.
 """
 
 from __future__ import annotations
@@ -93,11 +94,12 @@ def main() -> None:
     rows = []
     out1 = os.path.join(work, "cases-serial")
     shutil.rmtree(out1, ignore_errors=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     s = export_store(url, out1)
-    t_serial = time.perf_counter() - t0
+    t_serial, c_serial = time.perf_counter() - t0, time.process_time() - c0
     assert s.written == args.pairs and not s.failed, s.describe()
-    rows.append(("export, 1 worker (this process)", t_serial / args.pairs, TARGET_EXPORT_S, "s/pair/worker"))
+    rows.append(("export, 1 worker (this process), wall", t_serial / args.pairs, TARGET_EXPORT_S, "s/pair/worker"))
+    rows.append(("  the same, CPU time of this process", c_serial / args.pairs, TARGET_EXPORT_S, "s/pair/worker"))
 
     out2 = os.path.join(work, "cases-cluster")
     shutil.rmtree(out2, ignore_errors=True)
@@ -116,23 +118,25 @@ def main() -> None:
     for ct in glob.glob(os.path.join(out1, "*", "ct.nii.gz")):
         img = sitk.SmoothingRecursiveGaussian(sitk.Cast(sitk.ReadImage(ct), sitk.sitkFloat32), 2.0)
         sitk.WriteImage(img, ct.replace("ct.nii.gz", "sct.nii.gz"))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ev = evaluate_store(url, out1)
-    t_eval = time.perf_counter() - t0
+    t_eval, c_eval = time.perf_counter() - t0, time.process_time() - c0
     assert not ev.errors, ev.error_lines()
-    rows.append(("evaluate (read store + prediction, all metrics)", t_eval / args.pairs, TARGET_EVALUATE_S,
+    rows.append(("evaluate (read store + prediction, all metrics), wall", t_eval / args.pairs, TARGET_EVALUATE_S,
                  "s/pair/core"))
+    rows.append(("  the same, CPU time", c_eval / args.pairs, TARGET_EVALUATE_S, "s/pair/core"))
 
-    pid = sorted(os.listdir(out1))[0]
+    pid = sorted(p for p in os.listdir(out1) if p.startswith("P"))[0]
     ref = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out1, pid, "ct.nii.gz")))
     pred = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out1, pid, "sct.nii.gz")))
     mask = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out1, pid, "mask.nii.gz"))).astype(bool)
     times = []
     for _ in range(3):
-        t0 = time.perf_counter()
+        c0 = time.process_time()
         metrics.score(ref, pred, mask)
-        times.append(time.perf_counter() - t0)
-    rows.append((f"metrics alone, mask {mask.mean():.0%} of the grid (best of 3)", min(times), None, "s/pair/core"))
+        times.append(time.process_time() - c0)
+    rows.append((f"metrics alone, mask {mask.mean():.0%} of the grid (CPU, best of 3)", min(times), None,
+                 "s/pair/core"))
 
     print(f"{'what':<62}{'measured':>10}{'target':>10}  unit")
     for what, value, target, unit in rows:

@@ -112,9 +112,8 @@ def overview_png(mr01: np.ndarray, ct: np.ndarray, mask: np.ndarray, geometry: G
     from PIL import Image
     from scipy.ndimage import binary_erosion
 
-    vols = [_lps(geometry.image(np.ascontiguousarray(v))) for v in (mr01.astype(np.float32), ct, mask.astype(np.uint8))]
-    mr_l, ct_l, mask_l = (v[0] for v in vols)
-    spacing = vols[0][1]
+    mr_l, ct_l, mask_l = (_lps_view(v, geometry) for v in (mr01, ct, mask))
+    spacing = _lps_spacing(geometry)
     pts = np.argwhere(mask_l)
     cz, cy, cx = (pts.mean(axis=0).round().astype(int) if len(pts) else np.array(mask_l.shape) // 2)
     lo, hi = CT_WINDOW_PNG
@@ -149,12 +148,28 @@ def overview_png(mr01: np.ndarray, ct: np.ndarray, mask: np.ndarray, geometry: G
     return buf.getvalue()
 
 
-def _lps(img: Any) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """The image's array with its axes turned to the closest of LPS (x left, y posterior, z superior), and spacing."""
-    import SimpleITK as sitk
+def _lps_axes(geometry: Geometry) -> list[tuple[int, bool]]:
+    """For L, P and S in turn: the index axis (0 x, 1 y, 2 z) closest to it and whether it runs the other way."""
+    d = np.abs(np.asarray(geometry.direction).reshape(3, 3))  # rows: L, P, S; columns: index axes
+    axes: dict[int, int] = {}
+    for flat in np.argsort(-d, axis=None):  # greedy on the largest cosines: a permutation even at 45 degrees
+        row, col = divmod(int(flat), 3)
+        if row not in axes and col not in axes.values():
+            axes[row] = col
+    sign = np.asarray(geometry.direction).reshape(3, 3)
+    return [(axes[r], bool(sign[r, axes[r]] < 0)) for r in range(3)]
 
-    oriented = sitk.DICOMOrient(img, "LPS")
-    return sitk.GetArrayFromImage(oriented), oriented.GetSpacing()
+
+def _lps_view(arr: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """The (z, y, x) array turned so its axes run superior, posterior, left (the closest of LPS), as a view."""
+    axes = _lps_axes(geometry)[::-1]  # S, P, L: the array's axis k holds index axis 2 - k
+    out = np.transpose(arr, [2 - j for j, _ in axes])
+    return out[tuple(slice(None, None, -1) if flip else slice(None) for _, flip in axes)]
+
+
+def _lps_spacing(geometry: Geometry) -> tuple[float, float, float]:
+    """Spacing along the turned array's axes (x along L, y along P, z along S)."""
+    return tuple(geometry.spacing[j] for j, _ in _lps_axes(geometry))  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------- the export

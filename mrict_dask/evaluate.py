@@ -52,24 +52,23 @@ class PairTask:
     split: str
     geometry: Geometry
     ct_bounds: tuple[float, float]
+    row: int | None = None  # the pair's row in a Zarr of predictions (None: not there)
 
 
 # ----------------------------------------------------------------------------------------------- predictions
 @dataclass(frozen=True)
 class ZarrPredictions:
-    """``sct`` (pair, z, y, x) of a Zarr group; ``rows``: pair id -> row (None: rows follow the store's order)."""
+    """``sct`` (pair, z, y, x) of a Zarr group; each task carries its row."""
 
     location: Location
-    rows: dict[str, int] | None
 
     def load(self, task: PairTask, shape_zyx: tuple[int, int, int]) -> np.ndarray:
-        row = task.index if self.rows is None else self.rows.get(task.pair_id)
-        if row is None:
+        if task.row is None:
             raise PredictionError("no prediction: the Zarr's 'pair' variable does not list this pair")
         sct = open_group(self.location)["sct"]
         if tuple(sct.shape[1:]) != tuple(shape_zyx):
             raise PredictionError(f"prediction grid (z, y, x) {tuple(sct.shape[1:])} instead of {tuple(shape_zyx)}")
-        return np.asarray(sct[row])
+        return np.asarray(sct[task.row])
 
 
 @dataclass(frozen=True)
@@ -104,9 +103,10 @@ class FolderPredictions:
         return sitk.GetArrayFromImage(img)
 
 
-def open_predictions(url: str | Location, n_pairs: int, storage_options: dict | None = None
-                     ) -> ZarrPredictions | FolderPredictions:
-    """What PREDICTIONS holds: a Zarr group (``zarr.json`` at its root) or a folder of cases."""
+def open_predictions(url: str | Location, pair_ids: Sequence[str], storage_options: dict | None = None
+                     ) -> tuple[ZarrPredictions | FolderPredictions, dict[str, int] | None]:
+    """What PREDICTIONS holds, and for a Zarr the row of each pair id it has: a Zarr group (``zarr.json`` at its
+    root; rows matched by its ``pair`` variable, else in the store's order) or a folder of cases (rows None)."""
     loc = Location.of(url, storage_options)
     if loc.join("zarr.json").exists():
         g = open_group(loc)
@@ -119,14 +119,15 @@ def open_predictions(url: str | Location, n_pairs: int, storage_options: dict | 
             ids = [str(v) for v in g["pair"][:]]
             if len(ids) != sct.shape[0]:
                 raise InputError(f"{loc.url}: 'pair' lists {len(ids)} ids for {sct.shape[0]} rows of 'sct'")
-            return ZarrPredictions(loc, {p: i for i, p in enumerate(ids)})
-        if sct.shape[0] != n_pairs:
+        elif sct.shape[0] == len(pair_ids):
+            ids = [str(p) for p in pair_ids]
+        else:
             raise InputError(f"{loc.url}: 'sct' has {sct.shape[0]} rows and no 'pair' variable, so its rows must "
-                             f"follow the store's {n_pairs} pairs")
-        return ZarrPredictions(loc, None)
+                             f"follow the store's {len(pair_ids)} pairs")
+        return ZarrPredictions(loc), {p: i for i, p in enumerate(ids)}
     if not loc.exists():
         raise InputError(f"predictions not found: {loc.url}")
-    return FolderPredictions(loc)
+    return FolderPredictions(loc), None
 
 
 # ----------------------------------------------------------------------------------------------- one pair
@@ -286,12 +287,14 @@ def evaluate_store(store_url: str | Location, predictions_url: str | Location, *
     sp = open_space(store, space)
     table = pair_table(store)
     chosen, not_ok = select_pairs(table, split, pairs)
-    preds = open_predictions(predictions_url, len(table["pair"]), storage_options)
+    ids = [str(v) for v in table["pair"]]
+    preds, rows_of = open_predictions(predictions_url, ids, storage_options)
     result = Evaluation(store=store.url, predictions=preds.location.url, space=sp.name, mask=sp.mask_note,
                         tissue_hu=(t0, t1), not_ok=not_ok)
     geometries = sp.geometries(chosen)
-    tasks = [PairTask(index=i, pair_id=str(table["pair"][i]), split=str(table["split"][i]), geometry=geometries[i],
-                      ct_bounds=(float(table["ct_lo"][i]), float(table["ct_hi"][i]))) for i in chosen]
+    tasks = [PairTask(index=i, pair_id=ids[i], split=str(table["split"][i]), geometry=geometries[i],
+                      ct_bounds=(float(table["ct_lo"][i]), float(table["ct_hi"][i])),
+                      row=rows_of.get(ids[i]) if rows_of is not None else None) for i in chosen]
     fn = functools.partial(evaluate_pair, space=sp, predictions=preds, tissue_hu=(t0, t1))
     rows: dict[int, dict] = {}
     with Progress("evaluate", len(tasks), progress, unit="pairs", show_failed=True) as bar:

@@ -47,54 +47,56 @@ def _safe_name(text: str) -> str:
 
 
 def write_image(img: Any, target: Location) -> None:
-    """Write a SimpleITK image to a local path or object storage (through a temporary local file); atomically:
-    readers see the whole file or none."""
-    import os
-    import tempfile
-    import threading
+    """Write a SimpleITK image as NIfTI (``.nii``, ``.nii.gz``), MetaImage (``.mha``) or NRRD (``.nrrd``) to a local
+    path or object storage, atomically: readers see the whole file or none (:meth:`Location.write_bytes`).
 
-    import SimpleITK as sitk
-
-    if target.is_local:
-        # under a temporary name, then renamed: a reader (or a killed run) never sees half a file under its name
-        path = target.local_path
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        name = os.path.basename(path)
-        ext = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
-        tmp = os.path.join(folder, f".{name}.{os.getpid()}.{threading.get_ident()}.tmp{ext}")
-        try:
-            sitk.WriteImage(img, tmp, useCompression=path.endswith(".gz"))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return
-    url = target.url
-    suffix = ".nii.gz" if url.endswith(".nii.gz") else os.path.splitext(url)[1] or ".nii.gz"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "volume" + suffix)
-        sitk.WriteImage(img, path, useCompression=suffix.endswith(".gz"))
-        with open(path, "rb") as fh:
-            target.write_bytes(fh.read())
-
-
-def read_image(source: Location) -> Any:
-    """A SimpleITK image from a local path or object storage (through a temporary local copy).
-
-    ITK 5's NIfTI reader turns NaN and infinite voxels into 0 without a word (fixed in ITK 6, ITK pull request 6683):
-    a floating-point NIfTI file is also read with nibabel, and one holding such voxels raises ValueError.
+    ``.nii.gz`` is ITK's ``.nii`` gzipped with ISA-L at level 1: ITK's NIfTI writer ignores the compression level
+    and takes ~10x longer for files a few percent smaller. MetaImage and NRRD are compressed by ITK.
     """
     import os
     import tempfile
 
-    if source.is_local:
+    import SimpleITK as sitk
+
+    url = target.url
+    gz = url.endswith(".nii.gz")
+    suffix = ".nii" if gz else os.path.splitext(url)[1] or ".nii"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "volume" + suffix)
+        sitk.WriteImage(img, path, useCompression=suffix in (".mha", ".nrrd"))
+        with open(path, "rb") as fh:
+            data = fh.read()
+    if gz:
+        from isal import igzip
+
+        data = igzip.compress(data, compresslevel=1, mtime=0)
+    target.write_bytes(data)
+
+
+def read_image(source: Location) -> Any:
+    """A SimpleITK image (NIfTI, MetaImage, NRRD, ...) from a local path or object storage.
+
+    ``.nii.gz`` is unzipped with ISA-L first (several times faster than ITK's zlib). ITK 5's NIfTI reader turns NaN
+    and infinite voxels into 0 without a word (fixed in ITK 6, ITK pull request 6683): a floating-point NIfTI file
+    is also mapped with nibabel, and one holding such voxels raises ValueError.
+    """
+    import os
+    import tempfile
+
+    gz = source.url.endswith(".nii.gz")
+    if source.is_local and not gz:
         return _read_local_image(source.local_path)
-    suffix = ".nii.gz" if source.url.endswith(".nii.gz") else os.path.splitext(source.url)[1]
+    suffix = ".nii" if gz else os.path.splitext(source.url)[1]
+    data = source.read_bytes()
+    if gz:
+        from isal import igzip
+
+        data = igzip.decompress(data)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "image" + suffix)
         with open(path, "wb") as fh:
-            fh.write(source.read_bytes())
+            fh.write(data)
+        del data
         return _read_local_image(path)
 
 
@@ -105,8 +107,9 @@ def _read_local_image(path: str) -> Any:
     if path.endswith((".nii", ".nii.gz")) and img.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         import nibabel
 
-        data = np.asarray(nibabel.load(path).dataobj)
+        data = np.asarray(nibabel.load(path, mmap=True).dataobj)
         bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        del data
         if bad:
             raise ValueError(f"{bad} voxel(s) are NaN or infinite")
     return img

@@ -190,13 +190,17 @@ def downsample(a: np.ndarray) -> np.ndarray:
     averages input voxels ``2i - 1`` and ``2i`` along each axis (voxel -1 being 0)."""
     out = np.asarray(a, dtype=np.float64)
     for ax in range(out.ndim):
-        m = (out.shape[ax] + 1) // 2
-        pad = [(0, 0)] * out.ndim
-        pad[ax] = (1, 0)
-        padded = np.pad(out, pad)
-        even, odd = [slice(None)] * out.ndim, [slice(None)] * out.ndim
-        even[ax], odd[ax] = slice(0, 2 * m, 2), slice(1, 2 * m, 2)
-        out = 0.5 * (padded[tuple(even)] + padded[tuple(odd)])
+        even = [slice(None)] * out.ndim
+        even[ax] = slice(0, None, 2)
+        half = 0.5 * out[tuple(even)]  # voxels 2i
+        odd, into = [slice(None)] * out.ndim, [slice(None)] * out.ndim
+        odd[ax], into[ax] = slice(1, None, 2), slice(1, None)
+        prev = out[tuple(odd)]  # voxels 2i + 1, i.e. 2(i + 1) - 1
+        into[ax] = slice(1, 1 + prev.shape[ax])
+        trimmed = [slice(None)] * out.ndim
+        trimmed[ax] = slice(0, half.shape[ax] - 1)
+        half[tuple(into)] += 0.5 * prev[tuple(trimmed)]
+        out = half
     return out
 
 

@@ -223,6 +223,8 @@ def write_sct_dicom(sct_url: str, pair_id: str, store_url: str, out_url: str, wo
     hu = sitk.GetArrayFromImage(img)
     if not np.isfinite(hu).all():
         raise InputError(f"{sct_loc.url} holds NaN or infinite values")
+    if out.exists() and out.fs.ls(out.path):
+        raise InputError(f"{out.url} is not empty: give an empty folder (one folder holds one DICOM series)")
     mr = _mr_header(pair_id, work, storage_options)
     datasets = sct_datasets(hu, grid, mr, series_number=series_number)
     width = max(4, len(str(len(datasets))))

@@ -223,10 +223,11 @@ class StoreSpace:
         return valid & np.asarray(volumes["head"], dtype=bool) if self.has_head else valid
 
     def read(self, index: int, names: Sequence[str]) -> dict[str, np.ndarray]:
-        """Pair ``index``'s (z, y, x) volumes of ``names`` (one shard each)."""
-        g = open_group(self.store)
-        with _quiet():
-            return {name: np.asarray(g[self.path(name)][index]) for name in names}
+        """Pair ``index``'s (z, y, x) volumes of ``names`` (one read per shard, as the training loader reads)."""
+        from .loader import read_volumes
+
+        vols = read_volumes(self.store.url, [self.path(n) for n in names], index, self.store.storage_options)
+        return dict(zip(names, vols))
 
 
 def open_space(store: Location, space: str | None = None) -> StoreSpace:

@@ -130,6 +130,12 @@ def test_to_dicom_refuses_what_is_not_the_patients_geometry(pipeline_store, nati
     assert unknown.exit_code == 2
     _one_error(unknown, "Pnot-a-pair")
     assert not any(os.path.exists(tmp_path / d) for d in "xyz")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "CT0001.dcm").write_bytes(b"a series written before")
+    not_empty = _cli("to-dicom", native_cases / a / "ct.nii.gz", "--pair", a, "--store", native_store,
+                     "--out", tmp_path / "used")
+    assert not_empty.exit_code == 2
+    _one_error(not_empty, "not empty")
 
 
 def test_round_trip_of_the_real_cts_native_volume(pipeline_store, tmp_path):
