@@ -152,8 +152,8 @@ FOVS: dict[str, Fov] = {
     "axial_2d_brain": Fov(AXIAL, (256, 256, 24), (0.9, 0.9, 6.0), (0.0, 0.0, 10.0), thickness=5.0),
     # 3D T1, axial, the head 30 mm off the field of view's centre
     "axial_3d_off_centre": Fov(AXIAL, (256, 256, 180), (1.0, 1.0, 1.0), (30.0, -25.0, 0.0)),
-    # head CT, axial, from the upper neck to the vertex
-    "ct_head": Fov(AXIAL, (512, 512, 150), (0.5, 0.5, 1.25), (0.0, 0.0, -20.0), modality="CT"),
+    # head CT, axial, from the upper neck to the vertex (a 256 mm reconstruction, 1.5 mm slices)
+    "ct_head": Fov(AXIAL, (320, 320, 130), (0.8, 0.8, 1.5), (0.0, 0.0, -20.0), modality="CT"),
 }
 
 
@@ -254,7 +254,8 @@ def write_dicom(posed: Posed, folder: str, patient_id: str, seed: int = 0) -> di
                              model="Skyra" if modality == "MR" else "Definition AS",
                              station=f"{modality}1", frame_uid=str(dw.make_uid(*parts, "frame")), age="060Y")
         if modality == "MR":
-            proto = {"scanning_sequence": "GR\\IR", "sequence_variant": "SK\\SP\\MP", "acquisition_type": "3D",
+            proto = {"scanning_sequence": "GR\\IR", "sequence_variant": "SK\\SP\\MP",
+                     "acquisition_type": "2D" if max(img.GetSpacing()) > 3.0 else "3D",
                      "sequence_name": "*tfl3d1", "tr": 2300.0, "te": 2.98, "ti": 900.0, "flip": 9, "field": "3"}
             series = dw.SeriesInfo(uid=str(dw.make_uid(*parts, "series")), number=5, description="T1 MPRAGE",
                                    role="t1", time="102000", image_type=["ORIGINAL", "PRIMARY", "M", "NORM"],
