@@ -36,7 +36,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from mrict_dask import store
-from mrict_dask.config import Config
+from mrict_dask.config import load_config
 from mrict_dask.loader import SlicePairs, VolumePatches
 from mrict_dask.template import load_template
 from mrict_dask.types import QA_KEYS, PairResult, PairSpec
@@ -55,6 +55,10 @@ def _random_affine(rng, rot_deg: float, shift_mm: float, scale: float, center) -
     tx.SetMatrix(m.ravel().tolist())
     tx.SetTranslation(rng.uniform(-shift_mm, shift_mm, 3).tolist())
     return tx
+
+
+# template space only: what these readers' numbers are about
+TEMPLATE_ONLY = load_config(None, {"native.enabled": False})
 
 
 def synth_pair(template, index: int, seed: int = 0) -> PairResult:
@@ -104,7 +108,8 @@ def synth_pair(template, index: int, seed: int = 0) -> PairResult:
     valid = fov & head
     slice_ok = (brain & valid).sum(axis=(1, 2)) > 0.05 * brain.shape[1] * brain.shape[2]
     return PairResult(pair_id=f"P{index:016x}-bench", status="ok", mr=mr_n, ct=ct_n, valid=valid, slice_ok=slice_ok,
-                      mr_lo=float(lo), mr_hi=float(hi), ct_lo=WINDOW[0], ct_hi=WINDOW[1],
+                      head=head, face=np.zeros(head.shape, bool), mr_lo=float(lo), mr_hi=float(hi),
+                      ct_lo=WINDOW[0], ct_hi=WINDOW[1],
                       mr_affine=np.eye(4), ct_affine=np.eye(4), qa=dict.fromkeys(QA_KEYS, 0.0))
 
 
@@ -213,7 +218,7 @@ def main() -> None:
     z, y, x = template.shape_zyx
     pairs = [PairSpec(index=i, pair_id=f"P{i:016x}-bench", patient=f"P{i:016x}", split="train", days_apart=0,
                       mr_files=(), ct_files=()) for i in range(args.pairs)]
-    store.open_or_create_store(url, pairs, template, Config())
+    store.open_or_create_store(url, pairs, template, TEMPLATE_ONLY)
     mr_npy = np.lib.format.open_memmap(os.path.join(work, "mr.npy"), "w+", np.float32, (args.pairs, z, y, x))
     ct_npy = np.lib.format.open_memmap(os.path.join(work, "ct.npy"), "w+", np.float32, (args.pairs, z, y, x))
     t_synth = t_write = 0.0

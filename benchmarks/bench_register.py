@@ -12,6 +12,18 @@ dilated template brain; the dilated MR head). ANTs runs with its defaults for ``
 
     python benchmarks/bench_register.py                 # 5 patients, ours and ANTs, 1 and 2 threads
     python benchmarks/bench_register.py --seeds 1,2 --no-ants
+
+Realistic heads and the gate (``--realistic``): generated heads and the real heads packages install
+(mrict_dask.synth.realheads: Colin27, pydeface's average head, in four scanner poses and fields of view), each
+through the whole pair task (``process_images``, 1 ITK thread) of this checkout and of ``--baseline`` (a git
+revision, run from a temporary worktree: "today's" code), one process at a time. Reports per case the status,
+s/pair of both, and the accuracy against the truth (generated: TRE of MR -> template and CT -> template over the
+template brain; real: share of deep brain points inside the template brain + 3 mm, CT -> MR error over them).
+Then the gate's labelled set: every right registration of this checkout, and the same made wrong (shifted
+10-40 mm, rotated 15-30 degrees, flipped left-right, scaled by 15 %, and another patient's CT registered to the
+MR): false rejects among the right ones, false accepts among the wrong ones whose error is >= 5 mm.
+
+    python benchmarks/bench_register.py --realistic --seeds 1,2,3 --baseline 19f322f
 """
 
 from __future__ import annotations
@@ -154,6 +166,256 @@ def worker(engine: str, threads: int, work: str, seeds: list[int]) -> None:
                           "mr_tre": tre(truth["mr"], mr_a, pts), "ct_tre": tre(truth["ct"], ct_a, pts)}), flush=True)
 
 
+# ------------------------------------------------------------------------------------------------ realistic heads
+REAL_CASES = {  # as tests/test_real_heads.py
+    "colin27-sagittal": ("colin27", "sagittal_3d_neck", (12, 4, -6), (5, -10, 0)),
+    "colin27-axial-2d": ("colin27", "axial_2d_brain", (-8, 0, 10), (0, 10, -5)),
+    "mean-sagittal": ("pydeface_mean", "sagittal_3d_neck", (-15, 5, 8), (0, 15, 0)),
+    "mean-off-centre": ("pydeface_mean", "axial_3d_off_centre", (20, -6, -12), (0, 0, 0)),
+}
+
+
+def prepare_realistic(work: str, seeds: list[int]) -> list[str]:
+    """Write every case's MR, CT (NIfTI) and truth once; returns the case names."""
+    import SimpleITK as sitk
+
+    from mrict_dask.synth import realheads as RH
+    from mrict_dask.synth import simulate_patient
+    from mrict_dask.template import load_template
+
+    names = []
+    for seed in seeds:
+        name = f"generated-{seed}"
+        names.append(name)
+        if not os.path.exists(f"{work}/{name}.json"):
+            p = simulate_patient(seed, load_template())
+            sitk.WriteImage(p.mr, f"{work}/{name}.mr.nii")
+            sitk.WriteImage(p.ct, f"{work}/{name}.ct.nii")
+            with open(f"{work}/{name}.json", "w") as fh:
+                json.dump({"mr": p.mr_transform.tolist(), "ct": p.ct_transform.tolist()}, fh)
+    have = RH.available()
+    for name, (head, fov, angles, shift) in REAL_CASES.items():
+        if not have[head]:
+            print(f"  {name}: {head} is not installed here, left out", file=sys.stderr)
+            continue
+        names.append(name)
+        if not os.path.exists(f"{work}/{name}.json"):
+            p = RH.posed_pair(RH.load(head), fov, angles, shift)
+            sitk.WriteImage(p.mr, f"{work}/{name}.mr.nii")
+            sitk.WriteImage(p.ct, f"{work}/{name}.ct.nii")
+            with open(f"{work}/{name}.json", "w") as fh:
+                json.dump({"deep_brain_mr": p.deep_brain_mr.tolist(), "mr_to_ct": p.mr_to_ct.tolist()}, fh)
+    return names
+
+
+def pair_worker(work: str, names: list[str]) -> None:
+    """The whole pair task on each case, with the package found first on sys.path; one JSON line per case."""
+    import SimpleITK as sitk
+
+    from mrict_dask.config import Config
+    from mrict_dask.pair import process_images
+    from mrict_dask.template import load_template
+
+    template = load_template()
+    for name in names:
+        mr, ct = sitk.ReadImage(f"{work}/{name}.mr.nii"), sitk.ReadImage(f"{work}/{name}.ct.nii")
+        t, c = time.perf_counter(), time.process_time()
+        r = process_images(mr, ct, Config(), template, name)
+        print(json.dumps({"name": name, "status": r.status, "wall": time.perf_counter() - t,
+                          "cpu": time.process_time() - c, "mr_affine": np.asarray(r.mr_affine).tolist(),
+                          "ct_affine": np.asarray(r.ct_affine).tolist()}), flush=True)
+
+
+def _run_pairs(work: str, names: list[str], root: str, script: str) -> dict[str, dict]:
+    """The pair task of the checkout at ``root`` (``script``: this file, inside that checkout's benchmarks/)."""
+    env = {**os.environ, "PYTHONPATH": root, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1"}
+    cmd = [sys.executable, script, "--_pairs", "--work", work, "--cases", ",".join(names)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=root)
+    if out.returncode:
+        raise SystemExit(f"the pair task failed under {root}:\n{out.stderr[-2000:]}")
+    return {g["name"]: g for g in (json.loads(x) for x in out.stdout.splitlines() if x.startswith("{"))}
+
+
+def accuracy(work: str, name: str, mr_a: np.ndarray, ct_a: np.ndarray, template) -> str:
+    """Accuracy against the case's truth, as text."""
+    import SimpleITK as sitk
+    from scipy import ndimage as ndi
+
+    if not np.isfinite(mr_a).all():
+        return "-"
+    truth = json.load(open(f"{work}/{name}.json"))
+    if "mr" in truth:
+        pts = _template_brain_points(template)
+        mr_t, ct_t = tre(np.array(truth["mr"]), mr_a, pts), tre(np.array(truth["ct"]), ct_a, pts)
+        return f"TRE MR {mr_t[0]:.2f}/{mr_t[1]:.2f}, CT {ct_t[0]:.2f}/{ct_t[1]:.2f} mm"
+    deep = np.array(truth["deep_brain_mr"])
+    tpl = (deep - mr_a[:3, 3]) @ np.linalg.inv(mr_a[:3, :3]).T
+    near = ndi.binary_dilation(sitk.GetArrayFromImage(template.mask) > 0, iterations=3)
+    idx = np.array([template.image.TransformPhysicalPointToIndex(tuple(v)) for v in tpl])
+    ok = ((idx >= 0) & (idx < np.array(template.image.GetSize()))).all(1)
+    inside = np.zeros(len(idx), bool)
+    inside[ok] = near[idx[ok, 2], idx[ok, 1], idx[ok, 0]]
+    if not np.isfinite(ct_a).all():
+        return f"deep brain in template brain {100 * inside.mean():.1f} %"
+    got = ct_a @ np.linalg.inv(mr_a)
+    err = tre(np.array(truth["mr_to_ct"]), got, deep)
+    return f"deep brain in template brain {100 * inside.mean():.1f} %, CT -> MR {err[0]:.2f}/{err[1]:.2f} mm"
+
+
+def _template_brain_points(template, step: int = 3) -> np.ndarray:
+    import SimpleITK as sitk
+
+    zyx = np.argwhere(sitk.GetArrayFromImage(template.mask)[::step, ::step, ::step] > 0) * step
+    d = np.array(template.image.GetDirection()).reshape(3, 3) * np.array(template.image.GetSpacing())
+    return np.array(template.image.GetOrigin()) + zyx[:, ::-1].astype(float) @ d.T
+
+
+def _about(matrix3: np.ndarray, centre: np.ndarray, shift=(0.0, 0.0, 0.0)) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = matrix3
+    m[:3, 3] = centre - matrix3 @ centre + np.asarray(shift)
+    return m
+
+
+def wrong_variants(centre: np.ndarray, rng: np.random.Generator, scaled: bool) -> list[tuple[str, np.ndarray]]:
+    """Deliberately wrong versions (applied in the fixed image's space, about ``centre``)."""
+    out = []
+    for d in (10, 20, 30, 40):
+        v = rng.normal(size=3)
+        out.append((f"shift {d} mm", _about(np.eye(3), centre, d * v / np.linalg.norm(v))))
+    for deg in (15, 20, 25, 30):
+        axis = rng.normal(size=3)
+        axis /= np.linalg.norm(axis)
+        k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+        th = np.radians(deg)
+        out.append((f"rotation {deg} deg", _about(np.eye(3) + np.sin(th) * k + (1 - np.cos(th)) * k @ k, centre)))
+    out.append(("left-right flip", _about(np.diag([-1.0, 1.0, 1.0]), centre)))
+    if scaled:
+        out += [(f"scale x{s:.2f}", _about(s * np.eye(3), centre)) for s in (1.15, 1 / 1.15)]
+    return out
+
+
+def gate_labelled_set(work: str, names: list[str], results: dict[str, dict], template) -> None:
+    """False reject / false accept rates of the gate over right and deliberately wrong registrations."""
+    import SimpleITK as sitk
+
+    from mrict_dask import qa
+    from mrict_dask import register as R
+    from mrict_dask.config import RegistrationConfig
+    from mrict_dask.errors import RegistrationError
+
+    cfg = RegistrationConfig()
+    wt = R.work_template(template, cfg.working_spacing_mm)
+    rng = np.random.default_rng(0)
+    rows = []  # (which, case, variant, error mm, refused, failed checks)
+    prepared = {}
+    for name in names:
+        mr, ct = sitk.ReadImage(f"{work}/{name}.mr.nii"), sitk.ReadImage(f"{work}/{name}.ct.nii")
+        mr_w = R.work_image(mr, cfg)
+        mr_head = R.head_mask_mr(mr_w)
+        ct_w = R.resample_iso(R.prepare_ct(ct), cfg.working_spacing_mm, default=R.CT_CLAMP[0])
+        prepared[name] = (mr, ct, mr_w, mr_head, ct_w, R.head_mask_ct(ct_w))
+    brain_pts = _template_brain_points(template, 5)
+    for k, name in enumerate(names):
+        g = results[name]
+        if g["status"] != "ok":
+            rows.append(("MR -> template", name, "right", 0.0, True, [g["status"]]))
+            continue
+        mr, ct, mr_w, mr_head, ct_w, ct_head = prepared[name]
+        mr_a = np.array(g["mr_affine"])
+        mr_to_ct = np.array(g["ct_affine"]) @ np.linalg.inv(mr_a)
+        head_pts = R._mask_points(mr_head)[::20]
+
+        def judge(which: str, case: str, variant: str, err: float, measures: dict) -> None:
+            failed = (qa.mr_failures if which == "MR -> template" else qa.ct_failures)(measures, cfg)
+            rows.append((which, case, variant, err, bool(failed), failed))
+
+        judge("MR -> template", name, "right", 0.0, qa.mr_measures(mr_w, wt, mr_a))
+        judge("CT -> MR", name, "right", 0.0, qa.ct_measures(mr_w, mr_head, ct_w, ct_head, mr_to_ct))
+        for variant, w in wrong_variants(wt.centroid, rng, scaled=True):
+            judge("MR -> template", name, variant, tre(mr_a, mr_a @ w, brain_pts)[0],
+                  qa.mr_measures(mr_w, wt, mr_a @ w))
+        for variant, w in wrong_variants(R._centroid(mr_head), rng, scaled=True):
+            judge("CT -> MR", name, variant, tre(mr_to_ct, mr_to_ct @ w, head_pts)[0],
+                  qa.ct_measures(mr_w, mr_head, ct_w, ct_head, mr_to_ct @ w))
+        # another patient: the next case of another head (the real heads are each posed several ways)
+        other = next(o for o in names[k + 1:] + names[:k] if _head_of(o) != _head_of(name))
+        o_ct, o_ct_w, o_head = prepared[other][1], prepared[other][4], prepared[other][5]
+        try:
+            tx, _ = R.register_ct_to_mr(o_ct, mr, cfg, mr_work=mr_w, mr_head=mr_head, ct_work=o_ct_w, ct_head=o_head)
+            judge("CT -> MR", name, f"CT of {other}", float("inf"),
+                  qa.ct_measures(mr_w, mr_head, o_ct_w, o_head, R.to_matrix(tx)))
+        except RegistrationError as exc:
+            rows.append(("CT -> MR", name, f"CT of {other}", float("inf"), True, [str(exc)]))
+    print(f"\ngate over {len(names)} cases ({', '.join(names)}); limits: {_limits(cfg)}")
+    print(f"{'registration':16}{'right':>7}{'refused':>9}{'wrong >= 5 mm':>15}{'accepted':>10}")
+    for which in ("MR -> template", "CT -> MR"):
+        right = [r for r in rows if r[0] == which and r[2] == "right"]
+        wrong = [r for r in rows if r[0] == which and r[2] != "right" and r[3] >= 5.0]
+        print(f"{which:16}{len(right):>7}{sum(r[4] for r in right):>9}{len(wrong):>15}"
+              f"{sum(not r[4] for r in wrong):>10}")
+        for r in right:
+            if r[4]:
+                print(f"    false reject: {r[1]}: {'; '.join(r[5])[:200]}")
+        for r in wrong:
+            if not r[4]:
+                print(f"    false accept: {r[1]}, {r[2]} (error {r[3]:.1f} mm)")
+    small = [r for r in rows if r[2] != "right" and r[3] < 5.0]
+    if small:
+        print(f"  ({len(small)} wrong variants moved the points < 5 mm and are not counted)")
+
+
+def _head_of(case: str) -> str:
+    return REAL_CASES[case][0] if case in REAL_CASES else case
+
+
+def _limits(cfg) -> str:
+    return (f"determinant in {list(cfg.det_range)}, brain Dice >= {cfg.min_brain_overlap}, template correlation >= "
+            f"{cfg.min_template_correlation}, local gain <= {cfg.max_local_gain}, skin spread <= {cfg.max_skin_mm} mm, "
+            f"head Dice >= {cfg.min_brain_overlap}")
+
+
+def realistic(args) -> None:
+    from mrict_dask.template import load_template
+
+    seeds = [int(s) for s in args.seeds.split(",")]
+    work = args.work or tempfile.mkdtemp(prefix="bench_register_real_")
+    os.makedirs(work, exist_ok=True)
+    print(f"inputs in {work}", file=sys.stderr)
+    names = prepare_realistic(work, seeds)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = _run_pairs(work, names, here, os.path.abspath(__file__))
+    base = {}
+    if args.baseline:
+        import shutil
+
+        tree = tempfile.mkdtemp(prefix="bench_register_baseline_")
+        subprocess.run(["git", "-C", here, "worktree", "add", "--detach", tree, args.baseline], check=True,
+                       capture_output=True)
+        try:
+            script = os.path.join(tree, "benchmarks", "bench_pairs_now.py")
+            shutil.copy(os.path.abspath(__file__), script)
+            base = _run_pairs(work, names, tree, script)
+        finally:
+            subprocess.run(["git", "-C", here, "worktree", "remove", "--force", tree], capture_output=True)
+    template = load_template()
+    print(f"\n{'case':20}{'status':10}{'s/pair':>8}{'baseline':>10}  accuracy (this checkout)")
+    for name in names:
+        g, b = results[name], base.get(name)
+        status = "ok" if g["status"] == "ok" else "refused"
+        bs = "" if b is None else f" {b['wall']:.1f} ({'ok' if b['status'] == 'ok' else 'refused'})"
+        print(f"{name:20}{status:10}{g['wall']:>8.1f}{bs:>10}  "
+              f"{accuracy(work, name, np.array(g['mr_affine']), np.array(g['ct_affine']), template)}")
+        if g["status"] != "ok":
+            print(f"    {g['status'][:300]}")
+    both = [n for n in names if base.get(n, {}).get("status") == "ok" and results[n]["status"] == "ok"]
+    if both:  # a refusal stops early: only pairs both complete compare
+        ratio = np.median([results[n]["wall"] / base[n]["wall"] for n in both])
+        print(f"median s/pair ratio over the {len(both)} pairs both complete, this checkout / {args.baseline}: "
+              f"{ratio:.2f} (target <= 1.2); 1-min load average {os.getloadavg()[0]:.1f}")
+    gate_labelled_set(work, names, results, template)
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -161,8 +423,18 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--no-ants", action="store_true")
     ap.add_argument("--work", default=None, help="folder for the simulated inputs (kept; default: a temp dir)")
+    ap.add_argument("--realistic", action="store_true", help="realistic and real heads, s/pair vs --baseline, the gate")
+    ap.add_argument("--baseline", default=None, help="git revision whose pair task --realistic times beside this one")
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_pairs", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--cases", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args._pairs:
+        pair_worker(args.work, args.cases.split(","))
+        return
+    if args.realistic:
+        realistic(args)
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
     if args._worker:
         worker(args._worker, int(args.threads), args.work, seeds)

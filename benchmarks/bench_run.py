@@ -6,6 +6,8 @@ pair function in 1 and 2 plain processes as a reference for what two processes g
 
     python benchmarks/bench_run.py --patients 40            # the seed-size corpus (~16k files)
     python benchmarks/bench_run.py --corpus DIR --keep       # an existing corpus
+    python benchmarks/bench_run.py --patients 6 --spaces 4   # the pair task with and without native space and
+                                                            # defacing, and the store's bytes per pair per space
 """
 
 from __future__ import annotations
@@ -104,6 +106,46 @@ def ceiling(plan_url: str, n_pairs: int) -> tuple[float, float]:
     return walls[0], walls[1]
 
 
+def spaces(corpus: str, work: str, n_pairs: int) -> None:
+    """The pair task (read, register, resample, normalize, QA) with native space and defacing (the default) and
+    without, alternating pair by pair in one warm process; then the bytes a stored pair takes in each space."""
+    import statistics
+
+    from mrict_dask.config import Config, load_config
+    from mrict_dask.pair import process_pair
+    from mrict_dask.plan import Plan
+    from mrict_dask.template import template_from_config
+
+    out = os.path.join(work, "store-spaces.zarr")
+    r = run_once(corpus, out, "serial", None, n_pairs)
+    with open(out + ".work/plan.json") as fh:
+        pairs = list(Plan.from_json(fh.read()).pairs)[:n_pairs]
+    configs = {"native + defacing": Config(),
+               "template only": load_config(None, {"native.enabled": False, "deface.enabled": False})}
+    template = template_from_config(Config().grid)
+    process_pair(pairs[0], Config(), template)  # warm: template caches, face region
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for k, pair in enumerate(pairs):
+        order = list(configs) if k % 2 == 0 else list(configs)[::-1]
+        for name in order:
+            t = time.perf_counter()
+            process_pair(pair, configs[name], template)
+            times[name].append(time.perf_counter() - t)
+    on, off = (statistics.median(times[k]) for k in configs)
+    print(f"\npair task over {len(pairs)} pairs, 1 ITK thread (median s/pair): with native space and defacing "
+          f"{on:.2f}, template space only {off:.2f}: {on / off:.2f}x (target <= 1.15x); load {os.getloadavg()[0]:.1f}")
+    ok = r["summary"].ok
+    sizes: dict[str, int] = {"template": 0, "native": 0}
+    for root, _, files in os.walk(out):
+        rel = os.path.relpath(root, out)
+        if "/c" not in "/" + rel.replace(os.sep, "/") + "/":
+            continue  # chunk objects only (c/ under each array)
+        space = "native" if rel.startswith("native") else "template"
+        sizes[space] += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    for space, n in sizes.items():
+        print(f"store bytes per ok pair, {space} space (MR, CT, masks, slice_ok): {n / max(ok, 1) / 2**20:.1f} MiB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patients", type=int, default=40)
@@ -115,6 +157,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="only the first N pairs of the plan")
     ap.add_argument("--ceiling-pairs", type=int, default=8,
                     help="pairs for the no-Dask 1 vs 2 process comparison (0: skip)")
+    ap.add_argument("--spaces", type=int, default=0,
+                    help="only time the pair task with and without native space and defacing over N pairs")
     args = ap.parse_args()
 
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
@@ -129,6 +173,9 @@ def main() -> None:
             s = generate_corpus(corpus, patients=args.patients, seed=args.seed, progress=True)
             print(f"generated {s.n_files} files, {s.n_bytes / 2**20:.0f} MiB in {time.perf_counter() - t:.0f} s")
     n_files = sum(len(f) for _, _, f in os.walk(corpus))
+    if args.spaces:
+        spaces(corpus, work, args.spaces)
+        return
 
     results = {}
     for mode in [m for m in args.modes.split(",") if m]:

@@ -72,6 +72,31 @@ class NormalizeConfig:
 
 
 @dataclass(frozen=True)
+class NativeConfig:
+    """The MR's own patient frame (native space) beside the template space."""
+
+    enabled: bool = True
+    spacing_mm: float = 1.0  # isotropic
+    # one box for every pair (x, y, z mm along the MR's patient axes): a head from the vertex to below the chin
+    box_mm: tuple[float, float, float] = (192.0, 240.0, 224.0)
+    # the box's centre, in template coordinates (LPS mm), mapped into each MR by its MR -> template affine: with
+    # the default box, from 12 mm above the MNI152 brain's top (the scalp) to 100 mm below its base (the chin)
+    centre_template_mm: tuple[float, float, float] = (0.0, 4.0, -12.0)
+
+
+@dataclass(frozen=True)
+class DefaceConfig:
+    """Defacing (mrict_dask/masks.py): the face region below and in front of the template brain is emptied."""
+
+    enabled: bool = True
+    # measured on Colin27 (a real brain, whose temporal poles sit ~5 mm beyond the template's after the affine):
+    # its brain + 2 mm stays out of the region, both eyes' 5 mm balls in
+    margin_mm: float = 8.0  # the face starts this far below the brain's lowest point in each column
+    protect_mm: float = 8.0  # never within this distance of the template brain
+    front_mm: float = 30.0  # only in front of the coronal plane this far anterior of the template's y = 0
+
+
+@dataclass(frozen=True)
 class GridConfig:
     template: str | None = None  # None: MNI152 2009 1 mm T1 shipped in nilearn; else a path or fsspec URL
     template_mask: str | None = None
@@ -97,6 +122,8 @@ class Config:
     registration: RegistrationConfig = field(default_factory=RegistrationConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     grid: GridConfig = field(default_factory=GridConfig)
+    native: NativeConfig = field(default_factory=NativeConfig)
+    deface: DefaceConfig = field(default_factory=DefaceConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,6 +225,11 @@ _RULES: tuple[tuple[str, Any, str], ...] = (
     ("normalize.min_brain_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("normalize.min_valid_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("grid.spacing", lambda v: v is None or v > 0, "> 0"),
+    ("native.spacing_mm", lambda v: v > 0, "> 0"),
+    ("native.box_mm", lambda v: len(v) == 3 and min(v) > 0, "three sizes > 0 (x, y, z mm)"),
+    ("native.centre_template_mm", lambda v: len(v) == 3, "three coordinates (x, y, z mm)"),
+    ("deface.margin_mm", lambda v: v >= 0, "at least 0"),
+    ("deface.protect_mm", lambda v: v >= 0, "at least 0"),
     ("grid.pad_to", lambda v: v is None or (len(v) == 2 and all(int(n) == n >= 1 for n in v)),
      "two whole numbers >= 1"),
     ("run.window", lambda v: v >= 0, "at least 0"),

@@ -15,6 +15,12 @@ whose metadata is not exactly that layout is read through zarr instead.
 
 ``cache_dir`` keeps a local copy of each shard a dataset touches (whole shards, downloaded once, shared by all worker
 processes), so epochs after the first read local disk.
+
+``space``: ``"template"`` (the store's root: every pair on the template grid) or ``"native"`` (the group ``native``:
+each pair in its MR's own patient frame, on one box size; ``affine(pair)`` maps a voxel index to the MR's LPS mm).
+``masks``: which masks follow MR and CT in each sample, in order: ``"valid"`` (both had data), ``"head"``,
+``"face"`` (what defacing emptied), and ``"loss"`` = head & valid, the mask losses and metrics are meant for
+(``valid`` in stores written before head masks).
 """
 
 from __future__ import annotations
@@ -491,19 +497,34 @@ def read_volumes(url: str, names: Sequence[str], pair: int, storage_options: dic
 
 
 # ----------------------------------------------------------------------------------------------- datasets
+SPACES = ("template", "native")
+MASKS = ("valid", "head", "face", "loss")
+
+
 class _PairsBase:
     """Selection shared by the datasets: status == "ok" pairs of one split (or all with split=None)."""
 
     def __init__(self, url: str, split: str | None = "train", transform: Callable | None = None,
-                 storage_options: dict | None = None, cache_dir: str | None = None, with_pair: bool = False):
+                 storage_options: dict | None = None, cache_dir: str | None = None, with_pair: bool = False,
+                 space: str = "template", masks: Sequence[str] = ()):
+        if space not in SPACES:
+            raise ValueError(f"space must be one of {', '.join(SPACES)}, not {space!r}")
+        unknown = [m for m in masks if m not in MASKS]
+        if unknown:
+            raise ValueError(f"unknown mask(s) {', '.join(map(repr, unknown))} (known: {', '.join(MASKS)})")
         self.url = url
         self.split = split
         self.transform = transform
         self.storage_options = dict(storage_options or {})
         self.cache_dir = cache_dir
         self.with_pair = with_pair
+        self.space = space
+        self.masks = tuple(masks)
+        self._prefix = "native/" if space == "native" else ""
         self._store: _Store | None = None
         meta = self._load_pair_table()
+        self._has_head = meta["has_head"]
+        self._affines = meta["affine"]
         keep = meta["status"] == "ok"
         if split is not None:
             keep &= meta["split"] == split
@@ -533,13 +554,46 @@ class _PairsBase:
             warnings.simplefilter("ignore")
             g = zarr.open_group(zarr_store(self.url, self.storage_options, read_only=True), mode="r")
             n = g["status"].shape[0]
-            out: dict[str, Any] = {"grid_zyx": tuple(int(v) for v in g["mr"].shape[1:])}
+            if self.space == "native":
+                if "native" not in g:
+                    raise ValueError(f"{self.url} has no native space (written before mrict-dask store format 2, "
+                                     "or with native.enabled off): use space='template'")
+                sg = g["native"]
+            else:
+                sg = g
+            out: dict[str, Any] = {"grid_zyx": tuple(int(v) for v in sg["mr"].shape[1:]), "has_head": "head" in sg}
             for name in ("status", "split", "pair"):
                 out[name] = np.array([str(v) for v in g[name][:]] if n else [], dtype=object)
             for name in ("ct_lo", "ct_hi"):
                 out[name] = np.asarray(g[name][:], dtype=np.float64) if n else np.zeros(0)
-            out["slice_ok"] = np.asarray(g["slice_ok"][:], dtype=bool) if n else np.zeros((0, 0), bool)
+            out["slice_ok"] = np.asarray(sg["slice_ok"][:], dtype=bool) if n else np.zeros((0, 0), bool)
+            out["affine"] = np.asarray(sg["affine"][:], dtype=np.float64) if "affine" in sg and n else None
+        if not out["has_head"] and any(m in ("head", "face") for m in self.masks):
+            raise ValueError(f"{self.url} has no head or face masks (written before mrict-dask store format 2): "
+                             "ask for 'valid' or 'loss' (which is valid there)")
         return out
+
+    def _names(self, with_valid: bool = False) -> tuple[str, ...]:
+        """The arrays a sample reads (paths below the store root)."""
+        wanted = ["mr", "ct"]
+        for m in self.masks + (("valid",) if with_valid else ()):
+            wanted += ["valid", "head"] if m == "loss" and self._has_head else ["valid"] if m == "loss" else [m]
+        return tuple(self._prefix + n for n in dict.fromkeys(wanted))
+
+    def _arrange(self, names: Sequence[str], arrays: Sequence[np.ndarray], with_valid: bool = False) -> list:
+        """MR, CT, then the masks asked for, in their order, from the arrays read for ``names``."""
+        got = {n[len(self._prefix):]: a for n, a in zip(names, arrays)}
+        out = [got["mr"], got["ct"]]
+        for m in (("valid",) if with_valid else ()) + self.masks:
+            out.append(got["valid"] & got["head"] if m == "loss" and self._has_head else
+                       got["valid"] if m == "loss" else got[m])
+        return out
+
+    def affine(self, pair_index: int) -> np.ndarray:
+        """Native space: the 4x4 voxel index (x, y, z, 1) -> source MR patient LPS mm of a store pair index."""
+        if self._affines is None:
+            raise ValueError("affine() is for space='native'; the template space's grid is the store's attrs 'grid'")
+        return self._affines[pair_index].copy()
 
     def _handle(self) -> _Store:
         store = self._store
@@ -596,8 +650,8 @@ class SlicePairs(_PairsBase):
 
     def __init__(self, url: str, split: str | None = "train", transform: Callable | None = None,
                  storage_options: dict | None = None, with_valid: bool = False, cache_dir: str | None = None,
-                 with_pair: bool = False):
-        super().__init__(url, split, transform, storage_options, cache_dir, with_pair)
+                 with_pair: bool = False, space: str = "template", masks: Sequence[str] = ()):
+        super().__init__(url, split, transform, storage_options, cache_dir, with_pair, space, masks)
         self.with_valid = with_valid
         rows = [(int(p), int(z)) for p in self.pair_indices for z in np.flatnonzero(self._slice_ok[p])]
         self.index = np.array(rows, dtype=np.int64).reshape(-1, 2)  # (pair index in the store, z)
@@ -612,25 +666,33 @@ class SlicePairs(_PairsBase):
 
     def __getitems__(self, indices: Sequence[int]) -> list:
         rows = [self.locate(self._checked(i)) for i in indices]
-        names = ("mr", "ct", "valid") if self.with_valid else ("mr", "ct")
+        names = self._names(self.with_valid)
         slabs = self._handle().slabs(names, [(p, z, z + 1) for p, z in rows])
-        return [self._sample([s[0] for s in slab], p) for slab, (p, _) in zip(slabs, rows)]
+        return [self._sample(self._arrange(names, [s[0] for s in slab], self.with_valid), p)
+                for slab, (p, _) in zip(slabs, rows)]
 
 
 class VolumePairs(_PairsBase):
-    """Per pair (mr, ct, valid) volumes (z, y, x) of ok pairs of a split, for 3D training.
+    """Per pair (mr, ct, valid) volumes (z, y, x) of ok pairs of a split, for 3D training (``masks`` other than
+    the default ``("valid",)`` for other masks after MR and CT).
 
-    ``with_pair``, ``transform`` and ``cache_dir`` as for :class:`SlicePairs`; ``__getitems__`` reads the pairs of
-    a batch concurrently.
+    ``with_pair``, ``transform``, ``space`` and ``cache_dir`` as for :class:`SlicePairs`; ``__getitems__`` reads
+    the pairs of a batch concurrently.
     """
+
+    def __init__(self, url: str, split: str | None = "train", transform: Callable | None = None,
+                 storage_options: dict | None = None, cache_dir: str | None = None, with_pair: bool = False,
+                 space: str = "template", masks: Sequence[str] = ("valid",)):
+        super().__init__(url, split, transform, storage_options, cache_dir, with_pair, space, masks)
 
     def __len__(self) -> int:
         return len(self.pair_indices)
 
     def __getitems__(self, indices: Sequence[int]) -> list:
         pairs = [int(self.pair_indices[self._checked(i)]) for i in indices]
-        vols = self._handle().volumes(("mr", "ct", "valid"), pairs)
-        return [self._sample(v, p) for v, p in zip(vols, pairs)]
+        names = self._names()
+        vols = self._handle().volumes(names, pairs)
+        return [self._sample(self._arrange(names, v), p) for v, p in zip(vols, pairs)]
 
 
 class VolumePatches(_PairsBase):
@@ -640,14 +702,16 @@ class VolumePatches(_PairsBase):
     whose centre slice is informative (``slice_ok``), at a position drawn from ``(seed, epoch, i)``: the same
     index gives the same patch until :meth:`set_epoch` (call it before each epoch, as with a
     ``DistributedSampler``; with ``persistent_workers=True`` the workers keep the epoch they started with).
-    ``valid`` is the loss mask. Only the slices a patch spans are read (one merged read per array on object
-    storage). ``with_pair``, ``transform``, ``cache_dir`` as for :class:`SlicePairs`.
+    The masks (``masks``, default ``("valid",)``) follow MR and CT. Only the slices a patch spans are read (one
+    merged read per array on object storage). ``with_pair``, ``transform``, ``space``, ``cache_dir`` as for
+    :class:`SlicePairs`.
     """
 
     def __init__(self, url: str, split: str | None = "train", patch_size: Sequence[int] = (32, 64, 64),
                  patches_per_pair: int = 1, seed: int = 0, transform: Callable | None = None,
-                 storage_options: dict | None = None, cache_dir: str | None = None, with_pair: bool = False):
-        super().__init__(url, split, transform, storage_options, cache_dir, with_pair)
+                 storage_options: dict | None = None, cache_dir: str | None = None, with_pair: bool = False,
+                 space: str = "template", masks: Sequence[str] = ("valid",)):
+        super().__init__(url, split, transform, storage_options, cache_dir, with_pair, space, masks)
         self.patch_size = tuple(int(v) for v in patch_size)
         if len(self.patch_size) != 3 or not all(1 <= d <= g for d, g in zip(self.patch_size, self.grid_zyx)):
             raise ValueError(f"patch_size {self.patch_size} must be 3 sizes (z, y, x), each from 1 to the store's "
@@ -677,6 +741,7 @@ class VolumePatches(_PairsBase):
     def __getitems__(self, indices: Sequence[int]) -> list:
         corners = [self.locate(i) for i in indices]
         dz, dy, dx = self.patch_size
-        slabs = self._handle().slabs(("mr", "ct", "valid"), [(p, z0, z0 + dz) for p, z0, _, _ in corners])
-        return [self._sample([np.ascontiguousarray(s[:, y0:y0 + dy, x0:x0 + dx]) for s in slab], p)
-                for slab, (p, _, y0, x0) in zip(slabs, corners)]
+        names = self._names()
+        slabs = self._handle().slabs(names, [(p, z0, z0 + dz) for p, z0, _, _ in corners])
+        return [self._sample(self._arrange(names, [np.ascontiguousarray(s[:, y0:y0 + dy, x0:x0 + dx]) for s in slab]),
+                             p) for slab, (p, _, y0, x0) in zip(slabs, corners)]

@@ -27,7 +27,7 @@ def check_volume(arr: np.ndarray, name: str, mask: np.ndarray | None = None) -> 
         raise VolumeError(f"{name}: constant volume (every voxel {lo:g})")
 
 
-def _scale(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+def scale(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
     # float64 arithmetic, then one rounding to float32: ct_to_hu inverts it to float32 precision
     out = (np.clip(arr.astype(np.float64, copy=False), lo, hi) - lo) / (hi - lo)
     return out.astype(np.float32)
@@ -53,7 +53,7 @@ def normalize_mr(arr: np.ndarray, mask: np.ndarray | None, percentiles: tuple[fl
                  *, name: str = "MR series") -> tuple[np.ndarray, float, float]:
     """Clip at the ``percentiles`` of the voxels inside ``mask`` and scale to [0, 1] -> (scaled, lo, hi)."""
     lo, hi = _percentiles(arr, mask, percentiles, name)
-    return _scale(arr, lo, hi), lo, hi
+    return scale(arr, lo, hi), lo, hi
 
 
 def normalize_ct(arr_hu: np.ndarray, mask: np.ndarray | None, cfg: NormalizeConfig = NormalizeConfig(),
@@ -68,7 +68,7 @@ def normalize_ct(arr_hu: np.ndarray, mask: np.ndarray | None, cfg: NormalizeConf
         lo, hi = _percentiles(arr_hu, mask, cfg.ct_percentiles, name)
     else:
         raise VolumeError(f"unknown normalize.ct_mode {cfg.ct_mode!r} (use 'window' or 'percentile')")
-    return _scale(arr_hu, lo, hi), lo, hi
+    return scale(arr_hu, lo, hi), lo, hi
 
 
 def ct_to_hu(ct_scaled: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -85,3 +85,9 @@ def slice_ok(brain_mask_zyx: np.ndarray, valid_zyx: np.ndarray, cfg: NormalizeCo
     enough_brain = n_brain >= cfg.min_brain_fraction * n_slice
     covered = n_both >= cfg.min_valid_fraction * np.maximum(n_brain, 1)
     return enough_brain & covered & (n_brain > 0)
+
+
+def head_slice_ok(head_zyx: np.ndarray, valid_zyx: np.ndarray, cfg: NormalizeConfig = NormalizeConfig()) -> np.ndarray:
+    """Native space, per axial slice: the head with data on both sides covers enough of the slice."""
+    both = (head_zyx.astype(bool, copy=False) & valid_zyx.astype(bool, copy=False)).sum(axis=(1, 2))
+    return both >= max(1, cfg.min_brain_fraction * head_zyx.shape[1] * head_zyx.shape[2])

@@ -358,6 +358,11 @@ def run_pipeline(input_url: str | Location | Source, output_url: str | Location,
     if not work_url and not store.is_local:
         summary.messages.append(f"the private work area (catalog with identifiers, the pseudonym map) is {work.url}, "
                                 "beside the store: pass --work to keep it where readers of the store have no access")
+    if not config.deface.enabled:
+        warning = ("defacing is off (deface.enabled: false): the store's volumes hold faces, which identify "
+                   "patients; for in-house use only, never share this store")
+        log.warning(warning)
+        summary.messages.append(warning)
     key, key_source = resolve_key(pseudonym_key, work)
     if key_source.startswith("random"):
         summary.messages.append(f"pseudonym key: {key_source}; pass --pseudonym-key or set MRICT_PSEUDONYM_KEY "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
@@ -17,27 +18,83 @@ from scipy import ndimage as ndi
 from . import register as R
 from .config import Config
 from .errors import RegistrationError, VolumeError
-from .normalize import check_volume, normalize_ct, normalize_mr, slice_ok
-from .qa import ct_failures, ct_measures, empty_qa, mr_failures, mr_measures, overlay_png
+from .masks import face_on_grid, face_region, joint_head, read_mask
+from .native import box_affine, box_image, cut_ml
+from .normalize import check_volume, head_slice_ok, normalize_ct, normalize_mr, scale, slice_ok
+from .qa import ct_failures, ct_measures, empty_qa, mr_failures, mr_measures, overlay_png, pair_figure
 from .template import Template
 from .types import PairResult, PairSpec
 
 log = logging.getLogger(__name__)
 
 CT_FILL_HU = -1000.0  # outside the CT's field of view: air, flagged invalid
+FACE_HU = -1024.0  # the face region, emptied: air
+FACELESS_ML = 30.0  # less head tissue than this in the face region: noted (a defaced export, or out of view)
+CUT_NOTE_ML = 50.0  # more of the MR's head than this outside the native box: noted
 REFUSAL_VIEW_MM = 15.0  # a refused pair's figure shows the MR this far around the template brain
 
 
-def _to_template(img: sitk.Image, grid: sitk.Image, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _onto(img: sitk.Image, grid: sitk.Image, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``img`` resampled onto ``grid`` through ``matrix`` (linear), with the mask of where it had data.
 
     One pass: NaN as the default value marks the points that fall outside the source grid.
     """
-    out = sitk.Resample(sitk.Cast(img, sitk.sitkFloat32), grid, R.affine_from_matrix(matrix), sitk.sitkLinear,
-                        float("nan"), sitk.sitkFloat32)
+    if img.GetPixelID() != sitk.sitkFloat32:
+        img = sitk.Cast(img, sitk.sitkFloat32)
+    out = sitk.Resample(img, grid, R.affine_from_matrix(matrix), sitk.sitkLinear, float("nan"), sitk.sitkFloat32)
     arr = sitk.GetArrayFromImage(out)
     inside = ~np.isnan(arr)
     return arr, inside
+
+
+@dataclass
+class _Space:
+    """One output grid's arrays before normalization: MR as read, CT in HU, masks."""
+
+    mr: np.ndarray
+    ct: np.ndarray
+    mr_inside: np.ndarray
+    valid: np.ndarray
+    head: np.ndarray
+    face: np.ndarray
+    face_tissue_ml: float = 0.0
+    affine: np.ndarray | None = None
+
+
+def _space(grid: sitk.Image, mr: sitk.Image, ct_hu: sitk.Image, to_mr: np.ndarray, to_ct: np.ndarray,
+           head_mr: sitk.Image, face: np.ndarray | None) -> _Space:
+    """MR and CT on ``grid`` (``to_mr``/``to_ct``: grid physical -> series physical), each interpolated once,
+    with the field-of-view masks, the head (``head_mr``: :func:`~mrict_dask.masks.joint_head`, in the MR's
+    frame) and the ``face`` region emptied (None: the face stays).
+    """
+    mr_t, mr_inside = _onto(mr, grid, to_mr)
+    ct_t, ct_inside = _onto(ct_hu, grid, to_ct)
+    mr_t[~mr_inside] = 0.0
+    ct_t[~ct_inside] = CT_FILL_HU
+    head = read_mask(head_mr, grid, to_mr)
+    tissue_ml = 0.0
+    if face is None:
+        face = np.zeros(head.shape, bool)
+    else:
+        tissue_ml = float((face & head).sum() * np.prod(grid.GetSpacing()) / 1000.0)
+        mr_t[face] = 0.0
+        ct_t[face] = FACE_HU
+        head &= ~face
+    return _Space(mr_t, ct_t, mr_inside, mr_inside & ct_inside, head, face, tissue_ml)
+
+
+def _notes(qa: dict[str, float], config: Config) -> list[str]:
+    """What a reviewer should know about an ok pair (nothing identifying)."""
+    notes = []
+    if config.deface.enabled and np.isfinite(qa.get("face_ml", np.nan)) and qa["face_ml"] < FACELESS_ML:
+        notes.append(f"little tissue in the face region ({qa['face_ml']:.0f} mL): the face was removed at the "
+                     "source or lies outside the field of view")
+    if qa.get("native_cut_ml", 0.0) > CUT_NOTE_ML:
+        notes.append(f"the native box leaves out {qa['native_cut_ml']:.0f} mL of the MR's head (neck or shoulders "
+                     "below it, or a head larger than the box)")
+    if qa.get("valid_fraction", 1.0) < 0.95:
+        notes.append(f"MR and CT both cover {100 * qa['valid_fraction']:.0f} % of the template brain")
+    return notes
 
 
 def check_mr(qa: dict[str, float], config: Config, search: dict | None = None) -> None:
@@ -109,27 +166,42 @@ def process_images(mr: sitk.Image, ct: sitk.Image, config: Config, template: Tem
         lap("gate_ct")
         check_ct(qa, config)
 
-        grid = template.image
-        mr_t, mr_valid = _to_template(mr, grid, mr_affine)
-        ct_t, ct_valid = _to_template(ct_clamped, grid, ct_affine)
-        mr_t[~mr_valid] = 0.0
-        ct_t[~ct_valid] = CT_FILL_HU
-        valid = mr_valid & ct_valid
-        head_t = sitk.GetArrayFromImage(
-            sitk.Resample(mr_head, grid, R.affine_from_matrix(mr_affine), sitk.sitkNearestNeighbor, 0)) > 0
+        region = face_region(template, config.deface) if config.deface.enabled else None
+        head_mr = joint_head(mr_head, ct_head, mr_to_ct)
+        tpl = _space(template.image, mr, ct_clamped, mr_affine, ct_affine, head_mr,
+                     None if region is None else region.on_template)
+        nat = None
+        if config.native.enabled:
+            box = box_affine(mr_affine, config.native)
+            grid = box_image(box, config.native)
+            nat = _space(grid, mr, ct_clamped, np.eye(4), mr_to_ct, head_mr,
+                         None if region is None else face_on_grid(region, grid, np.linalg.inv(mr_affine)))
+            nat.affine = box
+            qa["native_cut_ml"] = cut_ml(mr_head, box_image(box, config.native))
         lap("resample")
 
         brain = sitk.GetArrayViewFromImage(template.mask) > 0
-        mr_n, mr_lo, mr_hi = normalize_mr(mr_t, head_t & mr_valid, config.normalize.mr_percentiles, name="MR series")
-        mr_n[~mr_valid] = 0.0
-        ct_n, ct_lo, ct_hi = normalize_ct(ct_t, head_t & valid, config.normalize, name="CT series")
-        ok_slices = slice_ok(brain, valid, config.normalize)
+        mr_n, mr_lo, mr_hi = normalize_mr(tpl.mr, tpl.head & tpl.mr_inside, config.normalize.mr_percentiles,
+                                          name="MR series")
+        ct_n, ct_lo, ct_hi = normalize_ct(tpl.ct, tpl.head & tpl.valid, config.normalize, name="CT series")
+        mr_n[~tpl.mr_inside] = 0.0
+        ok_slices = slice_ok(brain, tpl.valid, config.normalize)
         n_brain = int(brain.sum())
-        qa["valid_fraction"] = float((brain & valid).sum() / n_brain) if n_brain else 0.0
+        qa["valid_fraction"] = float((brain & tpl.valid).sum() / n_brain) if n_brain else 0.0
+        native = None
+        if nat is not None:
+            qa["face_ml"] = nat.face_tissue_ml
+            nat_mr = scale(nat.mr, mr_lo, mr_hi)
+            nat_mr[~nat.mr_inside] = 0.0
+            native = {"mr": nat_mr, "ct": scale(nat.ct, ct_lo, ct_hi), "valid": nat.valid, "head": nat.head,
+                      "face": nat.face, "slice_ok": head_slice_ok(nat.head, nat.valid, config.normalize),
+                      "affine": nat.affine}
+        notes = _notes(qa, config)
         lap("normalize")
 
         centre = tuple(int(v) for v in np.argwhere(brain).mean(axis=0)) if n_brain else None
-        figure = overlay_png(mr_n, ct_t, centre, grid.GetSpacing(), grid.GetDirection(), outline=brain)
+        figure = pair_figure(mr_n, tpl.ct, centre, template.image, brain,
+                             None if native is None else (native["mr"], nat.ct, native["head"]))
         lap("figure")
     except (VolumeError, RegistrationError) as err:
         # a refused registration shows what it found, so that a reviewer can tell in seconds
@@ -143,9 +215,10 @@ def process_images(mr: sitk.Image, ct: sitk.Image, config: Config, template: Tem
     log.info("pair %s ok: MR metric %.3f, CT metric %.3f, brain Dice %.2f, valid %.2f, %.1f s", pair_id,
              qa["mr_metric"], qa["ct_metric"], qa["brain_dice"], qa["valid_fraction"], timings["total"])
     return PairResult(
-        pair_id=pair_id, status="ok", mr=mr_n, ct=ct_n, valid=valid, slice_ok=ok_slices,
-        mr_lo=float(mr_lo), mr_hi=float(mr_hi), ct_lo=float(ct_lo), ct_hi=float(ct_hi),
-        mr_affine=mr_affine, ct_affine=ct_affine, qa=qa, figure_png=figure, timings=timings,
+        pair_id=pair_id, status="ok", mr=mr_n, ct=ct_n, valid=tpl.valid, slice_ok=ok_slices, head=tpl.head,
+        face=tpl.face, native=native, mr_lo=float(mr_lo), mr_hi=float(mr_hi), ct_lo=float(ct_lo),
+        ct_hi=float(ct_hi), mr_affine=mr_affine, ct_affine=ct_affine, qa=qa, notes=notes, figure_png=figure,
+        timings=timings,
     )
 
 

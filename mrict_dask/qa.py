@@ -44,16 +44,17 @@ def _otsu3_lower(values: np.ndarray, bins: int = 128) -> float:
 BRAIN_REACH_MM = 10.0  # brain_dice looks for the MR's brain this far beyond the template brain
 
 
-def brain_dice(mr_zyx: np.ndarray, brain_zyx: np.ndarray, spacing_mm: float) -> float:
+def brain_dice(mr_zyx: np.ndarray, brain_zyx: np.ndarray, spacing_mm: float, fov: np.ndarray | None = None) -> float:
     """Dice of the template brain vs the brain found in the MR resampled onto the same grid.
 
     The MR's brain: voxels brighter than CSF/skull (three-class Otsu near the brain), eroded by one voxel
     to cut them from the scalp across the skull, the component that meets the template brain's core,
     grown back and filled, within ``BRAIN_REACH_MM`` of the template brain: in a real head the tissue
     runs on through the skull base into the face and neck, and a right registration must not score low
-    for it. A registration that lands the template brain on scalp, skull or noise scores low.
+    for it. A registration that lands the template brain on scalp, skull or noise scores low. ``fov``: where
+    the MR has data; both brains are compared there only (a slab cut above the orbits lacks the cerebellum).
     """
-    brain = brain_zyx.astype(bool)
+    brain = brain_zyx.astype(bool) if fov is None else brain_zyx.astype(bool) & fov
     if not brain.any():
         return 0.0
     near = ndi.binary_dilation(brain, iterations=max(1, int(round(BRAIN_REACH_MM / spacing_mm))))
@@ -70,6 +71,8 @@ def brain_dice(mr_zyx: np.ndarray, brain_zyx: np.ndarray, spacing_mm: float) -> 
     if hits.max() == 0:
         return 0.0
     found = ndi.binary_fill_holes(ndi.binary_dilation(lab == int(np.argmax(hits))) & tissue) & near
+    if fov is not None:
+        found &= fov
     return float(2 * (found & brain).sum() / (found.sum() + brain.sum()))
 
 
@@ -129,10 +132,16 @@ def local_gain(fixed: sitk.Image, fixed_mask: sitk.Image, moving: sitk.Image, ma
 
 
 def template_correlation(template: sitk.Image, brain: sitk.Image, mr: sitk.Image, matrix: np.ndarray) -> float:
-    """Pearson correlation of the (T1) template and the MR over the template brain, both lightly smoothed."""
+    """Pearson correlation of the (T1) template and the MR over the template brain the MR shows (its field of
+    view), both lightly smoothed."""
     pts = _sample_points(brain, GATE_POINTS)
+    moved = pts @ matrix[:3, :3].T + matrix[:3, 3]
+    seen = _inside(mr, moved)
+    pts, moved = pts[seen], moved[seen]
+    if len(pts) < 100:
+        return 0.0
     a = R._Smoothed(template, GATE_SIGMA_MM)(pts)
-    b = R._Smoothed(mr, GATE_SIGMA_MM)(pts @ matrix[:3, :3].T + matrix[:3, 3])
+    b = R._Smoothed(mr, GATE_SIGMA_MM)(moved)
     if a.std() == 0 or b.std() == 0:
         return 0.0
     return float(np.corrcoef(a, b)[0, 1])
@@ -169,6 +178,13 @@ def skin_distance_mm(mr_head: sitk.Image, ct_head: sitk.Image, mr_to_ct: np.ndar
     return float(np.median(np.abs(dist - np.median(dist))))
 
 
+def _inside(img: sitk.Image, points: np.ndarray, margin: float = 0.5) -> np.ndarray:
+    """Which physical points fall inside ``img``'s grid (voxel centres +- ``margin`` voxels)."""
+    inv = np.linalg.inv(np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing()))
+    ijk = (points - np.array(img.GetOrigin())) @ inv.T
+    return ((ijk >= -margin) & (ijk <= np.array(img.GetSize()) - 1 + margin)).all(1)
+
+
 def _like(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:
     img = sitk.GetImageFromArray(arr)
     img.CopyInformation(ref)
@@ -181,11 +197,14 @@ def mr_measures(mr_w: sitk.Image, wt, matrix: np.ndarray) -> dict[str, float]:
     ``wt``: the working template (:func:`mrict_dask.register.work_template`).
     """
     sp = wt.image.GetSpacing()[0]
-    in_t = sitk.Resample(mr_w, wt.image, R.affine_from_matrix(matrix), sitk.sitkLinear, 0.0)
+    in_t = sitk.GetArrayFromImage(sitk.Resample(mr_w, wt.image, R.affine_from_matrix(matrix), sitk.sitkLinear,
+                                                float("nan")))
+    fov = ~np.isnan(in_t)
+    in_t[~fov] = 0.0
     a = sitk.GetArrayViewFromImage(mr_w)
     return {
         "mr_det": float(np.linalg.det(matrix[:3, :3])),
-        "brain_dice": brain_dice(sitk.GetArrayViewFromImage(in_t), sitk.GetArrayViewFromImage(wt.mask), sp),
+        "brain_dice": brain_dice(in_t, sitk.GetArrayViewFromImage(wt.mask), sp, fov),
         "mr_corr": template_correlation(wt.image, wt.mask, mr_w, matrix),
         "mr_gain": local_gain(wt.image, wt.mask, mr_w, matrix, moving_range=(0.0, float(np.percentile(a, 99.5))),
                               with_scale=True),
@@ -245,21 +264,11 @@ def _edges(hu: np.ndarray) -> np.ndarray:
     return mag > 150.0
 
 
-def overlay_png(mr_zyx: np.ndarray, ct_hu_zyx: np.ndarray, center_zyx: tuple[int, int, int] | None = None,
-                spacing_xyz: tuple[float, ...] = (1.0, 1.0, 1.0),
-                direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
-                outline: np.ndarray | None = None) -> bytes:
-    """Three planes through ``center_zyx`` (default: the grid centre): the MR in grey, CT edges in colour,
-    and the boundary of ``outline`` (the template brain) in cyan.
-
-    Shown as radiologists look at them (anterior and superior up, the patient's left on the image right),
-    for an axis-aligned grid of any axis signs. No text but the plane names.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
+def _planes(fig, row: int, n_rows: int, n_cols: int, label: str, mr_zyx: np.ndarray, ct_hu_zyx: np.ndarray,
+            center_zyx: tuple[int, int, int] | None, spacing_xyz, direction, outline: np.ndarray | None) -> None:
+    """Three planes through ``center_zyx`` into ``fig``'s row ``row``: the MR in grey, CT edges in colour, the
+    boundary of ``outline`` in cyan; shown as radiologists look at them (anterior and superior up, the patient's
+    left on the image right) for an axis-aligned grid of any axis signs."""
     z, y, x = center_zyx if center_zyx is not None else tuple(n // 2 for n in mr_zyx.shape)
     sx, sy, sz = spacing_xyz[:3]
     d = np.asarray(direction, dtype=float).reshape(3, 3)
@@ -276,10 +285,9 @@ def overlay_png(mr_zyx: np.ndarray, ct_hu_zyx: np.ndarray, center_zyx: tuple[int
         ("coronal", lambda v: orient(v[:, y], flip_z, flip_x), sz / sx),
         ("sagittal", lambda v: orient(v[:, :, x], flip_z, flip_y), sz / sy),
     ]
-    fig = Figure(figsize=(9.0, 3.4), dpi=80, facecolor="black")
     for k, (name, cut, aspect) in enumerate(planes):
         mr2, ct2 = cut(mr_zyx), cut(ct_hu_zyx)
-        ax = fig.add_subplot(1, 3, k + 1)
+        ax = fig.add_subplot(n_rows, n_cols, row * n_cols + k + 1)
         ax.imshow(mr2, cmap="gray", vmin=0.0, vmax=1.0, aspect=aspect, interpolation="nearest")
         edges = np.ma.masked_where(~_edges(ct2), np.ones_like(ct2))
         ax.imshow(edges, cmap="autumn", vmin=0, vmax=1, aspect=aspect, alpha=0.9, interpolation="nearest")
@@ -287,9 +295,71 @@ def overlay_png(mr_zyx: np.ndarray, ct_hu_zyx: np.ndarray, center_zyx: tuple[int
             o = cut(outline).astype(float)
             if o.any():
                 ax.contour(o, levels=[0.5], colors="cyan", linewidths=0.6)
-        ax.set_title(name, color="white", fontsize=9)
+        ax.set_title(f"{label}{name}", color="white", fontsize=9)
         ax.set_axis_off()
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.03)
+
+
+def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", facecolor="black", metadata={"Software": None})
     return buf.getvalue()
+
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=80, facecolor="black")
+
+
+def overlay_png(mr_zyx: np.ndarray, ct_hu_zyx: np.ndarray, center_zyx: tuple[int, int, int] | None = None,
+                spacing_xyz: tuple[float, ...] = (1.0, 1.0, 1.0),
+                direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+                outline: np.ndarray | None = None) -> bytes:
+    """Three planes through ``center_zyx`` (default: the grid centre): the MR in grey, CT edges in colour, and
+    the boundary of ``outline`` (the template brain) in cyan. No text but the plane names."""
+    fig = _figure(9.0, 3.4)
+    _planes(fig, 0, 1, 3, "", mr_zyx, ct_hu_zyx, center_zyx, spacing_xyz, direction, outline)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.03)
+    return _png(fig)
+
+
+def depth_render(mask_zyx: np.ndarray, view: str) -> np.ndarray:
+    """A depth-shaded surface of a mask on an LPS grid (identity direction), seen from the front ("front":
+    along +y, the patient's right on the image left) or from the patient's left ("side": along -x, anterior on
+    the left); rows superior first. Brighter is nearer; 0 where the ray meets nothing."""
+    m = mask_zyx.astype(bool)
+    if view == "front":
+        hit, depth, n = m.any(axis=1), m.argmax(axis=1), m.shape[1]
+        img = np.where(hit, 1.0 - depth / n, 0.0)[::-1]  # (z, x): superior first, x = patient's left on the right
+    elif view == "side":
+        flipped = m[:, :, ::-1]  # rays from the left (+x) side
+        hit, depth, n = flipped.any(axis=2), flipped.argmax(axis=2), m.shape[2]
+        img = np.where(hit, 1.0 - depth / n, 0.0)[::-1]  # (z, y): anterior on the left
+    else:
+        raise ValueError(f"unknown view {view!r}")
+    return img.astype(np.float32)
+
+
+def pair_figure(mr_t: np.ndarray, ct_t_hu: np.ndarray, center_zyx, template_image, brain: np.ndarray,
+                native: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> bytes:
+    """The pair's figure: template space (three planes, CT edges, the template brain's outline); native space
+    (three planes, CT edges, the head's outline) and the head from the front and the side (a depth-shaded
+    surface, so that a reviewer sees at a glance that the face is gone and the brain intact)."""
+    rows = 1 if native is None else 3
+    fig = _figure(9.0, 3.4 * rows)
+    _planes(fig, 0, rows, 3, "template ", mr_t, ct_t_hu, center_zyx, template_image.GetSpacing(),
+            template_image.GetDirection(), brain)
+    if native is not None:
+        mr_n, ct_n, head = native
+        c = tuple(int(v) for v in np.argwhere(head).mean(axis=0)) if head.any() else None
+        _planes(fig, 1, rows, 3, "native ", mr_n, ct_n, c, (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), head)
+        for k, view in enumerate(("front", "side")):
+            ax = fig.add_subplot(rows, 2, 4 + k + 1)
+            ax.imshow(depth_render(head, view), cmap="bone", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_title(f"head from the {view}", color="white", fontsize=9)
+            ax.set_axis_off()
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.95, wspace=0.03, hspace=0.12)
+    return _png(fig)

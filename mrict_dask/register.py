@@ -130,7 +130,7 @@ def _largest_component(arr: np.ndarray) -> np.ndarray:
     return lab == int(np.argmax(counts))
 
 
-def _fill_slices(arr: np.ndarray) -> np.ndarray:
+def fill_slices(arr: np.ndarray) -> np.ndarray:
     """3D hole filling plus per-slice 2D filling along every axis (a neck cut opens the 3D skull 'hole')."""
     out = ndi.binary_fill_holes(arr)
     for axis in range(3):
@@ -161,7 +161,7 @@ def head_mask_mr(mr_w: sitk.Image) -> sitk.Image:
     fg = ndi.binary_opening(fg, iterations=1)
     fg = _largest_component(fg)
     fg = ndi.binary_closing(fg, iterations=_ball(4, sp))
-    fg = _fill_slices(fg)
+    fg = fill_slices(fg)
     if fg.sum() * sp**3 < 200e3:  # < 0.2 L: no head
         raise VolumeError("MR series: no head found (foreground under 0.2 L)")
     return _as_mask(fg, mr_w)
@@ -182,7 +182,7 @@ def head_mask_ct(ct_w: sitk.Image) -> sitk.Image:
     foreign = np.isin(cut, np.unique(far)) & (cut > 0)
     fg = ndi.binary_dilation(core, structure=_BALL, iterations=r + 1) & tissue & ~foreign
     fg = _largest_component(fg)
-    fg = _fill_slices(fg)
+    fg = fill_slices(fg)
     if fg.sum() * sp**3 < 200e3:
         raise VolumeError("CT series: no head found (under 0.2 L of tissue above -400 HU)")
     return _as_mask(fg, ct_w)

@@ -43,10 +43,12 @@ from .types import QA_KEYS, PairResult, PairSpec
 
 log = logging.getLogger(__name__)
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: head and face masks, the native group; format 1 stores still read
 MARKER_DIR = "_pairs"
-VOLUME_VARS = ("mr", "ct", "valid")
-PAIR_VARS = VOLUME_VARS + ("slice_ok",)  # written by the pair's own task
+NATIVE = "native"  # the group of native patient space
+VOLUME_VARS = ("mr", "ct", "valid", "head", "face")
+PAIR_VARS = VOLUME_VARS + ("slice_ok",)  # written by the pair's own task, in each space
+PAIR_VARS_FORMAT_1 = ("mr", "ct", "valid", "slice_ok")
 CLIP_VARS = ("mr_lo", "mr_hi", "ct_lo", "ct_hi")
 AFFINE_VARS = ("mr_affine", "ct_affine")
 STATUS_PENDING = "pending"
@@ -72,6 +74,11 @@ _DESCRIPTIONS = {
     "split": "train / val / test, by patient",
     "days_apart": "CT study date minus MR study date, in days",
     "status": "ok, failed: <reason>, or pending (not processed yet)",
+    "head": "the head and neck with the air inside it filled, couch, headrest and pillow left out; the face region "
+            "is not part of it (loss and metric mask: head & valid)",
+    "face": "the face region defacing emptied (MR 0, CT -1024 HU); all false when defacing is off",
+    "affine": "voxel index (x, y, z, 1) -> source MR series physical LPS mm (4x4), as SimpleITK's "
+              "TransformIndexToPhysicalPoint does for this pair's box",
     "mr_affine": "template physical LPS mm -> source MR series physical LPS mm (4x4)",
     "ct_affine": "template physical LPS mm -> source CT series physical LPS mm (4x4)",
     "mr_metric": "final Mattes MI of MR -> template", "ct_metric": "final Mattes MI of CT -> MR",
@@ -83,6 +90,8 @@ _DESCRIPTIONS = {
     "ct_gain": "relative MI gain of the best nearby CT -> MR transform (<= 0: a local optimum)",
     "skin_mm": "spread of the MR-to-CT skin distance, mm",
     "head_overlap": "Dice of the MR and CT heads over the slab both cover",
+    "face_ml": "head tissue in the face region, mL (native space): what defacing removed",
+    "native_cut_ml": "the MR's head outside the native box, mL",
 }
 
 
@@ -167,6 +176,21 @@ def _percentiles_attr(config) -> dict:
     return {"mr": list(n.mr_percentiles), "ct_mode": n.ct_mode,
             "ct": list(n.ct_window) if n.ct_mode == "window" else list(n.ct_percentiles),
             "ct_unit": "HU" if n.ct_mode == "window" else "percentile"}
+
+
+def pair_arrays(attrs: dict) -> tuple[str, ...]:
+    """The arrays each pair's task writes in this store (paths from the root: ``native/mr`` in the group)."""
+    return tuple(attrs.get("pair_arrays") or PAIR_VARS_FORMAT_1)
+
+
+def _pair_arrays(native: bool) -> tuple[str, ...]:
+    return PAIR_VARS + (tuple(f"{NATIVE}/{v}" for v in PAIR_VARS) if native else ())
+
+
+def _result_array(result: PairResult, path: str):
+    if path.startswith(NATIVE + "/"):
+        return None if result.native is None else result.native.get(path.split("/", 1)[1])
+    return getattr(result, path)
 
 
 # ----------------------------------------------------------------------------------------------- create
@@ -266,6 +290,9 @@ def open_or_create_store(url: str | Location, pairs: Sequence[PairSpec], templat
 
     n = len(pairs)
     z, y, x = template.shape_zyx
+    native = bool(config.native.enabled)
+    native_spacing = float(config.native.spacing_mm)
+    native_size = [int(round(v / native_spacing)) for v in config.native.box_mm]
     root_attrs = {
         "mrict_dask_store": STORE_FORMAT,
         "title": "Paired brain MR/CT in template space (mrict-dask)",
@@ -276,6 +303,12 @@ def open_or_create_store(url: str | Location, pairs: Sequence[PairSpec], templat
                 "TransformIndexToPhysicalPoint((x, y, z)) gives LPS mm",
         "percentiles": _percentiles_attr(config),
         "config": config.to_dict(),
+        "deface": {"enabled": bool(config.deface.enabled),
+                   "note": "the face region (below and in front of the template brain) is emptied in both spaces"
+                           if config.deface.enabled else
+                           "DEFACING OFF: faces are in the volumes; for in-house use only, never share this store"},
+        "native": {"group": NATIVE, "size": native_size, "spacing": [native_spacing] * 3} if native else None,
+        "pair_arrays": list(_pair_arrays(native)),
         **(attrs or {}),
     }
     zstd = ZstdCodec(level=ZSTD_LEVEL)
@@ -288,11 +321,20 @@ def open_or_create_store(url: str | Location, pairs: Sequence[PairSpec], templat
                                   compressors=compressor, attributes={"description": _DESCRIPTIONS.get(name, name)},
                                   **kw)
 
-        for name, dtype, fill in (("mr", "float32", np.nan), ("ct", "float32", np.nan), ("valid", "bool", False)):
-            codec = BloscCodec(typesize=np.dtype(dtype).itemsize, **VOLUME_CODEC)
-            arr(name, (n, z, y, x), ("pair", "z", "y", "x"), dtype, fill, codec, chunks=(1, 1, y, x),
-                shards=(1, z, y, x))
-        arr("slice_ok", (n, z), ("pair", "z"), "bool", False, chunks=(1, z))
+        def volumes(group, prefix: str, shape_zyx) -> None:
+            nz, ny, nx = shape_zyx
+            for name in VOLUME_VARS:
+                dtype, fill = ("float32", np.nan) if name in ("mr", "ct") else ("bool", False)
+                codec = BloscCodec(typesize=np.dtype(dtype).itemsize, **VOLUME_CODEC)
+                group.create_array(name, shape=(n, nz, ny, nx), dtype=dtype, fill_value=fill,
+                                   dimension_names=("pair", "z", "y", "x"), compressors=codec,
+                                   attributes={"description": _DESCRIPTIONS.get(name, name) + prefix},
+                                   chunks=(1, 1, ny, nx), shards=(1, nz, ny, nx))
+            group.create_array("slice_ok", shape=(n, nz), dtype="bool", fill_value=False, dimension_names=("pair", "z"),
+                               compressors=zstd, chunks=(1, nz),
+                               attributes={"description": _DESCRIPTIONS["slice_ok"] + prefix})
+
+        volumes(g, "", (z, y, x))
         for name in CLIP_VARS + tuple(QA_KEYS):
             arr(name, (n,), ("pair",), "float32", np.nan, chunks=(c1,))
         for name in AFFINE_VARS:
@@ -304,6 +346,24 @@ def open_or_create_store(url: str | Location, pairs: Sequence[PairSpec], templat
         days = arr("days_apart", (n,), ("pair",), "int32", 0, chunks=(c1,))
         if n:
             days[:] = np.array([p.days_apart for p in pairs], dtype=np.int32)
+        if native:
+            nx, ny, nz = native_size
+            ng = g.create_group(NATIVE, attributes={
+                "title": "Paired MR/CT in each MR's own patient frame (mrict-dask native space)",
+                "grid": {"size": [nx, ny, nz], "spacing": [native_spacing] * 3},
+                "axes": "arrays are (z, y, x); a pair's `affine` maps a voxel index (x, y, z, 1) to its source MR "
+                        "series' patient LPS mm; mr, ct use the pair's clip bounds (mr_lo, ... here and in the root)",
+            })
+            volumes(ng, " (native space: head-slice coverage)", (nz, ny, nx))
+            ng.create_array("affine", shape=(n, 4, 4), dtype="float64", fill_value=np.nan,
+                            dimension_names=("pair", "row", "col"), compressors=zstd, chunks=(c1, 4, 4),
+                            attributes={"description": _DESCRIPTIONS["affine"]})
+            for name in CLIP_VARS:
+                ng.create_array(name, shape=(n,), dtype="float32", fill_value=np.nan, dimension_names=("pair",),
+                                compressors=zstd, chunks=(c1,), attributes={"description": _DESCRIPTIONS[name]})
+            for name, values in strings.items():
+                if name in ("pair", "split", "status"):
+                    _write_strings(ng, name, values, STATUS_WIDTH if name == "status" else 1)
         # the fingerprint goes in last: a store without it was interrupted while being created
         g.update_attributes({"fingerprint": fingerprint, "n_pairs": n})
         zarr.consolidate_metadata(g.store)
@@ -350,7 +410,7 @@ def _handle(store: Location) -> _Handle:
             return h
         with _quiet():
             g = zarr.open_group(zarr_store(store), mode="r+", use_consolidated=False)
-            arrays = {name: g[name].with_config({"write_empty_chunks": True}) for name in PAIR_VARS}
+            arrays = {name: g[name].with_config({"write_empty_chunks": True}) for name in pair_arrays(attrs)}
             ids = g["pair"]
             pair_ids = [str(v) for v in ids[:]] if ids.shape[0] else []
         keys = {name: _key_fn(name, a) for name, a in arrays.items()}
@@ -368,17 +428,18 @@ def _marker(store: Location, index: int) -> Location:
     return store.join(MARKER_DIR, f"{index}.json")
 
 
-def _check_result(result: PairResult, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+def _check_result(result: PairResult, arrays: dict) -> dict[str, np.ndarray]:
+    """The result's array for each of the store's pair ``arrays`` (path -> zarr array), checked and typed."""
     out = {}
-    for name, dtype, want in (("mr", np.float32, shape), ("ct", np.float32, shape), ("valid", np.bool_, shape),
-                              ("slice_ok", np.bool_, shape[:1])):
-        value = getattr(result, name)
+    for path, array in arrays.items():
+        value = _result_array(result, path)
         if value is None:
-            raise ValueError(f"pair {result.pair_id}: status ok but {name} is missing")
+            raise ValueError(f"pair {result.pair_id}: status ok but {path} is missing")
         value = np.asarray(value)
+        want = tuple(array.shape[1:])
         if value.shape != want:
-            raise ValueError(f"pair {result.pair_id}: {name} has shape {value.shape}, the store's grid needs {want}")
-        out[name] = np.ascontiguousarray(value, dtype=dtype)
+            raise ValueError(f"pair {result.pair_id}: {path} has shape {value.shape}, the store's grid needs {want}")
+        out[path] = np.ascontiguousarray(value, dtype=array.dtype)
     return out
 
 
@@ -421,19 +482,21 @@ def write_pair(url: str | Location, index: int, result: PairResult, storage_opti
         **{k: [[_json_float(v) for v in row] for row in np.asarray(getattr(result, k), float).reshape(4, 4)]
            for k in AFFINE_VARS},
         "qa": {k: _json_float(result.qa.get(k, float("nan"))) for k in QA_KEYS},
+        "notes": [clean_status(n) for n in result.notes],
         "timings": {k: float(v) for k, v in (result.timings or {}).items()},
     }
-    shape = h.arrays["mr"].shape[1:]
+    if result.native is not None and result.native.get("affine") is not None:
+        marker["native_affine"] = [[_json_float(v) for v in row] for row in np.asarray(result.native["affine"], float)]
     if result.ok:
-        arrays = _check_result(result, shape)
-        for name in PAIR_VARS:
-            _write_shard(h.arrays[name], index, arrays[name][None])
-        marker["checksum"] = {"algorithm": "sha256", **{name: _sha256(arrays[name]) for name in PAIR_VARS}}
+        arrays = _check_result(result, h.arrays)
+        for name, data in arrays.items():
+            _write_shard(h.arrays[name], index, data[None])
+        marker["checksum"] = {"algorithm": "sha256", **{name: _sha256(data) for name, data in arrays.items()}}
         store.fs.invalidate_cache()
         marker["objects"] = {name: {"key": h.keys[name](index), "size": store.join(h.keys[name](index)).size()}
-                             for name in PAIR_VARS}
+                             for name in h.arrays}
     else:
-        for name in PAIR_VARS:
+        for name in h.arrays:
             store.join(h.keys[name](index)).remove()
     if result.figure_png:
         store.join(MARKER_DIR, f"{index}.png").write_bytes(bytes(result.figure_png))
@@ -471,12 +534,12 @@ def _read_markers(store: Location) -> tuple[dict[int, dict], list[tuple[str, str
     return markers, bad
 
 
-def _object_sizes(store: Location) -> dict[str, int]:
-    """Size of every pair object (shards of mr/ct/valid, chunks of slice_ok), by key relative to the store."""
+def _object_sizes(store: Location, names: Sequence[str]) -> dict[str, int]:
+    """Size of every pair object (shards of the volumes, chunks of slice_ok), by key relative to the store."""
     fs = store.fs
     root = store.path.rstrip("/")
     out: dict[str, int] = {}
-    for name in PAIR_VARS:
+    for name in names:
         try:
             found = fs.find(join(root, name, "c"), detail=True)
         except FileNotFoundError:
@@ -498,7 +561,8 @@ def completed_pairs(url: str | Location, storage_options: dict | None = None, ch
     markers, bad = _read_markers(store)
     for name, reason in bad:
         log.warning("%s: %s (the pair will be redone)", name, reason)
-    sizes = _object_sizes(store) if check else {}
+    names = pair_arrays(attrs)
+    sizes = _object_sizes(store, names) if check else {}
     out = {}
     for idx, m in markers.items():
         if m.get("fingerprint") != attrs["fingerprint"] or idx >= int(attrs["n_pairs"]):
@@ -506,7 +570,7 @@ def completed_pairs(url: str | Location, storage_options: dict | None = None, ch
             continue
         if check and m.get("status") == "ok":
             objs = m.get("objects", {})
-            wrong = [name for name in PAIR_VARS
+            wrong = [name for name in names
                      if name not in objs or sizes.get(objs[name]["key"]) != objs[name]["size"]]
             if wrong:
                 log.warning("pair %d: marker present but %s not as written; the pair will be redone",
@@ -531,14 +595,15 @@ def finalize_store(url: str | Location, storage_options: dict | None = None) -> 
     status = np.array([_fit(markers[i]["status"]) if i in markers else STATUS_PENDING for i in range(n)],
                       dtype=object)
     scal = {k: np.full(n, np.nan, np.float32) for k in CLIP_VARS + tuple(QA_KEYS)}
-    aff = {k: np.full((n, 4, 4), np.nan, np.float64) for k in AFFINE_VARS}
+    aff = {k: np.full((n, 4, 4), np.nan, np.float64) for k in AFFINE_VARS + ("native_affine",)}
     for i, m in markers.items():
         for k in CLIP_VARS:
             scal[k][i] = _from_json_float(m.get(k))
         for k in QA_KEYS:
             scal[k][i] = _from_json_float(m.get("qa", {}).get(k))
-        for k in AFFINE_VARS:
-            aff[k][i] = np.array([[_from_json_float(v) for v in row] for row in m[k]], np.float64)
+        for k in aff:
+            if m.get(k) is not None:
+                aff[k][i] = np.array([[_from_json_float(v) for v in row] for row in m[k]], np.float64)
     counts = Counter("ok" if s == "ok" else ("pending" if s == STATUS_PENDING else "failed") for s in status)
     content = hashlib.sha256(json.dumps([[i, markers[i].get("status"), markers[i].get("checksum")]
                                          for i in sorted(markers)], sort_keys=True).encode()).hexdigest()
@@ -554,8 +619,14 @@ def finalize_store(url: str | Location, storage_options: dict | None = None) -> 
                 old[:] = status
             for k, v in scal.items():
                 g[k][:] = v
-            for k, v in aff.items():
-                g[k][:] = v
+            for k in AFFINE_VARS:
+                g[k][:] = aff[k]
+            if attrs.get("native"):  # the native group's copies: it reads on its own (xr.open_zarr(group=...))
+                ng = g[NATIVE]
+                ng["status"][:] = status
+                ng["affine"][:] = aff["native_affine"]
+                for k in CLIP_VARS:
+                    ng[k][:] = scal[k]
         g.update_attributes({"pairs_ok": counts["ok"], "pairs_failed": counts["failed"],
                              "pairs_pending": counts["pending"], "content_digest": content})
         zarr.consolidate_metadata(g.store)
@@ -603,10 +674,11 @@ def verify_store(url: str | Location, storage_options: dict | None = None) -> Ve
         except ValueError:
             report.notes.append(f"{name}: {reason}")
     bad_idx = {i for i, _ in report.torn}
-    sizes = _object_sizes(store)
+    names = pair_arrays(attrs)
+    sizes = _object_sizes(store, names)
     with _quiet():
         g = zarr.open_group(zarr_store(store, read_only=True), mode="r", use_consolidated=False)
-        arrays = {name: g[name] for name in PAIR_VARS}
+        arrays = {name: g[name] for name in names}
         pair_ids = [str(v) for v in g["pair"][:]] if n else []
         status = [str(v) for v in g["status"][:]] if n else []
     keys = {name: _key_fn(name, a) for name, a in arrays.items()}
@@ -634,12 +706,12 @@ def verify_store(url: str | Location, storage_options: dict | None = None) -> Ve
             report.torn.append((i, f"status variable {status[i]!r} disagrees with the marker {m.get('status')!r}"))
             continue
         if m.get("status") != "ok":
-            leftover = [name for name in PAIR_VARS if keys[name](i) in sizes]
+            leftover = [name for name in names if keys[name](i) in sizes]
             if leftover:
                 report.torn.append((i, f"failed pair still holds data in {', '.join(leftover)}"))
             continue
         problems = []
-        for name in PAIR_VARS:
+        for name in names:
             if keys[name](i) not in sizes:
                 problems.append(f"{name}: object missing")
                 continue
@@ -726,11 +798,15 @@ def inspect_store(url: str | Location, png: str | None = None, storage_options: 
 
 
 def _montage(store: Location, png: str, ok, slice_ok, split, grid, n_show: int = 6, seed: int = 0) -> int:
+    """Random ok slices, template space (MR, CT) and, in stores with it, native space (MR, CT); then one pair's
+    native head from the front and the side (a reviewer sees at a glance that the face is gone)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import zarr
+
+    from .qa import depth_render
 
     cand = np.argwhere(slice_ok & ok[:, None]) if slice_ok.size else np.zeros((0, 2), int)
     if not len(cand):
@@ -740,21 +816,41 @@ def _montage(store: Location, png: str, ok, slice_ok, split, grid, n_show: int =
     flip_rows, flip_cols = _display_flips(grid["direction"])
     with _quiet():
         g = zarr.open_group(zarr_store(store, read_only=True), mode="r")
+        native = g.get(NATIVE)
         mr, ct = g["mr"], g["ct"]
         ct_lo, ct_hi = np.asarray(g["ct_lo"][:]), np.asarray(g["ct_hi"][:])
-        fig, axes = plt.subplots(len(pick), 2, figsize=(5, 2.5 * len(pick)), squeeze=False)
+        n_cols = 4 if native is not None else 2
+        rows = len(pick) + (1 if native is not None else 0)
+        fig, axes = plt.subplots(rows, n_cols, figsize=(2.5 * n_cols, 2.5 * rows), squeeze=False)
         for row, (p, z) in enumerate(pick):
             lo, hi = float(ct_lo[p]), float(ct_hi[p])
             # CT shown in a brain window (HU -100..200) when its clip bounds are known
             ct_range = ((-100 - lo) / (hi - lo), (200 - lo) / (hi - lo)) if np.isfinite(lo + hi) and hi > lo else (0, 1)
-            for col, (name, a) in enumerate((("MR", mr), ("CT", ct))):
-                img = np.asarray(a[int(p), int(z)])
-                img = img[::-1] if flip_rows else img
-                img = img[:, ::-1] if flip_cols else img
+            panels = [("MR", np.asarray(mr[int(p), int(z)]), True), ("CT", np.asarray(ct[int(p), int(z)]), True)]
+            if native is not None:
+                nz = np.flatnonzero(np.asarray(native["slice_ok"][int(p)]))
+                zn = int(nz[len(nz) // 2]) if len(nz) else 0
+                panels += [("native MR", np.asarray(native["mr"][int(p), zn]), False),
+                           ("native CT", np.asarray(native["ct"][int(p), zn]), False)]
+            for col, (name, plane, template_grid) in enumerate(panels):
+                if template_grid:
+                    rows_up = plane[::-1] if flip_rows else plane
+                    shown = rows_up[:, ::-1] if flip_cols else rows_up
+                else:  # native: LPS, identity direction: anterior up, the patient's left on the right
+                    shown = plane[:, ::-1]
                 ax = axes[row, col]
-                vmin, vmax = (0, 1) if name == "MR" else ct_range
-                ax.imshow(img, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
-                ax.set_title(f"{name} pair {int(p)} ({split[int(p)]}) z={int(z)}", fontsize=8)
+                vmin, vmax = (0, 1) if "MR" in name else ct_range
+                ax.imshow(shown, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+                ax.set_title(f"{name} pair {int(p)} ({split[int(p)]})", fontsize=7)
+                ax.axis("off")
+        if native is not None:
+            p = int(pick[0][0])
+            head = np.asarray(native["head"][p])
+            for col, view in enumerate(("front", "side")):
+                ax = axes[-1, col]
+                ax.imshow(depth_render(head, view), cmap="bone", vmin=0, vmax=1, interpolation="nearest")
+                ax.set_title(f"pair {p}: head from the {view}", fontsize=7)
+            for ax in axes[-1]:
                 ax.axis("off")
         fig.tight_layout()
         buf = io.BytesIO()

@@ -38,6 +38,10 @@ class PairResult:
     ct: np.ndarray | None = None  # float32 in [0, 1]
     valid: np.ndarray | None = None  # bool
     slice_ok: np.ndarray | None = None  # bool, (z,)
+    head: np.ndarray | None = None  # bool: the head (face region excluded)
+    face: np.ndarray | None = None  # bool: the face region, emptied by defacing
+    # native space: mr, ct (as in the template space), valid, head, face (z, y, x), slice_ok (z,), affine (4, 4)
+    native: dict[str, np.ndarray] | None = None
     mr_lo: float = float("nan")
     mr_hi: float = float("nan")
     ct_lo: float = float("nan")
@@ -45,6 +49,7 @@ class PairResult:
     mr_affine: np.ndarray = field(default_factory=lambda: np.full((4, 4), np.nan))
     ct_affine: np.ndarray = field(default_factory=lambda: np.full((4, 4), np.nan))
     qa: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what a reviewer should know (PHI-free)
     figure_png: bytes | None = None  # three-plane edge overlay, PHI-free
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -65,4 +70,6 @@ QA_KEYS: tuple[str, ...] = (
     "ct_gain",  # the same for CT -> MR
     "skin_mm",  # spread (median absolute deviation) of the MR-to-CT skin distance, mm
     "head_overlap",  # Dice of the MR and CT heads over the slab both cover
+    "face_ml",  # head tissue in the face region (mL, native space): what defacing removed
+    "native_cut_ml",  # the MR's head outside the native box (mL)
 )

@@ -27,7 +27,31 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 # Accuracy is asserted at the defaults: test_register.py, test_pair.py and the 1 mm end-to-end run in
 # test_run.py (TRE against the generator's transforms).
 FAST_SETTINGS = {"grid.spacing": 2.0, "registration.working_spacing_mm": 3.0,
-                 "registration.refine_at_template_resolution": False}
+                 "registration.refine_at_template_resolution": False, "registration.ct_refine_mm": 0.0,
+                 "native.spacing_mm": 2.0}
+
+
+NATIVE_BOX = (6, 5, 4)  # x, y, z voxels at 1 mm
+
+
+def _small_native():
+    from mrict_dask.config import load_config
+
+    return load_config(None, {"native.box_mm": [float(v) for v in NATIVE_BOX]})
+
+
+# stores of synthetic results (tests of the store, the loader, the report): native space on a small box
+SMALL_NATIVE = _small_native()
+
+
+def native_arrays(rng, affine, box=NATIVE_BOX) -> dict:
+    """Random native-space arrays of one pair on a small box (x, y, z voxels)."""
+    import numpy as np
+
+    nz, ny, nx = box[::-1]
+    return {"mr": rng.random((nz, ny, nx), dtype=np.float32), "ct": rng.random((nz, ny, nx), dtype=np.float32),
+            "valid": rng.random((nz, ny, nx)) > 0.2, "head": rng.random((nz, ny, nx)) > 0.5,
+            "face": rng.random((nz, ny, nx)) > 0.9, "slice_ok": rng.random(nz) > 0.5, "affine": affine}
 
 
 def fast_config(**overrides):

@@ -21,11 +21,10 @@ import pytest
 import SimpleITK as sitk
 
 from mrict_dask import store
-from mrict_dask.config import Config
 from mrict_dask.loader import SlicePairs, VolumePairs, VolumePatches, ct_to_hu, patch_corner, plan_reads
 from mrict_dask.template import Template
 from mrict_dask.types import QA_KEYS, PairResult, PairSpec
-from tests.conftest import readme_block, upload_tree
+from tests.conftest import SMALL_NATIVE, native_arrays, readme_block, upload_tree
 
 SPLITS = ("train", "val", "test")
 SHAPE = (9, 11, 13)  # z, y, x
@@ -54,7 +53,9 @@ def tagged_result(p: PairSpec, seed: int = 0) -> PairResult:
         ct[z, 0, 0] = SPLITS.index(p.split) / 4
     slice_ok = np.zeros(SHAPE[0], bool)
     slice_ok[rng.choice(SHAPE[0], size=1 + p.index % 5, replace=False)] = True
-    return PairResult(pair_id=p.pair_id, status="ok", mr=mr, ct=ct, valid=rng.random(SHAPE) > 0.2, slice_ok=slice_ok,
+    valid = rng.random(SHAPE) > 0.2
+    return PairResult(pair_id=p.pair_id, status="ok", mr=mr, ct=ct, valid=valid, slice_ok=slice_ok,
+                      head=valid & (mr > 0.3), face=~valid & (ct > 0.5), native=native_arrays(rng, np.eye(4)),
                       mr_lo=0.0, mr_hi=900.0, ct_lo=-1024.0, ct_hi=3071.0, mr_affine=np.eye(4), ct_affine=np.eye(4),
                       qa=dict.fromkeys(QA_KEYS, 0.5))
 
@@ -69,7 +70,7 @@ def built(tmp_path_factory):
     """9 pairs: 2 fails on a re-run after a good write; 6 never written; 7 written after finalize (still pending)."""
     url = str(tmp_path_factory.mktemp("loader") / "store.zarr")
     pairs = pairs_for(9)
-    store.open_or_create_store(url, pairs, tiny_template(), Config())
+    store.open_or_create_store(url, pairs, tiny_template(), SMALL_NATIVE)
     results = {}
     for p in pairs:
         if p.index in (6, 7):
@@ -160,7 +161,7 @@ def three_pairs(tmp_path) -> str:
     """A finished local store of three ok pairs."""
     url = str(tmp_path / "s.zarr")
     pairs = pairs_for(3)
-    store.open_or_create_store(url, pairs, tiny_template(), Config())
+    store.open_or_create_store(url, pairs, tiny_template(), SMALL_NATIVE)
     for p in pairs:
         store.write_pair(url, p.index, tagged_result(p))
     store.finalize_store(url)
@@ -540,6 +541,53 @@ def test_readme_training_example_runs_as_written(built, tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ok = sorted(i for i in results if pairs[i].split == "train")
-    n_slices = sum(int(results[i].slice_ok.sum()) for i in ok)
+    n_slices = sum(int(results[i].native["slice_ok"].sum()) for i in ok)  # the example trains in native space
     assert f"{n_slices} training slices from {len(ok)} pairs" in proc.stdout
     assert re.search(r"MAE [0-9.]+ HU", proc.stdout), proc.stdout
+
+
+# --------------------------------------------------------------------------------------------- spaces and masks
+def test_native_space_and_masks_read_what_was_written(built):
+    """space="native" reads the native group; masks come after MR and CT in the order asked, "loss" is
+    head & valid; affine(pair) is the pair's native affine; the template space's head and face read too."""
+    url, pairs, results = built
+    sp = SlicePairs(url, split=None, space="native", masks=("face", "loss", "valid", "head"), with_pair=True)
+    assert len(sp) == sum(int(results[i].native["slice_ok"].sum()) for i in results)
+    for i in range(len(sp)):
+        mr, ct, face, loss, valid, head, p = sp[i]
+        z = sp.locate(i)[1]
+        nat = results[p].native
+        for got, name in ((mr, "mr"), (ct, "ct"), (face, "face"), (valid, "valid"), (head, "head")):
+            assert got.tobytes() == nat[name][z].tobytes(), (i, name)
+        assert np.array_equal(loss, nat["head"][z] & nat["valid"][z])
+        assert np.array_equal(sp.affine(p), nat["affine"])
+    vp = VolumePairs(url, split=None, space="native", masks=("loss",))
+    for k, p in enumerate(vp.pair_indices):
+        mr, ct, loss = vp[k]
+        nat = results[int(p)].native
+        assert mr.tobytes() == nat["mr"].tobytes() and np.array_equal(loss, nat["head"] & nat["valid"])
+    tp = VolumePairs(url, split=None, masks=("head", "face"))
+    for k, p in enumerate(tp.pair_indices):
+        _, _, head, face = tp[k]
+        assert np.array_equal(head, results[int(p)].head) and np.array_equal(face, results[int(p)].face)
+    patches = VolumePatches(url, split=None, space="native", patch_size=(2, 3, 3), masks=("loss",))
+    assert all(a.shape == (2, 3, 3) for a in patches[0])
+
+
+def test_a_store_without_native_space_says_so(tmp_path):
+    from mrict_dask.config import load_config
+
+    url = str(tmp_path / "template-only.zarr")
+    pairs = pairs_for(2)
+    store.open_or_create_store(url, pairs, tiny_template(), load_config(None, {"native.enabled": False}))
+    r = tagged_result(pairs[0])
+    r.native = None
+    store.write_pair(url, 0, r)
+    store.finalize_store(url)
+    with pytest.raises(ValueError, match="no native space"):
+        SlicePairs(url, split=None, space="native")
+    with pytest.raises(ValueError, match="space must be one of"):
+        SlicePairs(url, split=None, space="mni")
+    with pytest.raises(ValueError, match="unknown mask"):
+        SlicePairs(url, split=None, masks=("brain",))
+    assert len(SlicePairs(url, split=None, masks=("loss",))[0]) == 3

@@ -66,8 +66,15 @@ def test_outputs_on_the_template_grid(template):
     for arr in (r.mr, r.ct):
         assert arr.shape == shape and arr.dtype == np.float32
         assert np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0
-    assert r.valid.shape == shape and r.valid.dtype == bool
+    assert r.valid.shape == r.head.shape == r.face.shape == shape and r.valid.dtype == r.head.dtype == bool
     assert r.slice_ok.shape == (shape[0],) and r.slice_ok.dtype == bool and r.slice_ok.sum() > 50
+    assert not (r.head & r.face).any()  # the metric mask head & valid never holds a defaced voxel
+    box = tuple(int(v) for v in Config().native.box_mm[::-1])  # 1 mm: (z, y, x) voxels
+    nat = r.native
+    for name in ("mr", "ct", "valid", "head", "face"):
+        assert nat[name].shape == box, name
+    assert nat["slice_ok"].shape == box[:1] and nat["affine"].shape == (4, 4)
+    assert np.allclose(nat["affine"][:3, :3], np.eye(3))  # the MR's patient axes, 1 mm
     assert r.mr_affine.shape == r.ct_affine.shape == (4, 4) and r.mr_affine.dtype == np.float64
     assert (r.ct_lo, r.ct_hi) == Config().normalize.ct_window and r.mr_hi > r.mr_lo
     assert set(r.qa) == set(QA_KEYS) and all(np.isfinite(v) for v in r.qa.values())
@@ -88,7 +95,22 @@ def test_ct_is_interpolated_once_from_its_own_grid(template):
     hu = sitk.GetArrayFromImage(ref)
     inside = ~np.isnan(hu)
     assert not (r.valid & ~inside).any() and (r.valid & inside).sum() > 0.5 * inside.sum()
-    np.testing.assert_allclose(ct_to_hu(r.ct, r.ct_lo, r.ct_hi)[r.valid], hu[r.valid], atol=2e-3)
+    kept = r.valid & ~r.face
+    np.testing.assert_allclose(ct_to_hu(r.ct, r.ct_lo, r.ct_hi)[kept], hu[kept], atol=2e-3)
+    assert np.all(ct_to_hu(r.ct, r.ct_lo, r.ct_hi)[r.face] == -1024.0)  # defaced: air
+    # native space: the CT through the rigid CT -> MR transform only, onto the box the affine describes
+    nat = r.native
+    box = sitk.Image(list(nat["mr"].shape[::-1]), sitk.sitkFloat32)
+    box.SetOrigin(tuple(nat["affine"][:3, 3]))
+    mr_to_ct = r.ct_affine @ np.linalg.inv(r.mr_affine)
+    hu = sitk.GetArrayFromImage(sitk.Resample(R.prepare_ct(p.ct), box, R.affine_from_matrix(mr_to_ct),
+                                              sitk.sitkLinear, float("nan"), sitk.sitkFloat32))
+    kept = nat["valid"] & ~nat["face"]
+    assert kept.sum() > 1e6 and not np.isnan(hu[kept]).any()
+    np.testing.assert_allclose(ct_to_hu(nat["ct"], r.ct_lo, r.ct_hi)[kept], hu[kept], atol=2e-3)
+    mr = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(p.mr, sitk.sitkFloat32), box, sitk.Transform(),
+                                              sitk.sitkLinear, float("nan"), sitk.sitkFloat32))
+    np.testing.assert_allclose(nat["mr"][kept], np.clip((mr[kept] - r.mr_lo) / (r.mr_hi - r.mr_lo), 0, 1), atol=1e-5)
 
 
 @pytest.mark.slow
@@ -120,7 +142,7 @@ def test_valid_is_false_outside_a_short_ct_field_of_view(template):
     # outside its field of view the CT is air, and brain slices the CT does not cover are not training samples
     air = (CT_FILL_HU - r.ct_lo) / (r.ct_hi - r.ct_lo)
     clearly_out = ~inside(ct, p.ct_transform, margin=2.0)  # beyond the border layer
-    assert np.allclose(r.ct[clearly_out], air) and not r.valid[clearly_out].any()
+    assert np.allclose(r.ct[clearly_out & ~r.face], air) and not r.valid[clearly_out].any()  # (defaced: 0)
     brain = sitk.GetArrayViewFromImage(template.mask) > 0
     covered = (brain & truth).sum(axis=(1, 2)) / np.maximum(brain.sum(axis=(1, 2)), 1)
     assert not r.slice_ok[(covered < 0.5)].any()

@@ -129,3 +129,71 @@ def test_gate_passes_the_real_registration_and_refuses_it_made_wrong(real_run, t
     for name, w in wrong_ct.items():
         assert qa.ct_failures(qa.ct_measures(mr_w, mr_head, ct_w, ct_head, mr_to_ct @ w), cfg), \
             f"CT -> MR {name} passed"
+
+
+# Colin27's eye centres (LPS mm, its own frame), found on its T1 as the centres of the dark vitreous blobs
+COLIN27_EYES = ((33.3, -61.4, -35.6), (-36.3, -61.7, -37.4))
+
+
+def _colin_nose(head) -> np.ndarray:
+    """The most anterior point of Colin27's tissue near the midline between 15 and 40 mm below the AC (the nose;
+    its field of view cuts the tip)."""
+    t1 = head.t1
+    a = sitk.GetArrayFromImage(t1)
+    zyx = np.argwhere(ndi.gaussian_filter(a, 1.0) > 40.0)
+    d = np.array(t1.GetDirection()).reshape(3, 3) * np.array(t1.GetSpacing())
+    pts = np.array(t1.GetOrigin()) + zyx[:, ::-1].astype(float) @ d.T
+    near = pts[(np.abs(pts[:, 0]) < 4) & (pts[:, 2] < -15) & (pts[:, 2] > -40)]
+    return near[np.argmin(near[:, 1])]
+
+
+def _voxels(points: np.ndarray, affine: np.ndarray, shape_zyx) -> np.ndarray:
+    """(z, y, x) indices of physical points on a grid given by its 4x4 index -> physical matrix; -1 outside."""
+    inv = np.linalg.inv(affine)
+    ijk = np.round(points @ inv[:3, :3].T + inv[:3, 3]).astype(int)
+    inside = ((ijk >= 0) & (ijk < np.array(shape_zyx[::-1]))).all(1)
+    return np.where(inside[:, None], ijk[:, ::-1], -1)
+
+
+def test_real_head_is_defaced_in_both_spaces_with_its_brain_untouched(real_run, heads, template):
+    """Colin27 (sagittal to the neck): around each eye and the nose (5 mm) both spaces hold background (MR 0, CT
+    -1024 HU) and the face mask; inside its own brain mask grown by 2 mm nothing is in the face region (the face
+    region keeps 8 mm from the template brain; Colin27's temporal poles sit ~5 mm beyond the template's after the
+    affine, so its 3 mm shell touches the region at a few voxels there)."""
+    from mrict_dask.io import Location
+    from mrict_dask.native import affine_of
+    from mrict_dask.plan import Plan
+
+    _, store, posed = real_run
+    plan = Plan.from_json(Location(store + ".work").join("plan.json").read_text())
+    k = next(p.index for p in plan.pairs if _case_of(p) == "RH-COLIN-SAG")
+    truth, head = posed["RH-COLIN-SAG"], heads["colin27"]
+    root, nat = xr.open_zarr(store), xr.open_zarr(store, group="native")
+    assert root.attrs["deface"]["enabled"] is True
+    to_mr = truth.mr_pose  # Colin27's own frame -> the MR scanner frame
+    ball = np.array([(x, y, z) for x in range(-5, 6) for y in range(-5, 6) for z in range(-5, 6)
+                     if x * x + y * y + z * z <= 25], float)
+    landmarks = [*COLIN27_EYES, tuple(_colin_nose(head) + (0.0, 3.0, 0.0))]  # the nose 3 mm inside its surface
+    mr_affine = root["mr_affine"].values[k]
+    # (dataset, grid index -> physical, Colin27's frame -> the grid's physical frame): a point of the MR's frame
+    # sits in the template grid where the store put that anatomy, through inv(mr_affine)
+    spaces = {"native": (nat, nat["affine"].values[k], to_mr),
+              "template": (root, affine_of(template.image), np.linalg.inv(mr_affine) @ to_mr)}
+    for space, (ds, grid_affine, to_grid) in spaces.items():
+        mr, ct, face = (ds[v].values[k] for v in ("mr", "ct", "face"))
+        for lm in landmarks:
+            pts = (np.asarray(lm) + ball) @ to_grid[:3, :3].T + to_grid[:3, 3]
+            idx = _voxels(pts, grid_affine, mr.shape)
+            idx = idx[(idx >= 0).all(1)]
+            assert len(idx) > 0.9 * len(ball), (space, lm)
+            z, y, x = idx.T
+            assert face[z, y, x].all() and (mr[z, y, x] == 0).all() and (ct[z, y, x] == 0).all(), (space, lm)
+        # the brain and 2 mm around it: never in the face region
+        brain = sitk.GetArrayFromImage(sitk.ReadImage(RH.COLIN27_BRAIN)) > 0
+        grown = ndi.distance_transform_edt(~brain, sampling=head.t1.GetSpacing()[::-1]) <= 2.0
+        zyx = np.argwhere(grown)[::3]
+        d = np.array(head.t1.GetDirection()).reshape(3, 3) * np.array(head.t1.GetSpacing())
+        pts = np.array(head.t1.GetOrigin()) + zyx[:, ::-1].astype(float) @ d.T
+        idx = _voxels(pts @ to_grid[:3, :3].T + to_grid[:3, 3], grid_affine, mr.shape)
+        idx = idx[(idx >= 0).all(1)]
+        assert len(idx) > 0.9 * len(pts) and not face[tuple(idx.T)].any(), space

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from . import faulty_fs
-from .conftest import fast_config, upload_tree
+from .conftest import SMALL_NATIVE, fast_config, upload_tree
 from .faulty_fs import Faults, faults_injected, faulty_options, to_faulty
 
 RATE = 0.2  # a share of failing requests far above any real store's: every code path meets several faults
@@ -174,7 +174,6 @@ def _written(url: str, so: dict, pairs, results) -> None:
 def test_store_under_request_faults_on_every_kind_of_request(s3, fault_log):
     """Create, write (ok and failed pairs), finalize, verify: 20 % of every S3 request fails, nothing is lost."""
     from mrict_dask import store
-    from mrict_dask.config import Config
 
     from .test_store import make_pairs, make_result, small_template
 
@@ -183,7 +182,7 @@ def test_store_under_request_faults_on_every_kind_of_request(s3, fault_log):
                         seed=4)
     t = small_template()
     pairs = make_pairs(5)
-    store.open_or_create_store(to_faulty(url), pairs, t, Config(), so)
+    store.open_or_create_store(to_faulty(url), pairs, t, SMALL_NATIVE, so)
     results = {}
     for p in pairs:
         status = "failed: MR: constant image" if p.index == 2 else "ok"
@@ -202,7 +201,6 @@ def test_write_pair_cut_by_an_outage_is_never_torn_and_completes_on_retry(s3, fa
     """Writes fail for longer than the client retries (the error reaches write_pair): after every failed
     attempt the pair is not complete and verify finds nothing torn; retrying the pair completes it once."""
     from mrict_dask import store
-    from mrict_dask.config import Config
 
     from .test_store import make_pairs, make_result, small_template
 
@@ -210,7 +208,7 @@ def test_write_pair_cut_by_an_outage_is_never_torn_and_completes_on_retry(s3, fa
     plain = s3.storage_options
     t = small_template()
     pairs = make_pairs(4)
-    store.open_or_create_store(url, pairs, t, Config(), plain)
+    store.open_or_create_store(url, pairs, t, SMALL_NATIVE, plain)
     first = {p.index: make_result(p, t.shape_zyx, seed=1) for p in pairs}
     for p in pairs[:2]:  # two pairs already complete: their rewrite is cut too
         store.write_pair(url, p.index, first[p.index], plain)

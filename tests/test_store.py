@@ -18,12 +18,15 @@ import pytest
 import SimpleITK as sitk
 
 from mrict_dask import store
-from mrict_dask.config import Config, NormalizeConfig, RunConfig
+from mrict_dask.config import NormalizeConfig, RunConfig
 from mrict_dask.errors import StoreMismatchError
 from mrict_dask.template import Template
 from mrict_dask.types import QA_KEYS, PairResult, PairSpec
 
+from .conftest import SMALL_NATIVE, native_arrays
+
 SPLITS = ("train", "val", "test")
+CONFIG = SMALL_NATIVE  # every store here has native space on a small box, so results stay small
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -64,6 +67,7 @@ def make_result(pair: PairSpec, shape, seed: int = 0, status: str = "ok") -> Pai
     aff = np.eye(4)
     aff[:3, 3] = rng.normal(size=3)
     return PairResult(pair_id=pair.pair_id, status="ok", mr=mr, ct=ct, valid=valid, slice_ok=slice_ok,
+                      head=valid & (mr > 0.2), face=~valid & (ct > 0.4), native=native_arrays(rng, aff + 1.0),
                       mr_lo=float(rng.random()), mr_hi=1000.0 + pair.index, ct_lo=-1024.0, ct_hi=3071.0,
                       mr_affine=aff, ct_affine=aff @ np.diag([1, 1, 1, 1.0]) + 0.5 * pair.index,
                       qa={k: float(rng.random()) for k in QA_KEYS}, timings={"register": 1.5},
@@ -73,7 +77,7 @@ def make_result(pair: PairSpec, shape, seed: int = 0, status: str = "ok") -> Pai
 def build_store(url, n=6, failed=(3,), pending=(), template=None, config=None, storage_options=None, seed=0):
     template = template or small_template()
     pairs = make_pairs(n)
-    store.open_or_create_store(url, pairs, template, config or Config(), storage_options=storage_options)
+    store.open_or_create_store(url, pairs, template, config or CONFIG, storage_options=storage_options)
     results = {}
     for p in pairs:
         if p.index in pending:
@@ -131,7 +135,7 @@ def test_xarray_reads_consolidated_store_with_contract_attrs(tmp_path):
     import xarray as xr
 
     url = str(tmp_path / "out.zarr")
-    cfg = Config(normalize=NormalizeConfig(mr_percentiles=(0.5, 99.5)))
+    cfg = dataclasses.replace(CONFIG, normalize=NormalizeConfig(mr_percentiles=(0.5, 99.5)))
     pairs, results, t = build_store(url, n=5, failed=(2,), config=cfg)
     with open(os.path.join(url, "zarr.json")) as fh:
         root = json.load(fh)
@@ -176,12 +180,13 @@ def test_grid_locates_voxels_on_the_real_template(tmp_path, template):
 
     url = str(tmp_path / "mni.zarr")
     pair = make_pairs(1)
-    store.open_or_create_store(url, pair, template, Config())
+    store.open_or_create_store(url, pair, template, CONFIG)
     t1 = sitk.GetArrayFromImage(template.image)
     assert t1.shape == (189, 233, 197)
     mr = (t1 / t1.max()).astype(np.float32)
     res = PairResult(pair_id=pair[0].pair_id, status="ok", mr=mr, ct=mr[::-1].copy(), valid=mr > 0,
-                     slice_ok=(mr > 0).any(axis=(1, 2)))
+                     slice_ok=(mr > 0).any(axis=(1, 2)), head=mr > 0, face=np.zeros(mr.shape, bool),
+                     native=native_arrays(np.random.default_rng(0), np.eye(4)))
     store.write_pair(url, 0, res)
     store.finalize_store(url)
     ds = xr.open_zarr(url)
@@ -304,7 +309,7 @@ def test_failed_pair_leaves_fill_values_and_clears_an_earlier_write(tmp_path):
     url = str(tmp_path / "out.zarr")
     t = small_template()
     pairs = make_pairs(2)
-    store.open_or_create_store(url, pairs, t, Config())
+    store.open_or_create_store(url, pairs, t, CONFIG)
     store.write_pair(url, 0, make_result(pairs[0], t.shape_zyx))
     reason = "failed: CT series 1.2.840.113619.2.55.3.604688119 has a gap\n  (acquired 20190312)"
     marker = store.write_pair(url, 0, make_result(pairs[0], t.shape_zyx, status=reason))
@@ -324,7 +329,7 @@ def test_write_pair_refuses_a_result_for_another_pair_or_grid(tmp_path):
     url = str(tmp_path / "out.zarr")
     t = small_template()
     pairs = make_pairs(2)
-    store.open_or_create_store(url, pairs, t, Config())
+    store.open_or_create_store(url, pairs, t, CONFIG)
     with pytest.raises(ValueError, match="index 1"):
         store.write_pair(url, 1, make_result(pairs[0], t.shape_zyx))
     bad = make_result(pairs[1], t.shape_zyx)
@@ -338,7 +343,7 @@ def test_write_pair_refuses_a_result_for_another_pair_or_grid(tmp_path):
 
 def test_store_with_no_pairs(tmp_path):
     url = str(tmp_path / "empty.zarr")
-    store.open_or_create_store(url, [], small_template(), Config())
+    store.open_or_create_store(url, [], small_template(), CONFIG)
     store.finalize_store(url)
     assert store.completed_pairs(url) == {}
     assert store.verify_store(url).ok
@@ -350,21 +355,22 @@ def test_a_different_store_at_the_same_url_is_refused(tmp_path):
     url = str(tmp_path / "out.zarr")
     t = small_template()
     pairs = make_pairs(3)
-    store.open_or_create_store(url, pairs, t, Config())
+    store.open_or_create_store(url, pairs, t, CONFIG)
     store.write_pair(url, 0, make_result(pairs[0], t.shape_zyx))
     with pytest.raises(StoreMismatchError, match=r"normalize\.mr_percentiles"):
-        store.open_or_create_store(url, pairs, t, Config(normalize=NormalizeConfig(mr_percentiles=(2.0, 98.0))))
+        other = dataclasses.replace(CONFIG, normalize=NormalizeConfig(mr_percentiles=(2.0, 98.0)))
+        store.open_or_create_store(url, pairs, t, other)
     with pytest.raises(StoreMismatchError, match="pairs"):
-        store.open_or_create_store(url, make_pairs(4), t, Config())
+        store.open_or_create_store(url, make_pairs(4), t, CONFIG)
     swapped = [dataclasses.replace(pairs[1], index=0), dataclasses.replace(pairs[0], index=1), pairs[2]]
     with pytest.raises(StoreMismatchError, match="index 0"):
-        store.open_or_create_store(url, swapped, t, Config())
+        store.open_or_create_store(url, swapped, t, CONFIG)
     with pytest.raises(StoreMismatchError, match="template"):
-        store.open_or_create_store(url, pairs, small_template(sha="cd" * 32), Config())
+        store.open_or_create_store(url, pairs, small_template(sha="cd" * 32), CONFIG)
     with pytest.raises(StoreMismatchError, match="grid"):
-        store.open_or_create_store(url, pairs, small_template(size=(12, 10, 8)), Config())
+        store.open_or_create_store(url, pairs, small_template(size=(12, 10, 8)), CONFIG)
     # same plan again, even with other scheduling settings: resume, data kept
-    store.open_or_create_store(url, pairs, t, Config(run=RunConfig(window=7, retries=5)))
+    store.open_or_create_store(url, pairs, t, dataclasses.replace(CONFIG, run=RunConfig(window=7, retries=5)))
     assert list(store.completed_pairs(url)) == [0]
 
 
@@ -375,19 +381,20 @@ def test_foreign_content_at_the_url_is_never_overwritten(tmp_path):
     other.mkdir()
     (other / "keep.txt").write_text("precious")
     with pytest.raises(StoreMismatchError, match="not empty"):
-        store.open_or_create_store(str(other), make_pairs(1), small_template(), Config())
+        store.open_or_create_store(str(other), make_pairs(1), small_template(), CONFIG)
     assert (other / "keep.txt").read_text() == "precious"
     zarr.open_group(str(tmp_path / "foreign.zarr"), mode="w", attributes={"owner": "someone else"})
     with pytest.raises(StoreMismatchError, match="not an mrict-dask store"):
-        store.open_or_create_store(str(tmp_path / "foreign.zarr"), make_pairs(1), small_template(), Config())
+        store.open_or_create_store(str(tmp_path / "foreign.zarr"), make_pairs(1), small_template(), CONFIG)
 
 
 def test_marker_copied_from_another_store_is_not_trusted(tmp_path):
     t = small_template()
     pairs = make_pairs(2)
     a, b = str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr")
-    store.open_or_create_store(a, pairs, t, Config())
-    store.open_or_create_store(b, pairs, t, Config(normalize=NormalizeConfig(ct_mode="percentile")))
+    store.open_or_create_store(a, pairs, t, CONFIG)
+    percentile = dataclasses.replace(CONFIG, normalize=NormalizeConfig(ct_mode="percentile"))
+    store.open_or_create_store(b, pairs, t, percentile)
     store.write_pair(a, 0, make_result(pairs[0], t.shape_zyx))
     store.write_pair(b, 1, make_result(pairs[1], t.shape_zyx))
     # same pair, same arrays: only the fingerprint tells the stores apart
@@ -416,7 +423,7 @@ def test_two_processes_writing_different_pairs_leave_a_valid_store(tmp_path):
     n = 8
     t = small_template()
     pairs = make_pairs(n)
-    store.open_or_create_store(url, pairs, t, Config())
+    store.open_or_create_store(url, pairs, t, CONFIG)
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(2)
     procs = [ctx.Process(target=_writer, args=(url, list(range(k, n, 2)), n, barrier)) for k in (0, 1)]
@@ -455,7 +462,7 @@ def test_killed_write_is_detected_and_redone_on_resume(tmp_path):
     n = 3
     t = small_template()
     pairs = make_pairs(n)
-    store.open_or_create_store(url, pairs, t, Config())
+    store.open_or_create_store(url, pairs, t, CONFIG)
     store.write_pair(url, 0, make_result(pairs[0], t.shape_zyx))
     ctx = mp.get_context("spawn")
     for index in (1, 0):  # a first write, and a rewrite of a complete pair, both killed mid-pair
@@ -468,7 +475,7 @@ def test_killed_write_is_detected_and_redone_on_resume(tmp_path):
     report = store.verify_store(url)
     assert not report.ok and report.missing == [0, 1, 2]
     # resume: the orchestrator rewrites what is not complete
-    store.open_or_create_store(url, pairs, t, Config())
+    store.open_or_create_store(url, pairs, t, CONFIG)
     todo = [p for p in pairs if p.index not in store.completed_pairs(url)]
     assert [p.index for p in todo] == [0, 1, 2]
     for p in todo:
@@ -590,7 +597,7 @@ def test_status_is_wide_from_the_start_and_long_reasons_are_cut_to_fit(tmp_path)
 
     url = str(tmp_path / "out.zarr")
     pairs = make_pairs(2)
-    store.open_or_create_store(url, pairs, small_template(), Config())
+    store.open_or_create_store(url, pairs, small_template(), CONFIG)
     meta = os.path.join(url, "status", "zarr.json")
     created = open(meta).read()
     long = "failed: MR: " + "the registration went wrong in a very long way " * 20
