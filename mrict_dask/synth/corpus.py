@@ -95,7 +95,7 @@ QUIRKS: tuple[str, ...] = ("missing_slice", "duplicate_instance", "truncated_fil
 # Clinical layouts (what real exports look like; see layouts.py): each changes one session of one paired patient.
 LAYOUT_QUIRKS: tuple[str, ...] = ("study_per_sequence", "sagittal_t1", "coronal_t1", "contrast_tag_only", "perfusion",
                                   "dti", "secondary_capture", "rtstruct", "ct_reformat", "ct_bone", "ct_thick",
-                                  "ct_scout")
+                                  "ct_scout", "sagittal_t1_neck", "axial_t1_brain", "off_centre_t1", "ct_face_neck")
 SCENARIOS = ("pair", "two_ct", "too_far", "mr_only", "two_mr", "ct_only", "pair_edge")
 LAYOUTS = ("tcia", "flat")
 MAX_DAYS = 183
