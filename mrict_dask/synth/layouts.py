@@ -28,13 +28,28 @@ that do not contradict each other share a patient) and logs what a correct tool 
 - ``ct_thick``: a 5 mm soft-tissue reconstruction of the same acquisition.
 - ``ct_scout``: a scout of two images (AP and lateral) in one series; per corpus, its ImageType says LOCALIZER or
   (described "Topogram") does not.
+- ``sagittal_t1_neck``: the post-contrast T1 is a sagittal 3D with a 256, 270 or 280 mm field of view hung from the
+  vertex (lowered to keep the chin where the vertex allows), centred on the head rather than the brain: face and neck
+  down to about C3 in it.
+- ``axial_t1_brain``: the post-contrast T1 covers the brain only: an axial 2D (5 mm; with ``contrast_tag_only``, its
+  axial 3D), from below the cerebellum or from above the orbits (the posterior fossa cut) to the vertex; no face.
+- ``off_centre_t1``: the head tilted 15-25 degrees in the coil for the post-contrast T1, and its grid 30-40 mm off the
+  head's centre, away from the face (so the field of view cuts it) and sideways, as far as the brain stays inside.
+- ``ct_face_neck``: the CT acquisition from C2 or below the mandible to the vertex, 280 mm field of view: face, teeth
+  and upper neck, with the couch and headrest (every head CT has them).
 
-Each log entry names the patient, the ``study_uid`` and ``series_uid`` of the series the layout is about (for T1
-layouts and study_per_sequence: the post-contrast T1), ``series_uids`` (every series the layout made or changed),
-``role``, ``chosen_series_uid`` (the series the expected pair takes from that session) and ``expected``; and, where
-they apply, ``study_uids`` (study_per_sequence), ``contrast_agent`` (contrast_tag_only), ``split_by`` (perfusion),
-``diffusion_style`` (dti), ``says_localizer`` (ct_scout). Every series of a rebuilt session lists the session's
-layouts in its ``quirks``.
+The field-of-view layouts (the last four but ``ct_face_neck``) shape the session's post-contrast T1, so they land on a
+patient whose T1 layout allows them: ``sagittal_t1_neck`` with ``sagittal_t1`` or none, ``axial_t1_brain`` with
+``contrast_tag_only`` or none, ``off_centre_t1`` with any. The manifest tells for every series whether its grid holds
+the whole brain and the face (``holds_brain``, ``holds_face``) and where the face landmarks are.
+
+Each log entry names the patient, the ``study_uid`` and ``series_uid`` of the series the layout is about (for T1 and
+field-of-view layouts and study_per_sequence: the post-contrast T1), ``series_uids`` (every series the layout made
+or changed), ``role``, ``chosen_series_uid`` (the series the expected pair takes from that session) and
+``expected``; and, where they apply, ``study_uids`` (study_per_sequence), ``contrast_agent`` (contrast_tag_only),
+``split_by`` (perfusion), ``diffusion_style`` (dti), ``says_localizer`` (ct_scout), ``variant`` (axial_t1_brain:
+skull_base or orbits), ``tilt_deg`` and ``offset_mm`` (off_centre_t1), ``down_to`` (ct_face_neck: c2 or menton).
+Every series of a rebuilt session lists the session's layouts in its ``quirks``.
 
 A rebuilt session is what a real one is: one scanner of a vendor drawn for the patient (Siemens, GE or Philips:
 their naming, numbering and private tags), one head position per session and a small motion of each series of its
