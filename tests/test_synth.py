@@ -134,7 +134,12 @@ def test_ct_hounsfield_units_by_tissue(corpus, template):
     padding = s["rescale"]["intercept"] + s["rescale"]["padding_value"]
     assert (hu == padding).any()
     real = hu[hu > padding]
-    assert real.min() >= -1100 and 1200 <= real.max() <= 1800  # bone up to ~1500 HU
+    assert real.min() >= -1100 and 1200 <= real.max() <= 3071  # cortical bone up to ~1800 HU, enamel up to ~2800
+    # anything denser than cortical bone is a tooth: behind the upper lip
+    k, j, i = np.nonzero(hu > 2100)
+    dense = np.array([img.TransformIndexToPhysicalPoint([int(a), int(b), int(c)]) for a, b, c in zip(i, j, k)])
+    if len(dense):
+        assert np.linalg.norm(dense - s["landmarks"]["upper_lip"], axis=1).max() < 70.0  # molars ~60 mm back
     # tissue classes through the ground-truth transform: brain centre, a point in air far from the head
     warped = sitk.GetArrayFromImage(sitk.Resample(img, template.image, sitk_affine(np.array(s["transform"])),
                                                   sitk.sitkLinear, -2000.0))
