@@ -303,6 +303,33 @@ def test_fat_is_bright_on_t1_and_dark_on_ct(face_series):
             assert under.max() > 1.15 * brain, (under.max(), brain)
 
 
+def test_skull_base_closes_the_cranium():
+    """Above the foramen magnum, whatever is not bone and connects to the brain's centre stays inside the skull: no
+    path to the eyes, the nose, the sinuses or the air around the head."""
+    from scipy import ndimage
+
+    from mrict_dask.synth import head
+    from mrict_dask.synth.anatomy import tissue_model
+
+    model = tissue_model()
+    z = model.index_to_physical(np.c_[np.arange(model.labels.shape[0]), np.zeros((model.labels.shape[0], 2))])[:, 2]
+    above = (z >= model.brain_points[:, 2].min() + 3.0)[:, None, None]  # the medulla leaves the skull below this
+    open_ = above & ~np.isin(model.labels, (head.CORTICAL, head.CANCELLOUS, head.ENAMEL, head.DENTIN))
+    regions, _ = ndimage.label(open_)  # 6-connected: a bone wall one voxel thick closes it
+
+    def region(point) -> int:
+        idx = np.rint(model.grid.TransformPhysicalPointToContinuousIndex([float(v) for v in point])).astype(int)
+        return int(regions[idx[2], idx[1], idx[0]])
+
+    brain = region(model.center)
+    assert brain > 0
+    corner = model.index_to_physical(np.array([model.labels.shape[0] - 1, 0, 0], float))  # air above the head
+    outside = [model.landmarks["right_eye"], model.landmarks["left_eye"], model.landmarks["nose_tip"] + [0, 3, 0],
+               corner]
+    assert all(region(p) != brain for p in outside)
+    assert (model.labels[regions == brain] == head.AIR).sum() == 0
+
+
 def test_points_helper_follows_the_manifest(corpus, template):
     """mrict_dask.synth.points agrees with the manifest's landmarks, and its deep-brain points sit in brain tissue of
     the rendered T1; the manifest transform takes them back inside the template brain."""
