@@ -214,11 +214,10 @@ class Canvas:
                 sl, m = got
                 self.labels[sl][m] = tissue
 
-    def bone(self, fn: Sdf, lo, hi, cortex: float = 1.5, hollow: int | None = None, **kw) -> None:
-        """Cortical bone ``cortex`` mm thick around a cancellous core (or around ``hollow``: air, a sinus)."""
+    def bone(self, fn: Sdf, lo, hi, cortex: float = 1.5, **kw) -> None:
+        """Cortical bone ``cortex`` mm thick around a cancellous core."""
         self.paint(CORTICAL, fn, lo, hi, **kw)
-        core = CANCELLOUS if hollow is None else hollow
-        self.paint(core, _shrink(fn, cortex), lo, hi, **kw)
+        self.paint(CANCELLOUS, _shrink(fn, cortex), lo, hi, **kw)
 
 
 def _mirror(fn: Sdf) -> Sdf:
@@ -471,7 +470,6 @@ def _skull_base(cv: Canvas) -> None:
 def _spine(cv: Canvas) -> None:
     """C1 ring, C2 with the dens, C3-C6 bodies and arches, discs; the canal (epidural fat, CSF, cord) goes with the
     foramen magnum in ``_canal``."""
-    top, bottom = -195.0, -55.0
 
     def body_centre(offset: float):
         return lambda S: (np.float32(0.0), spine_a(S) + np.float32(offset))
@@ -504,7 +502,6 @@ def _spine(cv: Canvas) -> None:
     cv.bone(capsule((30.0, a1 + 8.0, s1), (40.0, a1 + 6.0, s1 - 2.0), 4.5), (24, a1, s1 - 8), (46, a1 + 14, s1 + 6),
             both=True, cortex=1.2)
     cv.bone(capsule((0.0, a1 + 15.0, -75.0), (0.0, a1 + 16.0, -94.0), 5.0), (-7, a1 + 8, -96), (7, a1 + 23, -69))
-    del top, bottom
 
 
 def _arch(s: float, radius: float, half_width: float = 17.0) -> Sdf:
