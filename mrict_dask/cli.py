@@ -120,7 +120,7 @@ def _apply(opts):
               help="Comma-separated quirk switches, or 'all': broken files (`mrict_dask.synth.QUIRKS`) and "
                    "clinical layouts (`mrict_dask.synth.LAYOUT_QUIRKS`: study_per_sequence, sagittal_t1, coronal_t1, "
                    "contrast_tag_only, perfusion, dti, secondary_capture, rtstruct, ct_reformat, ct_bone, ct_thick, "
-                   "ct_scout).")
+                   "ct_scout; fields of view: sagittal_t1_neck, axial_t1_brain, off_centre_t1, ct_face_neck).")
 @click.option("--layout", type=click.Choice(["tcia", "flat"]), default="tcia", show_default=True,
               help="tcia: patient/study/series/1-001.dcm; flat: one folder, shuffled extension-less names.")
 @click.option("--manifest", default=None, metavar="URL", help="Where to write the ground-truth manifest "

@@ -19,11 +19,16 @@ from mrict_dask.errors import ConfigError
 from mrict_dask.synth import LAYOUT_QUIRKS, QUIRKS, generate_corpus, parse_quirks, simulate_patient
 
 from .truth import (
+    apply,
     assert_read_back_equals_manifest,
     dciodvfy_errors,
+    deep_brain_in_series,
+    landmarks_in_series,
     manifest_series,
     ncc_in_template,
     read_series,
+    series_by_uid,
+    share_inside_brain,
     sitk_affine,
 )
 
@@ -134,7 +139,12 @@ def test_ct_hounsfield_units_by_tissue(corpus, template):
     padding = s["rescale"]["intercept"] + s["rescale"]["padding_value"]
     assert (hu == padding).any()
     real = hu[hu > padding]
-    assert real.min() >= -1100 and 1200 <= real.max() <= 1800  # bone up to ~1500 HU
+    assert real.min() >= -1100 and 1200 <= real.max() <= 3071  # cortical bone up to ~1800 HU, enamel up to ~2800
+    # anything denser than cortical bone is a tooth: behind the upper lip
+    k, j, i = np.nonzero(hu > 2100)
+    dense = np.array([img.TransformIndexToPhysicalPoint([int(a), int(b), int(c)]) for a, b, c in zip(i, j, k)])
+    if len(dense):
+        assert np.linalg.norm(dense - s["landmarks"]["upper_lip"], axis=1).max() < 70.0  # molars ~60 mm back
     # tissue classes through the ground-truth transform: brain centre, a point in air far from the head
     warped = sitk.GetArrayFromImage(sitk.Resample(img, template.image, sitk_affine(np.array(s["transform"])),
                                                   sitk.sitkLinear, -2000.0))
@@ -177,6 +187,170 @@ def test_simulate_patient_matches_its_corpus_twin(corpus):
     np.testing.assert_array_equal(sitk.GetArrayViewFromImage(sim.mr), sitk.GetArrayViewFromImage(img))
     r = sim.ct_to_mr[:3, :3]
     np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-9)  # CT -> MR is rigid
+
+
+# ------------------------------------------------------------------------------------------------ anatomy
+# The face CT (ct_face_neck) and the neck T1 (sagittal_t1_neck) of the clinical corpus, read back as a user would;
+# where a landmark or a structure should be comes from the manifest (landmarks, transforms), what is there from the
+# voxels.
+@pytest.fixture(scope="module")
+def face_series(clinical_corpus):
+    m = clinical_corpus.manifest
+    out = {}
+    for quirk, key in (("ct_face_neck", "ct"), ("sagittal_t1_neck", "mr")):
+        (e,) = [e for e in m["quirks"] if e["quirk"] == quirk]
+        s = series_by_uid(m)[e["series_uid"]]
+        img, _ = read_series(clinical_corpus.url, s)
+        p = next(p for p in m["patients"] if p["patient_id"] == e["patient_id"])
+        img = sitk.Cast(img, sitk.sitkFloat32)
+        _, deep = deep_brain_in_series(p, s, depth_mm=10.0, max_points=300)
+        brain = float(np.nanmedian([_at(img, q) for q in deep]))  # the brain's typical value in this series
+        out[key] = (s, img, brain)
+    return out
+
+
+def _at(img: sitk.Image, point, outside: float = np.nan) -> float:
+    idx = np.array(img.TransformPhysicalPointToContinuousIndex([float(v) for v in point]))
+    if np.any(idx < 0) or np.any(idx > np.array(img.GetSize()) - 1):
+        return outside
+    return float(img.EvaluateAtPhysicalPoint([float(v) for v in point], sitk.sitkLinear))
+
+
+def _toward(s: dict, template_direction) -> np.ndarray:
+    """A template direction (LPS) as a unit vector in the series' frame."""
+    d = np.asarray(s["transform"])[:3, :3] @ np.asarray(template_direction, float)
+    return d / np.linalg.norm(d)
+
+
+def _holds(img: sitk.Image, point, margin_mm: float = 5.0) -> bool:
+    idx = np.array(img.TransformPhysicalPointToContinuousIndex([float(v) for v in point]))
+    m = margin_mm / np.array(img.GetSpacing())
+    return bool(np.all((idx >= m) & (idx <= np.array(img.GetSize()) - 1 - m)))
+
+
+def test_landmarks_sit_on_their_tissue(face_series):
+    """Eye centres in vitreous (CT ~10 HU; darker than the brain on T1); nose tip, upper lip and chin on the skin:
+    tissue at the landmark, air 4 mm in front of it."""
+    for key, (s, img, brain) in face_series.items():
+        lm = landmarks_in_series(s)
+        forward = _toward(s, (0.0, -1.0, 0.0))  # template -y: anterior
+        for eye in ("right_eye", "left_eye"):
+            v = np.mean([_at(img, lm[eye] + d) for d in np.eye(3) * 2.0])
+            assert (-30.0 <= v <= 50.0) if key == "ct" else (v < 0.5 * brain), (key, eye, v, brain)
+        for name in ("nose_tip", "upper_lip", "chin"):
+            if not _holds(img, lm[name]):
+                continue
+            tissue, air = _at(img, lm[name]), _at(img, lm[name] + 4.0 * forward)
+            if key == "ct":
+                assert tissue > -400.0 and air < -850.0, (name, tissue, air)
+            else:
+                assert tissue > 0.3 * brain and air < 0.08 * brain, (name, tissue, air, brain)
+
+
+def test_front_render_shows_a_face(face_series, clinical_corpus):
+    """Looking at the head from the front (each series pulled into its patient's template frame), the first tissue
+    lies at the nose tip, the upper lip and the chin, and nowhere in front of the nose tip."""
+    patients = {st["study_uid"]: p for p in clinical_corpus.manifest["patients"] for st in p["studies"]}
+    for key, (s, img, brain) in face_series.items():
+        p = next(p for p in patients.values() if any(x["series_uid"] == s["series_uid"] for st in p["studies"]
+                                                     for x in st["series"]))
+        ref = sitk.Image([141, 100, 131], sitk.sitkFloat32)  # x -70..70, y -125..-26 (front to back), z -140..-10
+        ref.SetOrigin((-70.0, -125.0, -140.0))
+        air = -1000.0 if key == "ct" else 0.0
+        front = sitk.GetArrayFromImage(sitk.Resample(img, ref, sitk_affine(s["transform"]), sitk.sitkLinear, air))
+        level = -400.0 if key == "ct" else 0.3 * brain
+        tissue = front > level
+        depth = np.where(tissue.any(axis=1), tissue.argmax(axis=1), 999)  # (z, x): first tissue along +y
+        for name in ("nose_tip", "upper_lip", "chin"):
+            x, y, z = p["landmarks"][name]
+            if not _holds(img, s["landmarks"][name]):
+                continue
+            seen = depth[int(round(z + 140)), int(round(x + 70))] - 125.0  # y of the first tissue there
+            assert abs(seen - y) <= 2.5, (key, name, seen, y)
+        nose_y = p["landmarks"]["nose_tip"][1]
+        assert depth.min() - 125.0 >= nose_y - 1.5  # nothing of the face stands in front of the nose
+
+
+def test_neck_has_airway_in_front_of_a_vertebra(face_series):
+    """At the upper lip's level (C1-C2), a line from the lip backwards meets a vertebra (bone, 60 mm behind the lip or
+    more) with the pharynx (air) in the 40 mm before it; the CT holds teeth (enamel, denser than any bone)."""
+    s, img, _ = face_series["ct"]
+    lip = landmarks_in_series(s)["upper_lip"]
+    back = _toward(s, (0.0, 1.0, 0.0))
+    step = 0.5
+    hu = np.array([_at(img, lip + t * back, -1000.0) for t in np.arange(0.0, 160.0, step)])
+    bone = np.flatnonzero((hu > 400.0) & (np.arange(len(hu)) * step >= 60.0))  # behind the mouth: the spine
+    assert len(bone) >= 4, "no vertebra behind the mouth"
+    in_front = hu[max(0, bone[0] - int(40.0 / step)):bone[0]]
+    assert (in_front < -850.0).sum() * step >= 3.0, "no airway in front of the vertebra"
+    assert (sitk.GetArrayViewFromImage(img) > 2100.0).sum() > 50
+
+
+def test_fat_is_bright_on_t1_and_dark_on_ct(face_series):
+    """Behind the neck at the chin's level: subcutaneous fat brighter than the brain on T1, about -100 HU on CT."""
+    for key, (s, img, brain) in face_series.items():
+        lm = landmarks_in_series(s)
+        start = lm["chin"] if _holds(img, lm["chin"], 1.0) else lm["upper_lip"]
+        back = _toward(s, (0.0, 1.0, 0.0))
+        line = np.array([_at(img, start + t * back) for t in np.arange(0.0, 240.0, 0.5)])
+        inside = np.flatnonzero(line > (-400.0 if key == "ct" else 0.15 * brain))
+        last = inside.max()  # the skin at the back of the neck
+        assert last < len(line) - 1 and np.isfinite(line[last + 1]), "the back of the neck is outside the grid"
+        under = line[max(0, last - 30):last - 4]  # 2 to 15 mm under the skin
+        if key == "ct":
+            assert -140.0 <= np.median(under) <= -60.0, under
+        else:
+            assert under.max() > 1.15 * brain, (under.max(), brain)
+
+
+def test_skull_base_closes_the_cranium():
+    """Above the foramen magnum, whatever is not bone and connects to the brain's centre stays inside the skull: no
+    path to the eyes, the nose, the sinuses or the air around the head."""
+    from scipy import ndimage
+
+    from mrict_dask.synth import head
+    from mrict_dask.synth.anatomy import tissue_model
+
+    model = tissue_model()
+    z = model.index_to_physical(np.c_[np.arange(model.labels.shape[0]), np.zeros((model.labels.shape[0], 2))])[:, 2]
+    above = (z >= model.brain_points[:, 2].min() + 3.0)[:, None, None]  # the medulla leaves the skull below this
+    open_ = above & ~np.isin(model.labels, (head.CORTICAL, head.CANCELLOUS, head.ENAMEL, head.DENTIN))
+    regions, _ = ndimage.label(open_)  # 6-connected: a bone wall one voxel thick closes it
+
+    def region(point) -> int:
+        idx = np.rint(model.grid.TransformPhysicalPointToContinuousIndex([float(v) for v in point])).astype(int)
+        return int(regions[idx[2], idx[1], idx[0]])
+
+    brain = region(model.center)
+    assert brain > 0
+    corner = model.index_to_physical(np.array([model.labels.shape[0] - 1, 0, 0], float))  # air above the head
+    outside = [model.landmarks["right_eye"], model.landmarks["left_eye"], model.landmarks["nose_tip"] + [0, 3, 0],
+               corner]
+    assert all(region(p) != brain for p in outside)
+    assert (model.labels[regions == brain] == head.AIR).sum() == 0
+
+
+def test_points_helper_follows_the_manifest(corpus, template):
+    """mrict_dask.synth.points agrees with the manifest's landmarks, and its deep-brain points sit in brain tissue of
+    the rendered T1; the manifest transform takes them back inside the template brain."""
+    m = corpus.manifest
+    pair = m["expected_pairs"][0]
+    p = next(p for p in m["patients"] if p["patient_id"] == pair["patient_id"])
+    s = series_by_uid(m)[pair["mr_series_uid"]]
+    from mrict_dask.synth.points import series_landmarks
+
+    for name, v in series_landmarks(p, s).items():
+        np.testing.assert_allclose(v, s["landmarks"][name], atol=1e-3)
+    ref, pts = deep_brain_in_series(p, s, depth_mm=10.0, max_points=800)
+    img, _ = read_series(corpus.url, s)
+    img = sitk.Cast(img, sitk.sitkFloat32)
+    values = np.array([_at(img, q) for q in pts])
+    assert np.mean(values > 0.45 * np.median(values)) >= 0.95  # brain (a lesion's dark core may take a few)
+    back = apply(np.linalg.inv(np.asarray(s["transform"])), pts)
+    assert np.linalg.norm(back - ref, axis=1).max() <= 3.0  # only the small deformation between them
+    assert share_inside_brain(template, back) >= 0.99
+    shifted = back + np.array([0.0, 0.0, 25.0])
+    assert share_inside_brain(template, shifted) < 0.9
 
 
 # ------------------------------------------------------------------------------------------------ dciodvfy

@@ -68,7 +68,8 @@ def brain(template):
 def test_layout_quirks_are_named_and_parsed():
     assert set(LAYOUT_QUIRKS) == {"study_per_sequence", "sagittal_t1", "coronal_t1", "contrast_tag_only",
                                   "perfusion", "dti", "secondary_capture", "rtstruct", "ct_reformat", "ct_bone",
-                                  "ct_thick", "ct_scout"}
+                                  "ct_thick", "ct_scout", "sagittal_t1_neck", "axial_t1_brain", "off_centre_t1",
+                                  "ct_face_neck"}
     assert not set(LAYOUT_QUIRKS) & set(QUIRKS)
     assert parse_quirks("all") == QUIRKS + LAYOUT_QUIRKS
     assert parse_quirks("ct_bone, missing_slice,perfusion") == ("missing_slice", "perfusion", "ct_bone")
@@ -123,7 +124,11 @@ def test_expected_choices_follow_the_truth(clinical_corpus):
         assert (mr["role"], ct["role"]) == ("t1c", "ct")
         assert mst["study_uid"] == pair["mr_study_uid"] and cst["study_uid"] == pair["ct_study_uid"]
         for s in (mr, ct):
-            assert s["usable"] and s["candidate"] and s["whole_head"] and not s["derived"]
+            assert s["usable"] and s["candidate"] and not s["derived"]
+            # the whole cranium and brain, unless a field-of-view layout cut them (brain only, or off centre)
+            cut = set(s["quirks"]) & {"axial_t1_brain", "off_centre_t1"}
+            assert s["whole_head"] or cut
+            assert s["holds_brain"] or "axial_t1_brain" in cut
         assert mr["weighting"] == "T1" and mr["post_contrast"] and ct["kernel"] == "soft"
         for key, study in (("mr", mst), ("ct", cst)):
             session = [st for st in p["studies"] if st["study_uid"] in pair[f"{key}_session_study_uids"]]
@@ -179,7 +184,9 @@ def test_each_series_has_its_own_small_motion(clinical_corpus, template, brain):
     for group in rebuilt.values():
         for i, a in enumerate(group):
             for b in group[i + 1:]:
-                assert 2.5 <= _mean_apart(a["transform"], b["transform"], brain) <= 16.0
+                apart = _mean_apart(a["transform"], b["transform"], brain)
+                tilted = "off_centre_t1" in a["quirks"] and "t1c" in (a["role"], b["role"])  # 15-25 degrees more
+                assert 2.5 <= apart <= (40.0 if tilted else 16.0)
     for _, _, s in manifest_series(m):
         if s.get("acquisition_series_uid"):
             assert s["transform"] == series[s["acquisition_series_uid"]][2]["transform"]
@@ -191,7 +198,8 @@ def test_each_series_has_its_own_small_motion(clinical_corpus, template, brain):
         own = ncc_in_template(img, t1c["transform"], template)
         neighbours = [s for s in rebuilt[(p["patient_id"], st["session_id"])] if s is not t1c and s["geometry"]]
         worst_other = max(ncc_in_template(img, s["transform"], template) for s in neighbours[:2])
-        assert own > 0.8 and worst_other < own - 0.1, (t1c["description"], own, worst_other)
+        floor = 0.8 if t1c["holds_brain"] else 0.5  # a slab above the orbits leaves the lower brain out
+        assert own > floor and worst_other < own - 0.1, (t1c["description"], own, worst_other)
 
 
 # ------------------------------------------------------------------------------------------------ MR layouts
@@ -250,7 +258,7 @@ def test_coronal_t1(clinical_corpus):
     ds = _header(root, t1c["files"][0])
     np.testing.assert_allclose(np.cross(*_iop(ds)), [0, 1, 0], atol=1e-6)  # coronal
     assert ds.MRAcquisitionType == "2D" and 4.0 <= float(ds.SliceThickness) <= 5.0
-    assert t1c["post_contrast"] and t1c["whole_head"]
+    assert t1c["post_contrast"] and (t1c["whole_head"] or "off_centre_t1" in t1c["quirks"])
     agent = ds.get("ContrastBolusAgent", "")
     assert agent == t1c["contrast_agent"]
     assert agent or CONTRAST_WORDS.search(ds.SeriesDescription)  # told by the tag or by the description
@@ -567,6 +575,111 @@ def test_dciodvfy_finds_no_errors_in_the_layouts(clinical_corpus):
     assert len(kinds) >= 12
     for s in kinds.values():
         assert dciodvfy_errors(os.path.join(root, s["files"][len(s["files"]) // 2])) == [], s["description"]
+
+
+# ------------------------------------------------------------------------------------------------ fields of view
+def _index(img: sitk.Image, point) -> np.ndarray:
+    return np.array(img.TransformPhysicalPointToContinuousIndex([float(v) for v in point]))
+
+
+def _inside(img: sitk.Image, point, margin_vox: float = 0.0) -> bool:
+    idx = _index(img, point)
+    return bool(np.all((idx >= -0.5 + margin_vox) & (idx <= np.array(img.GetSize()) - 0.5 - margin_vox)))
+
+
+def _angle_deg(a, b) -> float:
+    """The rotation between two transforms' (scaled) linear parts, in degrees."""
+    r = np.linalg.solve(np.asarray(a)[:3, :3], np.asarray(b)[:3, :3])
+    u, _, vt = np.linalg.svd(r)
+    return float(np.degrees(np.arccos(np.clip((np.trace(u @ vt) - 1.0) / 2.0, -1.0, 1.0))))
+
+
+def test_fov_layouts_land_where_their_t1_allows(clinical_corpus):
+    m = clinical_corpus.manifest
+    by_patient = defaultdict(set)
+    for e in m["quirks"]:
+        by_patient[e["patient_id"]].add(e["quirk"])
+    allowed = {"sagittal_t1_neck": {"sagittal_t1"}, "axial_t1_brain": {"contrast_tag_only"},
+               "off_centre_t1": {"sagittal_t1", "coronal_t1", "contrast_tag_only"}}
+    for fov, t1_ok in allowed.items():
+        (pid,) = [p for p, qs in by_patient.items() if fov in qs]
+        t1 = by_patient[pid] & {"sagittal_t1", "coronal_t1", "contrast_tag_only"}
+        assert t1 <= t1_ok, (fov, t1)
+
+
+def test_sagittal_t1_neck(clinical_corpus):
+    """A sagittal 3D T1 hung from the vertex: the brain high in the field of view, face and neck below it."""
+    m, root = clinical_corpus.manifest, clinical_corpus.url
+    e = _entry(m, "sagittal_t1_neck")
+    s = _by_uid(m)[e["series_uid"]][2]
+    assert e["chosen_series_uid"] == s["series_uid"] and s["role"] == "t1c"
+    img = assert_read_back_equals_manifest(root, s)
+    ds = _header(root, s["files"][0])
+    row, col = _iop(ds)
+    assert abs(np.cross(row, col)[0]) > 0.98 and ds.MRAcquisitionType == "3D"
+    size, sp = np.array(img.GetSize()), np.array(img.GetSpacing())
+    assert min(size[:2] * sp[:2]) >= 255.0
+    brain = _index(img, s["brain_center"])[1]
+    assert brain < 0.45 * size[1]  # columns run head to feet: the brain in the upper part
+    assert s["holds_brain"] and s["holds_face"] and s["whole_head"]
+    for name in ("nose_tip", "upper_lip", "chin"):
+        assert _inside(img, s["landmarks"][name]) and _index(img, s["landmarks"][name])[1] > brain + 20.0, name
+    mid = sitk.GetArrayViewFromImage(img)[size[2] // 2]  # the slice through the midline: (rows, columns)
+    assert np.percentile(mid[-8:], 75) > 150.0  # the neck fills the bottom rows (air is Rician noise, ~15)
+
+
+def test_axial_t1_brain(clinical_corpus):
+    """The post-contrast T1 of the brain only: axial, no face; from below the cerebellum it holds the whole brain,
+    from above the orbits it starts above the eyes."""
+    m, root = clinical_corpus.manifest, clinical_corpus.url
+    e = _entry(m, "axial_t1_brain")
+    s = _by_uid(m)[e["series_uid"]][2]
+    assert e["chosen_series_uid"] == s["series_uid"] and s["post_contrast"]
+    img = assert_read_back_equals_manifest(root, s)
+    ds = _header(root, s["files"][0])
+    np.testing.assert_allclose(np.abs(np.cross(*_iop(ds))), [0, 0, 1], atol=1e-6)
+    assert not s["holds_face"] and not s["whole_head"]
+    assert not _inside(img, s["landmarks"]["nose_tip"]) and not _inside(img, s["landmarks"]["chin"])
+    lowest = min(img.TransformIndexToPhysicalPoint([0, 0, 0])[2], img.TransformIndexToPhysicalPoint(
+        [0, 0, img.GetSize()[2] - 1])[2])
+    if e["variant"] == "skull_base":
+        assert s["holds_brain"]
+    else:
+        assert e["variant"] == "orbits" and not s["holds_brain"]
+        assert lowest > max(s["landmarks"]["right_eye"][2], s["landmarks"]["left_eye"][2])
+
+
+def test_off_centre_t1(clinical_corpus):
+    """The head tilted 15-25 degrees against the session's other series and moved off the field of view's centre,
+    the face cut by its edge, the brain inside."""
+    m, root = clinical_corpus.manifest, clinical_corpus.url
+    e = _entry(m, "off_centre_t1")
+    p, st, s = _by_uid(m)[e["series_uid"]]
+    img = assert_read_back_equals_manifest(root, s)
+    assert 12.0 <= max(abs(v) for v in e["tilt_deg"]) <= 28.0 and 20.0 <= e["offset_mm"] <= 40.0
+    others = [o for st2 in p["studies"] if st2["session_id"] == st["session_id"] for o in st2["series"]
+              if o["geometry"] and o["series_uid"] != s["series_uid"]]
+    assert min(_angle_deg(s["transform"], o["transform"]) for o in others) >= 10.0
+    assert s["holds_brain"] and not s["holds_face"]
+    assert not all(_inside(img, s["landmarks"][n]) for n in ("nose_tip", "upper_lip", "chin"))
+    centre = img.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in img.GetSize()])
+    assert np.linalg.norm(np.array(centre) - s["brain_center"]) >= 15.0
+
+
+def test_ct_face_neck(clinical_corpus):
+    """A head CT from C2 or below the mandible: eyes, nose and lips (and, from below the mandible, the chin) in its
+    field of view, teeth in HU, the headrest behind the head."""
+    m, root = clinical_corpus.manifest, clinical_corpus.url
+    e = _entry(m, "ct_face_neck")
+    s = _by_uid(m)[e["series_uid"]][2]
+    assert e["chosen_series_uid"] == s["series_uid"] and s["role"] == "ct" and s["holds_brain"]
+    img = assert_read_back_equals_manifest(root, s)
+    names = ["right_eye", "left_eye", "nose_tip", "upper_lip"] + (["chin"] if e["down_to"] == "menton" else [])
+    for name in names:
+        assert _inside(img, s["landmarks"][name], 5.0 / img.GetSpacing()[0]), name
+    assert s["holds_face"] == (e["down_to"] == "menton") or s["holds_face"]
+    hu = sitk.GetArrayViewFromImage(img)
+    assert (hu > 2100).sum() > 50  # enamel
 
 
 # ------------------------------------------------------------------------------------------------ across corpora

@@ -21,6 +21,33 @@ def brain_points(template, step: int = 4) -> np.ndarray:
     return origin + (ijk * spacing) @ direction.T
 
 
+def deep_brain_in_series(source, series="mr", depth_mm: float = 10.0, max_points: int = 2000):
+    """(template points at least ``depth_mm`` inside the template brain, where the generator put each of them in the
+    series: LPS mm). ``source``: a SimPatient (series "mr"/"ct") or a manifest patient entry with one of its series
+    entries. A correct MR -> template registration maps the second set back inside the template brain."""
+    from mrict_dask.synth.points import deep_brain_points
+
+    return deep_brain_points(source, series, depth_mm, max_points)
+
+
+def landmarks_in_series(series: dict) -> dict[str, np.ndarray]:
+    """A manifest series' face landmarks (nose_tip, upper_lip, chin, right_eye, left_eye), series LPS mm."""
+    return {k: np.asarray(v, float) for k, v in series["landmarks"].items()}
+
+
+def share_inside_brain(template, points: np.ndarray, margin_mm: float = 0.0) -> float:
+    """The share of template points (LPS mm) inside the template brain mask grown by ``margin_mm``."""
+    dist = sitk.SignedMaurerDistanceMap(template.mask > 0, insideIsPositive=False, squaredDistance=False,
+                                        useImageSpacing=True)
+    arr = sitk.GetArrayViewFromImage(dist)
+    idx = np.array([dist.TransformPhysicalPointToContinuousIndex([float(v) for v in p]) for p in points])
+    ijk = np.rint(idx).astype(int)
+    ok = np.all((ijk >= 0) & (ijk < np.array(dist.GetSize())), axis=1)
+    inside = np.zeros(len(points), bool)
+    inside[ok] = arr[ijk[ok, 2], ijk[ok, 1], ijk[ok, 0]] <= margin_mm
+    return float(inside.mean())
+
+
 def apply(affine: np.ndarray, points: np.ndarray) -> np.ndarray:
     a = np.asarray(affine, dtype=float)
     return points @ a[:3, :3].T + a[:3, 3]

@@ -2,7 +2,8 @@
 
 ``generate_corpus`` writes DICOM and a manifest; ``simulate_patient`` gives the same anatomy in memory.
 ``QUIRKS`` break files (missing slices, compression, ...); ``LAYOUT_QUIRKS`` arrange sessions as real clinical
-exports do (layouts.py).
+exports do and take fields of view as scanners do (layouts.py). The heads are whole heads (head.py: face, ears, neck,
+shoulders); ``points`` maps their face landmarks and deep-brain points into any series.
 """
 
 from .corpus import (

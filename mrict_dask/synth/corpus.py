@@ -6,10 +6,22 @@ patient index, purpose), so quirk switches never change the other files. Each se
 placed independently (``_pose``: up to 12 degrees and 15 mm); sessions rebuilt by a layout quirk (layouts.py) hold
 one head position with a small motion per series.
 
-The manifest (``<corpus>.manifest.json``, format 1). Top level: ``generator`` (version, seed, patients, quirks,
-layout, template_sha256, scenarios), ``n_files``, ``n_bytes``, ``files`` (path, kind, series_uid, sop_uid,
-duplicate_of), ``patients``, ``expected_pairs``, ``expected_exclusions``, ``quirks`` (one entry per quirk applied:
-where, the files it touched, ``expected``: what a correct tool concludes), ``phi``, ``phi_strings``.
+Heads are whole heads (anatomy.py, head.py): face, ears, neck down to C5-C6, the top of the shoulders. Grids are
+planned as a technologist plans them: MR on the cranium (brain, skull and scalp above the skull base), a head CT from
+the atlas (C1) to the vertex; layouts add fields of view to the neck, brain-only slabs and off-centre heads.
+
+The manifest (``<corpus>.manifest.json``, format 2; format 1 had no landmarks and its ``whole_head`` meant the whole
+synthetic head, which then ended at the skull). Top level: ``generator`` (version, seed, patients, quirks, layout,
+template_sha256, scenarios, ``anatomy_landmarks``: the face landmarks on the model, template LPS mm, the same for
+every patient), ``n_files``, ``n_bytes``, ``files`` (path, kind, series_uid, sop_uid, duplicate_of), ``patients``,
+``expected_pairs``, ``expected_exclusions``, ``quirks`` (one entry per quirk applied: where, the files it touched,
+``expected``: what a correct tool concludes), ``phi``, ``phi_strings``.
+
+A patient: patient_id, patient_name, birth_date, sex, scenario, sim_seed (``simulate_patient(sim_seed)`` is the same
+patient), lesion (centre and radii, template LPS mm), scale, ``landmarks`` (nose_tip, upper_lip, chin (soft-tissue
+pogonion), right_eye and left_eye (globe centres): where the patient's own landmarks lie in the template frame the
+series transforms map from, i.e. y = d^-1(a) for an anatomy landmark a and the patient's small deformation d, so a
+series shows it at ``transform`` @ y), ``brain_center`` (the template brain's centroid, likewise), studies.
 
 A study: study_uid, modality, study_date, study_time, accession_number, description, frame_of_reference_uid,
 manufacturer, model, ``session_id`` (a patient's studies of one modality on one date form one session, e.g.
@@ -24,11 +36,14 @@ direction of the grid, for a 4D series that of each volume), ``images`` (single 
 descriptions say: ``candidate``/``candidate_reason`` (could be taken for the pair: a T1-weighted MR volume, a CT
 volume; never perfusion, diffusion, screenshots, scouts, non-image objects), ``weighting`` (T1, T2, FLAIR, T2*,
 DWI), ``post_contrast``, ``contrast_agent`` (ContrastBolusAgent as written, "" if none), ``mr_acquisition`` (2D/3D),
-``kernel`` (CT: soft/bone), ``derived`` (ImageType DERIVED), ``whole_head`` (the grid holds the whole head),
-``body_part`` (BodyPartExamined as written; null: absent). Where they apply: ``volumes`` and ``split_by`` (a 4D
-series: how many volumes, and the ways to tell them apart, each a list of tags {tag, keyword, private_creator?} that
-together separate the volumes, the vendor's own first), ``temporal`` (habit, times_s, bolus_arrival_s,
-bolus_time_to_peak_s), ``diffusion`` (style, b_values, directions: LPS unit vectors, null for b=0),
+``kernel`` (CT: soft/bone), ``derived`` (ImageType DERIVED), ``whole_head`` (the grid holds the whole cranium:
+brain, skull and scalp above the skull base), ``body_part`` (BodyPartExamined as written; null: absent); for every
+series with images: ``landmarks`` (the patient's landmarks in series LPS mm), ``brain_center`` (series LPS mm),
+``holds_brain`` (the grid holds every template brain point, through the deformation; null without a volume grid),
+``holds_face`` (the grid holds every face landmark with 5 mm around it). Where they apply: ``volumes`` and
+``split_by`` (a 4D series: how many volumes, and the ways to tell them apart, each a list of tags {tag, keyword,
+private_creator?} that together separate the volumes, the vendor's own first), ``temporal`` (habit, times_s,
+bolus_arrival_s, bolus_time_to_peak_s), ``diffusion`` (style, b_values, directions: LPS unit vectors, null for b=0),
 ``acquisition_series_uid`` (a reconstruction: the CT series of the same acquisition), ``references`` and ``rois``
 (RT structure set: the CT series, frame of reference, images, contours), ``sop_class_uid`` (other than the classic
 MR/CT image storage), ``samples_per_pixel``/``photometric`` (RGB capture).
@@ -73,13 +88,14 @@ from .anatomy import (
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
+MANIFEST_FORMAT = 2
 QUIRKS: tuple[str, ...] = ("missing_slice", "duplicate_instance", "truncated_file", "non_dicom_file",
                            "gantry_tilt", "compressed", "shuffled_instance_numbers", "multiframe_mr")
 # Clinical layouts (what real exports look like; see layouts.py): each changes one session of one paired patient.
 LAYOUT_QUIRKS: tuple[str, ...] = ("study_per_sequence", "sagittal_t1", "coronal_t1", "contrast_tag_only", "perfusion",
                                   "dti", "secondary_capture", "rtstruct", "ct_reformat", "ct_bone", "ct_thick",
-                                  "ct_scout")
+                                  "ct_scout", "sagittal_t1_neck", "axial_t1_brain", "off_centre_t1", "ct_face_neck")
 SCENARIOS = ("pair", "two_ct", "too_far", "mr_only", "two_mr", "ct_only", "pair_edge")
 LAYOUTS = ("tcia", "flat")
 MAX_DAYS = 183
@@ -128,7 +144,7 @@ CT_PROTOCOLS: dict[str, dict[str, Any]] = {
     "scout": dict(number=1, description="SCOUT", image_type=["ORIGINAL", "PRIMARY", "LOCALIZER"], kvp=120,
                   kernel="STANDARD", fov=300.0, matrix=256),
     "ct": dict(number=2, description="HEAD 2.5mm STND", image_type=["ORIGINAL", "PRIMARY", "AXIAL"], kvp=120,
-               kernel="STANDARD", fov=250.0, matrix=512, thickness=2.5, step=2.5, instances="desc"),
+               kernel="STANDARD", fov=250.0, matrix=512, thickness=2.5, step=2.5, instances="desc", down_to="c1"),
     "sr": dict(number=999, description="Dose Report"),
 }
 MR_ORDER = ("localizer", "t2", "flair", "t1c")
@@ -361,6 +377,18 @@ def patient_scaling(pseed: int, model: TissueModel) -> np.ndarray:
     return affine_about(np.diag(scale), model.center)
 
 
+def planning_points(model: TissueModel, transform: np.ndarray, down_to: str | None = None,
+                    face: bool = False) -> np.ndarray:
+    """Series points a technologist plans a grid on: the cranium (brain, skull, scalp), down to a level of the neck
+    (CT: "c1" by default, "c2", "menton"), with the face's landmarks if asked."""
+    pts = [model.head_points]
+    if down_to:
+        pts.append(model.levels[down_to])
+    if face:
+        pts.append(np.stack(list(model.landmarks.values())))
+    return np.vstack(pts) @ transform[:3, :3].T + transform[:3, 3]
+
+
 def _plan_series(role: str, modality: str, sseed: int, when: dt.datetime, scaling: np.ndarray,
                  model: TissueModel, uid_parts: tuple, transform: np.ndarray | None = None,
                  proto: dict | None = None, uid_key: tuple = ()) -> SeriesPlan:
@@ -370,7 +398,8 @@ def _plan_series(role: str, modality: str, sseed: int, when: dt.datetime, scalin
     rng = _rng(sseed, 0)
     if transform is None:
         transform = _pose(rng, model.center) @ scaling
-    head = model.head_points @ transform[:3, :3].T + transform[:3, 3]
+    head = planning_points(model, transform, proto.get("down_to") if modality == "CT" else None,
+                           proto.get("face", False))
     center = transform[:3, :3] @ model.center + transform[:3, 3]
     info = dw.SeriesInfo(uid=str(dw.make_uid(*uid_parts, *uid_key, role, "series")), number=proto["number"],
                          description=proto["description"], role=role, time=when.strftime("%H%M%S"),
@@ -482,8 +511,8 @@ def assign_quirks(plans: list[PatientPlan], quirks: Sequence[str], model: Tissue
                 entry["expected"] = "series usable: one Enhanced MR file, frames placed by PlanePositionSequence"
             elif name == "gantry_tilt":
                 s.tilt_deg = float(TILT_CHOICES[int(rng.integers(len(TILT_CHOICES)))])
-                head = model.head_points @ s.transform[:3, :3].T + s.transform[:3, 3]
                 proto = s.info.protocol
+                head = planning_points(model, s.transform, proto.get("down_to"), proto.get("face", False))
                 s.geometry = _tilted_grid(head, s.geometry, s.tilt_deg, proto["step"])
                 entry["tilt_deg"] = s.tilt_deg
                 entry["expected"] = ("series usable: resample the sheared slices onto an orthogonal grid; "
@@ -659,6 +688,7 @@ class SimPatient:
     lesion: dict
     scale: np.ndarray
     plan: PatientPlan
+    field: sitk.Image | None = None  # the patient's displacement field (template mm): see points.py
 
     @property
     def ct_to_mr(self) -> np.ndarray:
@@ -688,7 +718,7 @@ def simulate_patient(seed: int, template: Template | None = None) -> SimPatient:
     mr_img = to_image(render_series(mr, anatomy)[0].astype(np.float32), mr.geometry)
     ct_img = to_image(render_series(ct, anatomy)[0].astype(np.float32) + np.float32(CT_INTERCEPT), ct.geometry)
     return SimPatient(seed=int(seed), mr=mr_img, ct=ct_img, mr_transform=mr.transform, ct_transform=ct.transform,
-                      lesion=anatomy.lesion.as_dict(), scale=anatomy.scale, plan=plan)
+                      lesion=anatomy.lesion.as_dict(), scale=anatomy.scale, plan=plan, field=anatomy.field)
 
 
 # ------------------------------------------------------------------------------------------------ corpus
@@ -827,7 +857,7 @@ def _instance_numbers(plan: SeriesPlan) -> list[int]:
     return [k + 1 if plan.instances == "asc" else n - k for k in range(n)]
 
 
-def _series_manifest(plan: SeriesPlan, files: list[str]) -> dict:
+def _series_manifest(plan: SeriesPlan, files: list[str], truth: PatientTruth) -> dict:
     weighting, post_contrast, candidate, why = ROLE_TRUTH[plan.role]
     proto = plan.info.protocol
     entry = {
@@ -848,6 +878,8 @@ def _series_manifest(plan: SeriesPlan, files: list[str]) -> dict:
         "whole_head": plan.whole_head,
         "body_part": proto.get("body_part", "HEAD") if plan.geometry is not None or plan.images else None,
     }
+    if plan.geometry is not None or plan.images:
+        entry.update(truth.in_series(plan.transform, plan.geometry))
     if plan.images:
         entry["images"] = [g.as_dict() for g in plan.images]
     if plan.tilt_deg:
@@ -883,14 +915,66 @@ def _kernel(plan: SeriesPlan) -> str | None:
 
 
 def covers_head(plan: SeriesPlan, model: TissueModel) -> bool | None:
-    """Whether the series' grid holds the whole head (every head surface point within half a voxel of it)."""
-    g = plan.geometry
-    if g is None:
+    """Whether the series' grid holds the whole head: the cranium (brain, skull and scalp above the skull base) every
+    point of it within half a voxel of the grid."""
+    if plan.geometry is None:
         return None
-    head = model.head_points @ plan.transform[:3, :3].T + plan.transform[:3, 3]
-    ijk = np.linalg.solve(g.index_matrix, (head - g.origin).T)
+    return holds(plan.geometry, model.head_points @ plan.transform[:3, :3].T + plan.transform[:3, 3])
+
+
+def holds(g: Geometry, points: np.ndarray, margin_mm: float = 0.0) -> bool:
+    """Whether every point (series LPS mm) lies within the grid (within half a voxel of its outer voxel centres),
+    ``margin_mm`` inside its edges."""
+    ijk = np.linalg.solve(g.index_matrix, (np.atleast_2d(points) - g.origin).T)
+    m = margin_mm / np.asarray(g.spacing, float)[:, None]
     size = np.asarray(g.size, float)[:, None]
-    return bool(np.all((ijk >= -0.5) & (ijk <= size - 0.5)))
+    return bool(np.all((ijk >= -0.5 + m) & (ijk <= size - 0.5 - m)))
+
+
+FACE_MARGIN_MM = 5.0
+
+
+@dataclass
+class PatientTruth:
+    """A patient's anatomy points in its template frame, y = d^-1(a) (a series point x = T y sees the anatomy at a):
+    face landmarks, the brain centre and (subsampled) template brain points."""
+
+    landmarks: dict[str, np.ndarray]
+    brain_center: np.ndarray
+    brain: np.ndarray
+
+    @classmethod
+    def of(cls, anatomy: PatientAnatomy, n_brain: int = 3000) -> PatientTruth:
+        model = anatomy.model
+        names = list(model.landmarks)
+        pts = np.vstack([np.stack([model.landmarks[n] for n in names]), model.center[None, :],
+                         model.brain_points[:: max(1, len(model.brain_points) // n_brain)]])
+        y = anatomy.to_template(pts)
+        return cls(landmarks=dict(zip(names, y[:len(names)])), brain_center=y[len(names)], brain=y[len(names) + 1:])
+
+    def as_dict(self) -> dict:
+        return {"landmarks": {k: _point(v) for k, v in self.landmarks.items()},
+                "brain_center": _point(self.brain_center)}
+
+    def in_series(self, transform: np.ndarray, g: Geometry | None) -> dict:
+        """Landmarks and brain centre in series LPS mm; whether the grid holds the whole brain and the face (each face
+        landmark with FACE_MARGIN_MM around it)."""
+        t = np.asarray(transform, float)
+
+        def to(p):
+            return np.atleast_2d(p) @ t[:3, :3].T + t[:3, 3]
+
+        out: dict[str, Any] = {"landmarks": {k: _point(to(v)[0]) for k, v in self.landmarks.items()},
+                               "brain_center": _point(to(self.brain_center)[0]), "holds_brain": None,
+                               "holds_face": None}
+        if g is not None:
+            out["holds_brain"] = holds(g, to(self.brain))
+            out["holds_face"] = holds(g, to(np.stack(list(self.landmarks.values()))), FACE_MARGIN_MM)
+        return out
+
+
+def _point(p) -> list[float]:
+    return [round(float(v), 4) for v in p]
 
 
 # ------------------------------------------------------------------------------------------------ expected choices
@@ -1050,10 +1134,11 @@ def generate_corpus(out_url: str, patients: int = 3, seed: int = 0, quirks: Sequ
     pairs, exclusions = _expected(plans)
     phi = _phi(plans)
     manifest = {
-        "format": 1,
+        "format": MANIFEST_FORMAT,
         "generator": {"version": GENERATOR_VERSION, "seed": int(seed), "patients": int(patients),
                       "quirks": list(quirks), "layout": layout, "template_sha256": model.template_sha256,
-                      "scenarios": list(scenarios)},
+                      "scenarios": list(scenarios),
+                      "anatomy_landmarks": {k: _point(v) for k, v in model.landmarks.items()}},
         "n_files": len(out.files), "n_bytes": int(out.n_bytes),
         "files": out.files,
         "patients": patient_entries,
@@ -1108,9 +1193,11 @@ class _Namer:
 
 def _write_patient(plan: PatientPlan, model: TissueModel, out: _Out, corpus_seed: int, namer: _Namer) -> dict:
     anatomy = patient_anatomy(plan, model)
+    truth = PatientTruth.of(anatomy)
     entry = {"patient_id": plan.info.patient_id, "patient_name": plan.info.name, "birth_date": plan.info.birth_date,
              "sex": plan.info.sex, "scenario": plan.scenario, "sim_seed": plan.seed,
-             "lesion": anatomy.lesion.as_dict(), "scale": [float(v) for v in anatomy.scale], "studies": []}
+             "lesion": anatomy.lesion.as_dict(), "scale": [float(v) for v in anatomy.scale], **truth.as_dict(),
+             "studies": []}
     session_of = {st.info.uid: sid for sid, sts in sessions(plan) for st in sts}
     for study in plan.studies:
         sfold = _study_folder(study)
@@ -1122,7 +1209,7 @@ def _write_patient(plan: PatientPlan, model: TissueModel, out: _Out, corpus_seed
         for series in study.series:
             folder = f"{plan.info.patient_id}/{sfold}/{_series_folder(series)}"
             files = _write_series(series, plan, study, anatomy, folder, out, corpus_seed, namer)
-            st_entry["series"].append(_series_manifest(series, files))
+            st_entry["series"].append(_series_manifest(series, files, truth))
         entry["studies"].append(st_entry)
     return entry
 

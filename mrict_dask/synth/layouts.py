@@ -28,13 +28,28 @@ that do not contradict each other share a patient) and logs what a correct tool 
 - ``ct_thick``: a 5 mm soft-tissue reconstruction of the same acquisition.
 - ``ct_scout``: a scout of two images (AP and lateral) in one series; per corpus, its ImageType says LOCALIZER or
   (described "Topogram") does not.
+- ``sagittal_t1_neck``: the post-contrast T1 is a sagittal 3D with a 256, 270 or 280 mm field of view hung from the
+  vertex (lowered to keep the chin where the vertex allows), centred on the head rather than the brain: face and neck
+  down to about C3 in it.
+- ``axial_t1_brain``: the post-contrast T1 covers the brain only: an axial 2D (5 mm; with ``contrast_tag_only``, its
+  axial 3D), from below the cerebellum or from above the orbits (the posterior fossa cut) to the vertex; no face.
+- ``off_centre_t1``: the head tilted 15-25 degrees in the coil for the post-contrast T1, and its grid 30-40 mm off the
+  head's centre, away from the face (so the field of view cuts it) and sideways, as far as the brain stays inside.
+- ``ct_face_neck``: the CT acquisition from C2 or below the mandible to the vertex, 280 mm field of view: face, teeth
+  and upper neck, with the couch and headrest (every head CT has them).
 
-Each log entry names the patient, the ``study_uid`` and ``series_uid`` of the series the layout is about (for T1
-layouts and study_per_sequence: the post-contrast T1), ``series_uids`` (every series the layout made or changed),
-``role``, ``chosen_series_uid`` (the series the expected pair takes from that session) and ``expected``; and, where
-they apply, ``study_uids`` (study_per_sequence), ``contrast_agent`` (contrast_tag_only), ``split_by`` (perfusion),
-``diffusion_style`` (dti), ``says_localizer`` (ct_scout). Every series of a rebuilt session lists the session's
-layouts in its ``quirks``.
+The field-of-view layouts (the last four but ``ct_face_neck``) shape the session's post-contrast T1, so they land on a
+patient whose T1 layout allows them: ``sagittal_t1_neck`` with ``sagittal_t1`` or none, ``axial_t1_brain`` with
+``contrast_tag_only`` or none, ``off_centre_t1`` with any. The manifest tells for every series whether its grid holds
+the whole brain and the face (``holds_brain``, ``holds_face``) and where the face landmarks are.
+
+Each log entry names the patient, the ``study_uid`` and ``series_uid`` of the series the layout is about (for T1 and
+field-of-view layouts and study_per_sequence: the post-contrast T1), ``series_uids`` (every series the layout made
+or changed), ``role``, ``chosen_series_uid`` (the series the expected pair takes from that session) and
+``expected``; and, where they apply, ``study_uids`` (study_per_sequence), ``contrast_agent`` (contrast_tag_only),
+``split_by`` (perfusion), ``diffusion_style`` (dti), ``says_localizer`` (ct_scout), ``variant`` (axial_t1_brain:
+skull_base or orbits), ``tilt_deg`` and ``offset_mm`` (off_centre_t1), ``down_to`` (ct_face_neck: c2 or menton).
+Every series of a rebuilt session lists the session's layouts in its ``quirks``.
 
 A rebuilt session is what a real one is: one scanner of a vendor drawn for the patient (Siemens, GE or Philips:
 their naming, numbering and private tags), one head position per session and a small motion of each series of its
@@ -86,7 +101,9 @@ from .corpus import (
     _round,
     _token,
     couch_plate,
+    holds,
     patient_scaling,
+    planning_points,
     sop_uid,
     volume_datasets,
     volume_header,
@@ -96,9 +113,17 @@ log = logging.getLogger(__name__)
 
 PAIRED_SCENARIOS = ("pair", "two_ct", "two_mr", "pair_edge")
 T1_LAYOUTS = ("sagittal_t1", "coronal_t1", "contrast_tag_only")  # each decides the session's T1s: one a patient
-MR_LAYOUTS = ("study_per_sequence", *T1_LAYOUTS, "perfusion", "dti", "secondary_capture")
-CT_LAYOUTS = ("rtstruct", "ct_reformat", "ct_bone", "ct_thick", "ct_scout")
-CONFLICTS = {frozenset(("study_per_sequence", "coronal_t1"))}  # its axial T1 would not leave the coronal one alone
+# Fields of view of the session's post-contrast T1, on a patient whose T1 layout (None: none) allows it
+FOV_LAYOUTS = {"sagittal_t1_neck": (None, "sagittal_t1"), "axial_t1_brain": (None, "contrast_tag_only"),
+               "off_centre_t1": (None, *T1_LAYOUTS)}
+MR_LAYOUTS = ("study_per_sequence", *T1_LAYOUTS, "perfusion", "dti", "secondary_capture", *FOV_LAYOUTS)
+CT_LAYOUTS = ("rtstruct", "ct_reformat", "ct_bone", "ct_thick", "ct_scout", "ct_face_neck")
+CONFLICTS = {frozenset(("study_per_sequence", "coronal_t1")),  # its axial T1 would not leave the coronal one alone
+             frozenset(("sagittal_t1_neck", "axial_t1_brain"))}
+NECK_FOV_MM = (256.0, 270.0, 280.0)
+FACE_CT_FOV_MM = 280.0
+OFF_CENTRE_MM = (30.0, 40.0)
+OFF_CENTRE_TILT_DEG = (15.0, 25.0)
 
 # ------------------------------------------------------------------------------------------------ vendors
 MR_VENDORS: dict[str, dict[str, Any]] = {
@@ -133,6 +158,8 @@ MR_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
     "t1c_sag3d": {"siemens": ("t1_mprage_sag_p2_iso_POST", "T1 MPRAGE SAG +C"),
                   "ge": ("SAG 3D T1 BRAVO +C", "Sag T1 3D FSPGR POST GD"),
                   "philips": ("sT1W_3D_TFE_sag_GD", "3D T1 SAG +C")},
+    "t1c_ax2d": {"siemens": ("t1_se_tra_post", "t1_tse_tra +C"), "ge": ("AX T1 +C", "Ax T1 SE POST GD"),
+                 "philips": ("T1W_SE_tra_GD", "AX T1W +C")},
     "t1c_cor2d": {"siemens": ("t1_se_cor_post", "t1_tse_cor +C"), "ge": ("COR T1 +C", "Cor T1 SE POST GD"),
                   "philips": ("T1W_SE_cor_GD", "COR T1W +C")},
     "t1_notag": {"siemens": ("t1_fl3d_tra_v1", "t1_fl3d_tra_gk_v1"), "ge": ("AX 3D T1 BRAVO", "Ax T1 3D FSPGR"),
@@ -224,7 +251,7 @@ def _assign(plans: list[PatientPlan], wanted: list[str], corpus_seed: int) -> di
     order = [paired[i].index for i in rng.permutation(len(paired))]
     where: dict[int, list[str]] = {i: [] for i in order}
     t1 = [q for q in wanted if q in T1_LAYOUTS]
-    mr = [q for q in wanted if q in MR_LAYOUTS and q not in T1_LAYOUTS]
+    mr = [q for q in wanted if q in MR_LAYOUTS and q not in T1_LAYOUTS and q not in FOV_LAYOUTS]
     t1, mr = [t1[i] for i in rng.permutation(len(t1))], [mr[i] for i in rng.permutation(len(mr))]
 
     def fits(i: int, q: str) -> bool:
@@ -246,6 +273,16 @@ def _assign(plans: list[PatientPlan], wanted: list[str], corpus_seed: int) -> di
         where[min(order, key=lambda i: (len(where[i]), order.index(i)))] += ct
     elif ct:
         log.warning("layouts %s: no paired patient in this corpus", ", ".join(ct))
+    # fields of view: on patients whose T1 layout allows them, the least busy with one first (own stream, so the
+    # layouts above land where they did before these existed)
+    fov_order = [order[i] for i in _rng(corpus_seed, 195).permutation(len(order))]
+    for q in (q for q in wanted if q in FOV_LAYOUTS):
+        ok = [i for i in fov_order if fits(i, q) and next((o for o in where[i] if o in T1_LAYOUTS), None)
+              in FOV_LAYOUTS[q]]
+        if ok:
+            where[min(ok, key=lambda i: (sum(o in FOV_LAYOUTS for o in where[i]), ok.index(i)))].append(q)
+        else:
+            log.warning("layout %s: no paired patient whose T1 allows it in this corpus", q)
     return where
 
 
@@ -329,6 +366,68 @@ def axial_slab(center: np.ndarray, rng: np.random.Generator, fov: float, matrix:
                     origin=np.array([_round(v) for v in start]), axes=np.eye(3))
 
 
+def neck_grid(model: TissueModel, transform: np.ndarray, axes: np.ndarray, rng: np.random.Generator, fov: float,
+              matrix: int, step: float, margin: float = 3.0) -> Geometry:
+    """A field of view hung from the vertex (columns run head to feet) down over the face and neck, centred on the
+    head in the row direction (not on the brain), slices covering the cranium."""
+    px = float(dw._fmt(fov / matrix))
+    body = np.linalg.solve(axes, (model.body_points @ transform[:3, :3].T + transform[:3, 3]).T).T
+    head = np.linalg.solve(axes, planning_points(model, transform).T).T
+    span = (matrix - 1) * px
+    chin = np.linalg.solve(axes, model.landmarks["chin"] @ transform[:3, :3].T + transform[:3, 3])[1] + 8.0
+    v0 = head[:, 1].min() - margin - rng.uniform(0.0, 6.0)
+    if chin > v0 + span:  # lower, as far as the vertex allows, to keep the chin
+        v0 = min(head[:, 1].min() - 1.0, chin - span)
+    seen = body[(body[:, 1] >= v0) & (body[:, 1] <= v0 + span)]
+    u = (seen[:, 0].min() + seen[:, 0].max()) / 2 + rng.uniform(-3.0, 3.0)
+    w0, w1 = head[:, 2].min() - margin, head[:, 2].max() + margin
+    n = int(math.ceil((w1 - w0) / step)) + 1
+    start = np.array([u - (matrix - 1) / 2 * px, v0, w0])
+    return Geometry(size=(matrix, matrix, n), spacing=(px, px, float(step)),
+                    origin=np.array([_round(v) for v in axes @ start]), axes=axes)
+
+
+def brain_only(g: Geometry, model: TissueModel, transform: np.ndarray, variant: str, margin: float = 4.0) -> Geometry:
+    """An axial grid's slices cut to the brain: from below the brain ("skull_base") or from above the orbits
+    ("orbits", the temporal poles and the posterior fossa cut) up to the vertex."""
+    if abs(g.axes[2, 2]) < 0.99:
+        raise ValueError("a brain-only slab is planned on an axial grid")
+    def to(p):
+        return np.atleast_2d(p) @ transform[:3, :3].T + transform[:3, 3]
+    top = planning_points(model, transform)[:, 2].max() + margin
+    if variant == "skull_base":
+        bottom = to(model.brain_points)[:, 2].min() - margin
+    else:
+        bottom = to(np.stack([model.landmarks["right_eye"], model.landmarks["left_eye"]]))[:, 2].max() + 16.0
+    dz = g.spacing[2] * g.axes[2, 2]
+    k0 = math.floor((bottom - g.origin[2]) / dz)
+    n = int(math.ceil((top - g.origin[2]) / dz)) - k0 + 1
+    origin = g.origin + g.axes[:, 2] * g.spacing[2] * k0
+    return dataclasses.replace(g, size=(g.size[0], g.size[1], n), origin=np.array([_round(v) for v in origin]))
+
+
+def off_centre(g: Geometry, model: TissueModel, transform: np.ndarray, params: dict) -> tuple[Geometry, float]:
+    """The grid moved away from the face (so the field of view cuts it) and sideways, 30-40 mm in all, as far as
+    the brain stays inside; returns the grid and how far the head is off its planned centre (mm)."""
+    def to(p):
+        return np.atleast_2d(p) @ transform[:3, :3].T + transform[:3, 3]
+    brain = to(model.brain_points[:: max(1, len(model.brain_points) // 2000)])
+    face = to(model.landmarks["nose_tip"])[0] - to(model.center)[0]
+    f = face / np.linalg.norm(face)
+    side = np.cross(f, g.axes[:, 2])
+    if np.linalg.norm(side) < 0.3:  # the slices run along the face: move across the rows instead
+        side = g.axes[:, 0] - f * (g.axes[:, 0] @ f)
+    side /= np.linalg.norm(side)
+    side = math.cos(params["turn"]) * side + math.sin(params["turn"]) * np.cross(f, side)
+    for total in np.arange(float(params["offset_mm"]), 9.9, -2.0):  # as far off as the brain allows
+        for back in np.arange(min(24.0, total), -0.1, -2.0):
+            shift = -f * back + side * math.sqrt(total * total - back * back)
+            moved = dataclasses.replace(g, origin=np.array([_round(v) for v in g.origin + shift]))
+            if holds(moved, brain, 2.5):
+                return moved, round(float(np.linalg.norm(shift)), 2)
+    return g, 0.0
+
+
 def _axes(row, col) -> np.ndarray:
     """Rounded as ImageOrientationPatient is written, so the manifest's grid is what the files say."""
     row = np.array([float(dw._fmt(v)) for v in row])
@@ -373,7 +472,7 @@ def _rebuild_mr(ctx: _Context, study: StudyPlan, names: list[str]) -> list[dict]
     model_name, field_t = v["models"][int(rs.integers(len(v["models"])))]
     scanner = dict(field="1.5", frequency="63.87") if field_t < 2 else dict(field="3", frequency="123.25")
     agent = CONTRAST_AGENTS[int(rs.integers(len(CONTRAST_AGENTS)))]
-    steps = _mr_steps(names, vendor, rs, agent, ctx.corpus_seed)
+    steps = _mr_steps(names, vendor, rs, agent, ctx.corpus_seed, ctx.stream(38, study))
     # one head position for the session, each series a small motion of its own
     base = _pose(ctx.stream(31, study), model.center)
     motions = _motions(len(steps), ctx.stream(36, study), model)
@@ -390,6 +489,9 @@ def _rebuild_mr(ctx: _Context, study: StudyPlan, names: list[str]) -> list[dict]
             pool = UNRELIABLE_BODY_PARTS if step is chosen else BODY_PARTS
             proto["body_part"] = pool[int(rs.integers(len(pool)))]
         transform = base @ motion @ ctx.scaling
+        if "off_centre" in proto:  # the head tilted in the coil
+            transform = base @ affine_about(rotation_matrix(proto["off_centre"]["tilt_deg"]), model.center) @ \
+                motion @ ctx.scaling
         s = _series_plan(ctx, study, step, proto, transform, _when(study, when_min))
         s.folder_no = int(folders.integers(10000, 99999))
         series.append(s)
@@ -408,7 +510,8 @@ def _rebuild_mr(ctx: _Context, study: StudyPlan, names: list[str]) -> list[dict]
     return entries
 
 
-def _mr_steps(names: list[str], vendor: str, rng: np.random.Generator, agent: str, corpus_seed: int) -> list[_Step]:
+def _mr_steps(names: list[str], vendor: str, rng: np.random.Generator, agent: str, corpus_seed: int,
+              fov_rng: np.random.Generator) -> list[_Step]:
     """The session's series in acquisition order (minutes each took), as the layouts ask."""
     t1_3d, t1_2d = MR_SEQUENCES["t1_3d"][vendor], MR_SEQUENCES["t1_2d"][vendor]
     base = {role: {k: MR_PROTOCOLS[role][k] for k in ("scanning_sequence", "sequence_variant", "acquisition_type", "tr",
@@ -446,11 +549,14 @@ def _mr_steps(names: list[str], vendor: str, rng: np.random.Generator, agent: st
                   _Step("t1_decoy", "t1", 6, decoy, quirks=("contrast_tag_only",))]
     if "perfusion" in names:
         steps.append(_perfusion_step(vendor, rng, agent, corpus_seed))
-    if "sagittal_t1" in names:
+    if "sagittal_t1" in names or "sagittal_t1_neck" in names:
         t1c = _Step("t1c", "t1c", 6, proto("t1c_sag3d", **t1_3d, acquisition_type="3D", fov=256.0, matrix=256,
                                            thickness=1.0, step=1.0, instances="asc"),
-                    plane="sagittal", quirks=("sagittal_t1",))
+                    plane="sagittal", quirks=tuple(q for q in ("sagittal_t1", "sagittal_t1_neck") if q in names))
         t1c.proto["tilt_deg"] = float(rng.choice([0.0, 0.0, -8.0, 6.0, 11.0]))
+        t1c.proto["neck"] = "sagittal_t1_neck" in names
+        if t1c.proto["neck"]:
+            t1c.proto["fov"] = float(fov_rng.choice(NECK_FOV_MM))
     elif "coronal_t1" in names:
         thickness = float(rng.choice([4.0, 5.0]))
         t1c = _Step("t1c", "t1c", 5, proto("t1c_cor2d", **t1_2d, acquisition_type="2D", fov=250.0, matrix=256,
@@ -461,8 +567,23 @@ def _mr_steps(names: list[str], vendor: str, rng: np.random.Generator, agent: st
         if rng.random() < 0.5:  # often the very same description as the pre-contrast one
             post["description"] = pre["description"]
         t1c = _Step("t1c", "t1c", 6, post, quirks=("contrast_tag_only",))
+    elif "axial_t1_brain" in names:
+        t1c = _Step("t1c", "t1c", 5, proto("t1c_ax2d", **t1_2d, acquisition_type="2D", fov=230.0, matrix=256,
+                                           thickness=5.0, step=6.0, instances="asc"))
     else:
         t1c = _Step("t1c", "t1c", 6, proto("t1c_ax3d", **t1_3d, **t1_3d_grid))
+    for q in ("axial_t1_brain", "off_centre_t1"):
+        if q in names:
+            t1c.quirks += (q,)
+    if "axial_t1_brain" in names:  # from the skull base, or from above the orbits (the lower brain cut)
+        t1c.proto["brain_only"] = str(fov_rng.choice(["skull_base", "orbits"]))
+    if "off_centre_t1" in names:
+        tilt = np.zeros(3)
+        tilt[int(fov_rng.integers(2))] = fov_rng.uniform(*OFF_CENTRE_TILT_DEG) * fov_rng.choice([-1.0, 1.0])
+        tilt += fov_rng.uniform(-3.0, 3.0, size=3)
+        t1c.proto["off_centre"] = {"tilt_deg": [round(float(v), 2) for v in tilt],
+                                   "offset_mm": round(float(fov_rng.uniform(*OFF_CENTRE_MM)), 2),
+                                   "turn": round(float(fov_rng.uniform(0.0, 2.0 * math.pi)), 4)}
     # ContrastBolusAgent: always where only the tag tells; else on most post-contrast T1s, the rest saying it only
     # in their description
     if "contrast_tag_only" in names or rng.random() < 0.6:
@@ -508,14 +629,21 @@ def _series_plan(ctx: _Context, study: StudyPlan, step: _Step, proto: dict, tran
     s = _plan_series(step.role, modality, sseed, when, ctx.scaling, model, (ctx.corpus_seed, ctx.patient.seed,
                                                                             modality, "layout", study.info.uid),
                      transform=transform, proto=proto, uid_key=(step.key,))
-    head = model.head_points @ transform[:3, :3].T + transform[:3, 3]
+    head = planning_points(model, transform)
     rng = _rng(sseed, 2)
     if step.plane in ("sagittal", "coronal"):
         axes = sagittal_axes(proto.get("tilt_deg", 0.0)) if step.plane == "sagittal" else CORONAL_AXES
-        s.geometry = oriented_grid(head, axes, rng, proto["fov"], proto["matrix"], proto["step"])
+        if proto.get("neck"):
+            s.geometry = neck_grid(model, transform, axes, rng, proto["fov"], proto["matrix"], proto["step"])
+        else:
+            s.geometry = oriented_grid(head, axes, rng, proto["fov"], proto["matrix"], proto["step"])
     elif step.plane == "slab":
         center = transform[:3, :3] @ model.center + transform[:3, 3]
         s.geometry = axial_slab(center, rng, proto["fov"], proto["matrix"], proto["step"], proto["slices"])
+    if proto.get("brain_only") and s.geometry is not None:
+        s.geometry = brain_only(s.geometry, model, transform, proto["brain_only"])
+    if proto.get("off_centre") and s.geometry is not None:
+        s.geometry, s.manifest["off_centre_mm"] = off_centre(s.geometry, model, transform, proto["off_centre"])
     if s.geometry is not None and modality == "MR":
         s.thickness, s.spacing_between, s.instances = proto["thickness"], proto["step"], proto["instances"]
     if step.role == "perfusion":
@@ -555,7 +683,16 @@ _MR_EXPECTED = {
     "perfusion": "DSC perfusion: {volumes} volumes of repeated positions, never a T1 candidate",
     "dti": "diffusion: {volumes} volumes (b-values, directions) of repeated positions, never a T1 candidate",
     "secondary_capture": "an RGB screenshot with Modality MR: not an image volume, never a candidate",
+    "sagittal_t1_neck": "choose the sagittal 3D post-contrast T1 (series {number}): a {fov:.0f} mm field of view hung "
+                        "from the vertex, the face and the neck down to about C3 in it, the brain well above its "
+                        "centre",
+    "axial_t1_brain": "choose the post-contrast T1 (series {number}), an axial {acquisition} of the brain only, from "
+                      "{bottom} to the vertex: no face",
+    "off_centre_t1": "choose the post-contrast T1 (series {number}): the head tilted {tilt:.0f} degrees in the coil "
+                     "and {offset:.0f} mm off the field-of-view centre, the face partly outside it",
 }
+_BRAIN_ONLY_BOTTOM = {"skull_base": "below the cerebellum",
+                      "orbits": "above the orbits (the temporal poles and the posterior fossa cut)"}
 
 
 def _mr_entry(q: str, p: PatientPlan, study: StudyPlan, series: list[SeriesPlan], steps: list[_Step]) -> dict:
@@ -563,17 +700,28 @@ def _mr_entry(q: str, p: PatientPlan, study: StudyPlan, series: list[SeriesPlan]
     mine = [s for s, st in zip(series, steps) if q in st.quirks]
     if q == "study_per_sequence":
         mine = list(series)
-    main = t1c if q in ("study_per_sequence", *T1_LAYOUTS) else mine[0]
+    main = t1c if q in ("study_per_sequence", *T1_LAYOUTS, *FOV_LAYOUTS) else mine[0]
     entry = {"quirk": q, "patient_id": p.info.patient_id, "study_uid": study.info.uid, "series_uid": main.info.uid,
              "series_uids": [s.info.uid for s in mine], "role": main.role, "chosen_series_uid": t1c.info.uid}
+    proto = t1c.info.protocol
+    tilt = max(abs(v) for v in proto["off_centre"]["tilt_deg"]) if "off_centre" in proto else 0.0
     entry["expected"] = _MR_EXPECTED[q].format(n=len(series), number=t1c.info.number,
-                                                volumes=main.manifest.get("volumes"))
+                                                volumes=main.manifest.get("volumes"),
+                                                acquisition=proto.get("acquisition_type"),
+                                                bottom=_BRAIN_ONLY_BOTTOM.get(proto.get("brain_only", ""), ""),
+                                                tilt=tilt, offset=t1c.manifest.get("off_centre_mm", 0.0),
+                                                fov=proto.get("fov", 0.0))
     if q == "perfusion":
         entry["split_by"] = main.manifest["split_by"]
     elif q == "dti":
         entry["diffusion_style"] = main.manifest["diffusion"]["style"]
     elif q == "contrast_tag_only":
         entry["contrast_agent"] = t1c.info.protocol.get("contrast")
+    elif q == "axial_t1_brain":
+        entry["variant"] = proto["brain_only"]
+    elif q == "off_centre_t1":
+        entry["tilt_deg"] = list(proto["off_centre"]["tilt_deg"])
+        entry["offset_mm"] = t1c.manifest["off_centre_mm"]
     return entry
 
 
@@ -595,11 +743,13 @@ def _rebuild_ct(ctx: _Context, study: StudyPlan, names: list[str]) -> list[dict]
         scout["planes"] = [((1, 0, 0), (0, 0, -1)), ((0, 1, 0), (0, 0, -1))]  # AP, then lateral
     ct = dict(CT_PROTOCOLS["ct"], description=v["names"]["ct"].format(t=2.5, k=v["soft"]), image_type=list(v["axial"]),
               kernel=v["soft"])
+    if "ct_face_neck" in names:  # from C2 or below the mandible, the face in a wider field of view
+        ct.update(down_to=str(ctx.stream(39, study).choice(["c2", "menton"])), face=True, fov=FACE_CT_FOV_MM)
     plans = [_series_plan(ctx, study, _Step("scout", "scout", 1, {}, "none"), scout, base @ m_scout @ ctx.scaling,
                           _when(study, 1)),
              _series_plan(ctx, study, _Step("ct", "ct", 3, {}), ct, acquisition, _when(study, 3))]
     src = plans[1]
-    recon_quirk: dict[str, str] = {}
+    recon_quirk: dict[str, str] = {src.info.uid: "ct_face_neck"} if "ct_face_neck" in names else {}
     if "ct_thick" in names:
         plans.append(_recon(ctx, study, src, "thick", v, 5.0, 4))
         recon_quirk[plans[-1].info.uid] = "ct_thick"
@@ -629,9 +779,13 @@ def _rebuild_ct(ctx: _Context, study: StudyPlan, names: list[str]) -> list[dict]
         mine = [s for s in study.series if recon_quirk.get(s.info.uid) == q] if q != "ct_scout" else [plans[0]]
         entry = {"quirk": q, "patient_id": p.info.patient_id, "study_uid": study.info.uid,
                  "series_uid": mine[0].info.uid, "series_uids": [s.info.uid for s in mine], "role": mine[0].role,
-                 "chosen_series_uid": src.info.uid, "expected": _CT_EXPECTED[q].format(number=src.info.number)}
+                 "chosen_series_uid": src.info.uid,
+                 "expected": _CT_EXPECTED[q].format(number=src.info.number,
+                                                    bottom=_CT_BOTTOM.get(src.info.protocol["down_to"], ""))}
         if q == "ct_scout":
             entry["says_localizer"] = "LOCALIZER" in scout_type
+        elif q == "ct_face_neck":
+            entry["down_to"] = src.info.protocol["down_to"]
         entries.append(entry)
     return entries
 
@@ -643,7 +797,10 @@ _CT_EXPECTED = {
     "ct_bone": "a thinner bone-kernel reconstruction: soft tissue before thinness, series {number} is chosen",
     "ct_thick": "a 5 mm soft-tissue reconstruction: the thinner one (series {number}) is chosen",
     "ct_scout": "a scout of two planes in one series: not a volume, never a candidate",
+    "ct_face_neck": "a head CT from {bottom} to the vertex (series {number}, chosen): the face, the teeth and the "
+                    "upper neck in its field of view, on the couch and headrest",
 }
+_CT_BOTTOM = {"c2": "the axis (C2)", "menton": "below the mandible"}
 
 
 def _recon(ctx: _Context, study: StudyPlan, src: SeriesPlan, kind: str, v: dict, step: float,
@@ -664,7 +821,8 @@ def _recon(ctx: _Context, study: StudyPlan, src: SeriesPlan, kind: str, v: dict,
         if kind == "bone":
             proto["window"] = (500.0, 2500.0)
     else:
-        head = ctx.model.head_points @ src.transform[:3, :3].T + src.transform[:3, 3]
+        sp = src.info.protocol
+        head = planning_points(ctx.model, src.transform, sp.get("down_to"), sp.get("face", False))
         axes = CORONAL_AXES if kind == "cor" else sagittal_axes()
         s.geometry = oriented_grid(head, axes, _rng(s.seed, 2), 250.0, 256, step)
         s.info.image_type = list(v["reformat"])
