@@ -148,14 +148,14 @@ def synth(ctx, out_url, patients, seed, quirks, layout, manifest, storage_option
 def scan(ctx, input_url, out, scheduler, workers, batch_size, storage_options):
     """List DICOM under INPUT_URL and read headers only into a Parquet catalog."""
     from .io import Location, parse_storage_options
-    from .orchestrate import client_for
+    from .orchestrate import as_executor, client_for
     from .scan import scan_to_parquet
     from .sources import open_source
 
     so = parse_storage_options(storage_options)
     source, dest = open_source(input_url, so), Location(out)  # refuse unusable URLs before starting a cluster
     with client_for(scheduler, workers) as client:
-        summary = scan_to_parquet(source, dest.url, executor=client, batch_size=batch_size,
+        summary = scan_to_parquet(source, dest.url, executor=as_executor(client), batch_size=batch_size,
                                   progress=ctx.obj["progress"])
     click.echo(summary.describe())
 

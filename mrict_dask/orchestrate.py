@@ -194,6 +194,16 @@ class DaskExecutor:
                 ac.add(submit(nxt))
 
 
+def as_executor(executor: Any = None, retries: int = 2, window: int = 0) -> Executor:
+    """An :class:`~mrict_dask.executor.Executor` for ``executor``: a Dask client becomes a :class:`DaskExecutor`;
+    an executor is kept; None runs serially in this process."""
+    if hasattr(executor, "submit") and hasattr(executor, "nthreads"):  # a distributed.Client
+        return DaskExecutor(executor, window=window, retries=retries)
+    from .executor import as_executor as plain
+
+    return plain(executor, retries=retries, window=window)
+
+
 # ----------------------------------------------------------------------------------------------- the run
 @dataclass
 class RunSummary:
@@ -318,7 +328,7 @@ def run_pipeline(input_url: str | Location | Source, output_url: str | Location,
     process), a Dask client, or an :class:`~mrict_dask.executor.Executor`. ``storage_options`` apply to every
     URL given as a string.
     """
-    from .executor import SerialExecutor, as_executor
+    from .executor import SerialExecutor
     from .plan import make_plan
     from .pseudonym import resolve_key
     from .report import write_report

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+Instance = Any
+"""What a source's ``fetch`` gives for one URL: the bytes of a DICOM file, a data set already parsed from them
+(pydicom ``Dataset``), or the exception that stopped it (transient ones are retried by the caller)."""
 
 
 @dataclass(frozen=True)
