@@ -275,6 +275,25 @@ def inspect(store_url, png, storage_options):
 
 @main.command()
 @click.argument("store_url")
+@click.argument("patients", nargs=-1, required=True)
+@click.option("--work", "work_url", default=None, help="Private work area: its plan resolves PatientIDs, and the "
+              "withdrawal list lives there. Default: STORE_URL + '.work'.")
+@click.option("--pseudonym-key", default=None, envvar="MRICT_PSEUDONYM_KEY", show_envvar=True,
+              help="Key for patient pseudonyms (to resolve a PatientID the work area's plan does not hold).")
+@storage_opt
+def forget(store_url, patients, work_url, pseudonym_key, storage_options):
+    """Withdraw PATIENTS (pseudonyms, or PatientIDs resolved through the private work area) from a store: their
+    pairs' data is deleted, versions that held them can no longer be served, no later run adds them back."""
+    from .growth import forget as forget_patients
+    from .io import parse_storage_options
+
+    summary = forget_patients(store_url, list(patients), work_url=work_url, pseudonym_key=pseudonym_key,
+                              storage_options=parse_storage_options(storage_options))
+    click.echo(summary.describe())
+
+
+@main.command()
+@click.argument("store_url")
 @storage_opt
 def verify(store_url, storage_options):
     """Recompute every pair's checksum; report torn or corrupted pairs (exit 1 if any)."""

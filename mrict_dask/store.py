@@ -729,17 +729,46 @@ def withdraw_pair(url: str | Location, index: int, pair_id: str, storage_options
     """Withdraw pair ``index`` (driver only): its marker becomes a tombstone (status ``withdrawn``, no checksums,
     scalars or figure), then every object of the pair is deleted: each ``PAIR_VARS`` object and its figure. Its
     scalars are cleared by the next finalize. Idempotent (a withdrawal cut short is completed by running it again).
-    Returns the keys deleted."""
+    Returns the keys it deleted."""
     store = Location.of(url, storage_options)
     attrs = _root_attrs(store)
     tomb = {"format": STORE_FORMAT, "index": index, "pair_id": pair_id, "status": STATUS_WITHDRAWN,
             "fingerprint": attrs["fingerprint"]}
     _marker(store, index).write_bytes(json.dumps(tomb, sort_keys=True, indent=1).encode(), durable=True)
-    keys = [*_pair_keys(store, index).values(), f"{MARKER_DIR}/{index}.png"]
+    store.fs.invalidate_cache()
+    keys = [k for k in (*_pair_keys(store, index).values(), f"{MARKER_DIR}/{index}.png") if store.join(k).exists()]
     for key in keys:
         store.join(key).remove()
     store.fs.invalidate_cache()
     return keys
+
+
+def purge_withdrawn(url: str | Location, indices: Sequence[int], storage_options: dict | None = None) -> int:
+    """Delete whatever is left of withdrawn pairs ``indices`` (a withdrawal cut short); the number of objects."""
+    store = Location.of(url, storage_options)
+    if not indices:
+        return 0
+    sizes = _object_sizes(store)
+    figures = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.join(MARKER_DIR).path, detail=False)}
+    n = 0
+    for i in indices:
+        left = [k for k in _pair_keys(store, i).values() if k in sizes]
+        left += [f"{MARKER_DIR}/{i}.png"] if f"{i}.png" in figures else []
+        for key in left:
+            store.join(key).remove()
+        n += len(left)
+    if n:
+        log.warning("deleted %d objects a cut-short withdrawal had left in %s", n, store.url)
+    return n
+
+
+def root_attrs(url: str | Location, storage_options: dict | None = None) -> dict:
+    """The store's root attributes, read afresh."""
+    return _root_attrs(Location.of(url, storage_options))
+
+
+def update_root_attrs(url: str | Location, values: dict, storage_options: dict | None = None) -> None:
+    _update_root_attrs(Location.of(url, storage_options), values)
 
 
 def _pair_keys(store: Location, index: int) -> dict[str, str]:

@@ -28,6 +28,7 @@ class PairSpec:
     ct_files: tuple[str, ...] = field(repr=False)  # URLs of the chosen CT stack's files
     mr_series_uid: str = field(default="", repr=False)  # private: for the plan and export only
     ct_series_uid: str = field(default="", repr=False)
+    inputs: str = ""  # keyed digest of the input instances (PHI-free): changes when a series is re-sent
 
 
 @dataclass

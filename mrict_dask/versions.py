@@ -136,15 +136,15 @@ def record_version(store: Location, entries: list[dict], content_digest: str, fi
 
 
 def redact_withdrawn(store: Location, pair_ids: set[str]) -> int:
-    """Remove every trace of the data of withdrawn pairs from every manifest: their entries keep their index, id
-    and patient with status ``withdrawn`` and no digest (so a version that held them says so). Returns the number
-    of manifests rewritten."""
+    """Remove every trace of the data of withdrawn pairs from the manifests of the versions that held them: their
+    entries keep index, id and patient, lose their digest and are marked ``withdrawn`` (such a version can no
+    longer be served, and says why). Returns the number of manifests rewritten."""
     n = 0
     for version in version_ids(store):
         manifest = read_version(store, version)
         touched = False
         for e in manifest["pairs"]:
-            if e["pair_id"] in pair_ids and (e.get("digest") is not None or not e.get("withdrawn")):
+            if e["pair_id"] in pair_ids and e["status"] != "withdrawn" and not e.get("withdrawn"):
                 e["digest"] = None
                 e["withdrawn"] = True
                 touched = True
