@@ -286,8 +286,8 @@ def open_or_create_store(url: str | Location, pairs: Sequence[PairSpec], templat
             stored_ids = _read_pair_ids(store)
             if not _same_settings(old, stored_ids, settings, grid, template.sha256, config):
                 diffs = _describe_differences(old, grid, template.sha256, config)
-                raise StoreMismatchError(f"{url} holds a store made with other settings ({'; '.join(diffs)}); use a "
-                                         "new output URL or delete the old store")
+                raise StoreMismatchError(f"{url} holds a different store, made with other settings "
+                                         f"({'; '.join(diffs)}); use a new output URL or delete the old store")
             for p in pairs[:len(stored_ids)]:
                 if p.pair_id != stored_ids[p.index]:
                     raise StoreMismatchError(f"{url} holds a different store (pairs: pair_id at index {p.index} is "
