@@ -379,3 +379,41 @@ def test_a_rerun_scans_only_new_and_changed_files_and_gets_the_full_scan_catalog
     assert (update.new, update.changed, update.removed) == (len(names) - 8, 1, 1)
     assert update.scanned == len(names) - 8 + 1
     pd.testing.assert_frame_equal(catalog(), scan(str(folder)), check_like=True)
+
+
+def test_a_rerun_over_a_pacs_reads_only_series_sent_again_or_new(small_orthanc, pacs_credentials, one_patient,
+                                                                  tmp_path):
+    """DICOMweb: a series' stamp is its list of instances (QIDO-RS). A series sent again with other instances is
+    read again, a deleted one leaves the catalog, the rest is not read; the catalog equals a full scan."""
+    import glob
+
+    import pandas as pd
+    import pydicom
+
+    from mrict_dask.catalog import catalog_frame, read_catalog_table
+    from mrict_dask.scan import scan, update_catalog
+    from mrict_dask.sources import open_source
+
+    from .test_growth_run import send_again
+
+    source, work = open_source(small_orthanc.dicomweb_url), Location(str(tmp_path / "work"))
+    first = update_catalog(source, work)
+    assert first.scanned == first.units > 3 and update_catalog(source, work).scanned == 0
+    series = {}
+    for path in glob.glob(os.path.join(one_patient[0], "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            series.setdefault((ds.Modality, ds.SeriesInstanceUID), []).append(path)
+    ct = max((k for k in series if k[0] == "CT"), key=lambda k: len(series[k]))
+    again = tmp_path / "again"
+    again.mkdir()
+    for path in series[ct]:
+        (again / os.path.basename(path)).write_bytes(open(path, "rb").read())
+    send_again(str(again), seed=5)
+    small_orthanc.upload(sorted(str(p) for p in again.iterdir()))
+    smallest = min((k for k in series if k != ct), key=lambda k: len(series[k]))
+    small_orthanc.delete(smallest[1])
+    update = update_catalog(source, work)
+    assert (update.new, update.changed, update.removed, update.scanned) == (0, 1, 1, 1)
+    got = catalog_frame(read_catalog_table(work.join("catalog.parquet")))
+    pd.testing.assert_frame_equal(got, scan(source), check_like=True)
