@@ -58,7 +58,7 @@ from .errors import StoreMismatchError, VersionUnavailable
 from .io import Location, join
 from .lease import LEASE_DIR
 from .types import QA_KEYS, PairResult, PairSpec
-from .versions import VERSION_DIR, describe_versions, latest_version, pair_digest, read_version, record_version
+from .versions import describe_versions, latest_version, pair_digest, read_version, record_version
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,6 @@ STATUS_WITHDRAWN = "withdrawn"
 PAIR_TABLE_CHUNK = 1024
 """Pairs per chunk of the driver's (pair,) and (pair, 4, 4) variables in a new store: appends write into the same
 chunk (one object per variable) instead of adding one small object per append."""
-NOT_ZARR = (MARKER_DIR, VERSION_DIR, LEASE_DIR)
-"""Folders of a store that are not Zarr nodes: completion markers, version manifests, the writer's lease."""
 # Characters the ``status`` variable holds, fixed when the store is created: finalize never has to widen (delete and
 # recreate) the variable under a reader's feet. Longer failure reasons are cut to fit, in the markers too.
 STATUS_WIDTH = 256
