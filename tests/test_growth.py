@@ -73,8 +73,9 @@ def grown_store(url: str, so: dict | None = None):
     assert store.finalize_store(url, so)["id"] == 1
     before = object_hashes(url, so)
     readers = {"slices": SlicePairs(url, split=None, with_valid=True, storage_options=so),
-               "volumes": VolumePairs(url, split=None, storage_options=so),
-               "xarray": xr.open_zarr(url, storage_options=so or None)}
+               "volumes": VolumePairs(url, split=None, storage_options=so)}
+    if not so:  # xarray on the local store (each open on the S3 server costs a second)
+        readers["xarray"] = xr.open_zarr(url)
     store.append_pairs(url, later, so)
     for p in later:
         store.write_pair(url, p.index, results[p.index], storage_options=so)
@@ -91,8 +92,8 @@ def check_old_pairs_untouched(url: str, so: dict | None, before: dict, readers: 
     # each per-pair variable's object and the marker of each pair, and pair 0's figure; but pair 1's marker (retired)
     assert len(old) == 4 * (len(store.PAIR_VARS) + 1) + 1 - 1
     assert {k: after[k] for k in old} == {k: before[k] for k in old}
-    sp, vp, ds = readers["slices"], readers["volumes"], readers["xarray"]
-    assert sorted(set(sp.pair_indices)) == [0, 1, 2, 3] and ds.sizes["pair"] == 4
+    sp, vp = readers["slices"], readers["volumes"]
+    assert sorted(set(sp.pair_indices)) == [0, 1, 2, 3]
     for i in range(len(sp)):
         p, z = sp.locate(i)
         mr, ct, valid = sp[i]
@@ -100,8 +101,11 @@ def check_old_pairs_untouched(url: str, so: dict | None, before: dict, readers: 
         assert np.array_equal(valid, results[p].valid[z])
     for k in range(len(vp)):
         assert vp[k][0].tobytes() == results[int(vp.pair_indices[k])].mr.tobytes()
-    for p in range(4):
-        assert ds["ct"][p].values.tobytes() == results[p].ct.tobytes()
+    if "xarray" in readers:
+        ds = readers["xarray"]
+        assert ds.sizes["pair"] == 4
+        for p in range(4):
+            assert ds["ct"][p].values.tobytes() == results[p].ct.tobytes()
 
 
 # --------------------------------------------------------------------------------------------- append, readers
