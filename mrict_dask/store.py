@@ -806,7 +806,8 @@ def finalize_store(url: str | Location, storage_options: dict | None = None) -> 
     counts = Counter("failed" if s.startswith("failed") else s for s in status)
     content = hashlib.sha256(json.dumps([[i, pair_state(markers[i]), markers[i].get("checksum")]
                                          for i in sorted(markers)], sort_keys=True).encode()).hexdigest()
-    table = pair_table(store, ("pair", "patient", "split")) if n else {"pair": [], "patient": [], "split": []}
+    table = pair_table(store, ("pair", "patient", "split", "inputs")) if n else \
+        {"pair": [], "patient": [], "split": [], "inputs": []}
     with _quiet():
         g = zarr.open_group(zarr_store(store), mode="r+", use_consolidated=False)
         if n:
@@ -822,11 +823,14 @@ def finalize_store(url: str | Location, storage_options: dict | None = None) -> 
             for k, v in aff.items():
                 g[k][:n] = v
             gone = np.flatnonzero(status == STATUS_WITHDRAWN)
-            if gone.size:
+            if gone.size:  # facts about the patient's studies and files go with the data
                 days = np.asarray(g["days_apart"][:n])
-                if days[gone].any():  # a fact about the patient's studies: withdrawn too
+                if days[gone].any():
                     days[gone] = 0
                     g["days_apart"][:n] = days
+                if "inputs" in g and any(table["inputs"][i] for i in gone):
+                    for i in gone:
+                        g["inputs"][int(i)] = ""
         entries = [{"index": i, "pair_id": table["pair"][i], "patient": table["patient"][i],
                     "split": table["split"][i], "status": str(status[i]), "digest": pair_digest(markers.get(i))}
                    for i in range(n)]

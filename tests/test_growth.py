@@ -62,10 +62,10 @@ def grown_store(url: str, so: dict | None = None):
     import xarray as xr
 
     t = small_template()
-    pairs = make_pairs(6)
+    pairs = [dataclasses.replace(p, inputs=f"{p.index:016x}") for p in make_pairs(6)]
     base, later = pairs[:4], pairs[4:]
     later.append(PairSpec(index=6, pair_id=f"{pairs[1].patient}-000000aa", patient=pairs[1].patient,
-                          split=pairs[1].split, days_apart=3, mr_files=(), ct_files=()))
+                          split=pairs[1].split, days_apart=3, mr_files=(), ct_files=(), inputs="6" * 16))
     store.open_or_create_store(url, base, t, Config(), storage_options=so)
     results = {p.index: make_result(p, t.shape_zyx) for p in base + later}
     for p in base:
@@ -217,6 +217,7 @@ def test_forget_leaves_no_byte_of_the_patient_and_no_version_that_held_it(tmp_pa
     ds = xr.open_zarr(url)
     assert ds["status"].values.tolist() == ["withdrawn", "withdrawn", "ok", "ok", "ok", "ok", "withdrawn"]
     assert np.isnan(ds["brain_dice"].values[[0, 1, 6]]).all() and (ds["days_apart"].values[[0, 1, 6]] == 0).all()
+    assert (ds["inputs"].values[[0, 1, 6]] == "").all() and (ds["inputs"].values[[2, 3, 4, 5]] != "").all()
     assert np.isnan(ds["mr_affine"].values[0]).all()
     rep = json.load(open(os.path.join(report, "report.json")))
     assert [r["status"] for r in rep["pairs"]][:2] == ["withdrawn", "withdrawn"]
