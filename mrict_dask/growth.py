@@ -3,10 +3,11 @@ withdrawal of a patient (``mrict-dask forget``).
 
 Pure decisions first (:func:`reconcile`), then the steps that act on the store and the private work area.
 
-- A pair's identity is its *inputs*: a keyed digest of the instances it is computed from (each file's
-  SOPInstanceUID, size, image size, frames and transfer syntax, MR and CT apart). DICOM gives an instance whose
-  pixels change a new SOPInstanceUID, so a series re-sent with other instances gives other inputs, while files
-  copied elsewhere or touched (new modification times, new URLs) give the same.
+- A pair's identity is its *inputs*: a keyed digest of the instances it is computed from (each instance's
+  SOPInstanceUID, rows, columns and frames, MR and CT apart). DICOM gives an instance whose pixels change a new
+  SOPInstanceUID, so a series re-sent with other instances gives other inputs, while files copied elsewhere or
+  touched (new modification times, new URLs), or the same instances read from a PACS instead of files, give the
+  same.
 - A planned pair whose inputs the store holds (in a pair still live) is that pair: never computed or written
   again. Any other planned pair is new and is appended; its pair_id is the plan's, unless the store already used
   that id (a pair re-sent with other instances has the same series, so the same planned id): then a keyed
@@ -51,8 +52,9 @@ from .versions import redact_withdrawn
 log = logging.getLogger(__name__)
 
 WITHDRAWN_NAME = "withdrawn.json"
-INPUT_COLUMNS = ("sop_instance_uid", "size", "rows", "columns", "number_of_frames", "transfer_syntax_uid")
-"""What a pair's inputs digest covers, per instance (text and integers only: their text form never changes)."""
+INPUT_COLUMNS = ("sop_instance_uid", "rows", "columns", "number_of_frames")
+"""What a pair's inputs digest covers, per instance: what every source tells alike (a file and a PACS's metadata;
+sizes and transfer syntaxes a PACS does not give), as text and integers only (their text form never changes)."""
 KEY_CHECK = "mrict-dask pseudonym key check"
 
 

@@ -351,14 +351,16 @@ def run_pipeline(input_url: str | Location | Source, output_url: str | Location,
         summary.messages.append(f"the private work area (catalog with identifiers, the pseudonym map) is {work.url}, "
                                 "beside the store: pass --work to keep it where readers of the store have no access")
     check_output(store)  # a foreign folder gets no lease written into it
+    listing = source.listing()  # and nothing is written for an input that cannot be read
     with holding(store, config.run.lease_seconds) as lease:
-        _run(source, store, work, report, config, executor, cluster, limit, pseudonym_key, progress, lease, summary)
+        _run(source, listing, store, work, report, config, executor, cluster, limit, pseudonym_key, progress, lease,
+             summary)
     return summary
 
 
-def _run(source: Source, store: Location, work: Location, report: Location, config: Config, executor: Any,
-         cluster: ClusterSpec | None, limit: int | None, pseudonym_key: str | None, progress: bool, lease: Any,
-         summary: RunSummary) -> None:
+def _run(source: Source, listing: list, store: Location, work: Location, report: Location, config: Config,
+         executor: Any, cluster: ClusterSpec | None, limit: int | None, pseudonym_key: str | None, progress: bool,
+         lease: Any, summary: RunSummary) -> None:
     """The run, holding the store's lease."""
     from . import __version__
     from .executor import SerialExecutor
@@ -398,7 +400,7 @@ def _run(source: Source, store: Location, work: Location, report: Location, conf
             summary.messages.append(f"dask dashboard: {client.dashboard_link}")
 
         t = time.perf_counter()
-        update = update_catalog(source, work, ex, config.run.scan_batch, progress)
+        update = update_catalog(source, work, ex, config.run.scan_batch, progress, listing)
         catalog = update.where
         if update.scanned != update.units or update.removed:
             summary.scan = update.describe()

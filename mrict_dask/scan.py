@@ -183,12 +183,13 @@ def changed_units(old: Any, now: Any) -> tuple[list[str], list[str], list[str]]:
 
 
 def update_catalog(source: Source, work: Location, executor: Any = None, batch_size: int = 256,
-                   progress: bool = False) -> CatalogUpdate:
+                   progress: bool = False, listing: list[tuple[str, int, str]] | None = None) -> CatalogUpdate:
     """Bring the work area's catalog up to date with the input, reading only what is new or changed.
 
     One listing of the input (with stamps: ETags or modification times, a series' instances) is compared with the
     listing the catalog was made from: rows of changed or removed units leave the catalog, new and changed units
     are scanned, and the catalog and its listing are written again. Without a catalog everything is scanned.
+    ``listing``: the source's listing, when the caller made it already.
     Files that could not be read from storage after the retries are never written into the catalog (a re-scan may
     well read them): :class:`~mrict_dask.errors.InputError`, and nothing is written.
     """
@@ -199,7 +200,7 @@ def update_catalog(source: Source, work: Location, executor: Any = None, batch_s
     from .errors import InputError
 
     where, listing_at = work.join(CATALOG_NAME), work.join(LISTING_NAME)
-    listing = source.listing()
+    listing = source.listing() if listing is None else listing
     units = [(u, w) for u, w, _ in listing]
     now = _listing_table(listing)
     update = CatalogUpdate(where=where, units=len(units), unit_name=source.unit_name)
