@@ -386,6 +386,7 @@ def test_a_rerun_scans_only_new_and_changed_files_and_gets_the_full_scan_catalog
     pd.testing.assert_frame_equal(catalog(), scan(str(folder)), check_like=True)
 
 
+@pytest.mark.slow
 def test_a_rerun_over_a_pacs_reads_only_series_sent_again_or_new(small_orthanc, pacs_credentials, one_patient,
                                                                   tmp_path):
     """DICOMweb: a series' stamp is its list of instances (QIDO-RS). A series sent again with other instances is
