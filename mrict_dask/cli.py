@@ -261,6 +261,118 @@ def demo(ctx, base, patients, workers):
     run_demo(base, patients=patients, workers=workers, progress=ctx.obj["progress"], echo=click.echo)
 
 
+def _fanout(scheduler: str | None, workers: int | None):
+    """Where export and evaluate run their per-pair tasks: on a Dask cluster when given a scheduler or a number of
+    LocalCluster workers, else in a loop in this process."""
+    from .orchestrate import ClusterSpec, open_executor
+
+    if scheduler or workers:
+        return open_executor("dask", ClusterSpec(scheduler, workers))
+    return open_executor("serial", retries=1)
+
+
+def _pair_list(text: str | None) -> list[str] | None:
+    """``--pairs``: ids separated by commas, or ``@FILE`` with one id per line."""
+    if not text:
+        return None
+    if text.startswith("@"):
+        from .io import Location
+
+        text = Location(text[1:]).read_text().replace("\n", ",")
+    return [p.strip() for p in text.split(",") if p.strip()] or None
+
+
+def _report_errors(lines: list[str]) -> None:
+    for line in lines:
+        click.secho(f"error: {line}", fg="red", err=True)
+
+
+space_opt = click.option("--space", type=click.Choice(["native", "template"]), default=None,
+                         help="Which space of the store (default: native when the store has it, else template).")
+selection_opts = [
+    click.option("--split", default=None, metavar="train|val|test", help="Only the pairs of this split."),
+    click.option("--pairs", "pair_ids", default=None, metavar="ID,ID,...|@FILE",
+                 help="Only these pair ids (comma-separated, or a file with one per line)."),
+]
+
+
+@main.command("export")
+@click.argument("store_url")
+@click.argument("out_url")
+@space_opt
+@_apply(selection_opts)
+@click.option("--format", "fmt", type=click.Choice(["nii.gz", "mha"]), default="nii.gz", show_default=True)
+@_apply(cluster_opts)
+@storage_opt
+@click.pass_context
+def export_cases(ctx, store_url, out_url, space, split, pair_ids, fmt, scheduler, workers, storage_options):
+    """Write the store's ok pairs as case folders (OUT/<pair>/mr, ct in HU, mask) with an overview."""
+    from .cases import export_store
+    from .io import parse_storage_options
+
+    so = parse_storage_options(storage_options)
+    with _fanout(scheduler, workers) as ex:
+        summary = export_store(store_url, out_url, space=space, fmt=fmt, split=split, pairs=_pair_list(pair_ids),
+                               executor=ex, storage_options=so, progress=ctx.obj["progress"])
+    click.echo(summary.describe())
+    _report_errors(summary.errors())
+    sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.argument("store_url")
+@click.argument("predictions_url")
+@space_opt
+@_apply(selection_opts)
+@click.option("--out", "out_url", default=None, metavar="DIR",
+              help="Where metrics.csv and metrics.json go (default: PREDICTIONS + '-evaluation').")
+@click.option("--tissue-hu", default="-200,300", show_default=True, metavar="LO,HI",
+              help="Reference HU that separate air | soft tissue | bone for the MAE by tissue class.")
+@_apply(cluster_opts)
+@storage_opt
+@click.pass_context
+def evaluate(ctx, store_url, predictions_url, space, split, pair_ids, out_url, tissue_hu, scheduler, workers,
+             storage_options):
+    """Score synthetic CTs (a Zarr with 'sct', or the export's folders with sct.nii.gz/.mha) against the store's CT."""
+    from .errors import ConfigError
+    from .evaluate import evaluate_store
+    from .io import parse_storage_options
+
+    try:
+        thresholds = tuple(float(v) for v in tissue_hu.split(","))
+    except ValueError:
+        thresholds = ()
+    if len(thresholds) != 2:
+        raise ConfigError(f"--tissue-hu takes two numbers LO,HI, got {tissue_hu!r}")
+    so = parse_storage_options(storage_options)
+    with _fanout(scheduler, workers) as ex:
+        result = evaluate_store(store_url, predictions_url, space=space, split=split, pairs=_pair_list(pair_ids),
+                                tissue_hu=thresholds, out_url=out_url, executor=ex, storage_options=so,
+                                progress=ctx.obj["progress"])
+    click.echo(result.describe())
+    _report_errors(result.error_lines())
+    sys.exit(result.exit_code)
+
+
+@main.command("to-dicom")
+@click.argument("sct_url")
+@click.option("--pair", "pair_id", required=True, help="The pair id the synthetic CT belongs to.")
+@click.option("--store", "store_url", required=True, help="The store (with native space).")
+@click.option("--work", "work_url", default=None, help="The private work area of the run that made the store "
+              "(default: STORE + '.work').")
+@click.option("--out", "out_url", required=True, metavar="DIR", help="Folder for the DICOM files (hospital side).")
+@click.option("--series-number", type=click.IntRange(min=0), default=9901, show_default=True)
+@storage_opt
+def to_dicom(sct_url, pair_id, store_url, work_url, out_url, series_number, storage_options):
+    """Write a native-space synthetic CT as a DICOM CT series in the MR's study and frame of reference."""
+    from .io import parse_storage_options
+    from .sct_dicom import write_sct_dicom
+
+    summary = write_sct_dicom(sct_url, pair_id, store_url, out_url, work_url=work_url,
+                              storage_options=parse_storage_options(storage_options), series_number=series_number)
+    click.echo(summary.describe())
+
+
 @main.command()
 @click.argument("store_url")
 @click.option("--png", default=None, metavar="FILE", help="Write a montage of random slice pairs.")

@@ -50,10 +50,15 @@ class RegistrationConfig:
     iterations: int = 200  # per level
     learning_rate: float = 1.0  # regular-step gradient descent (fine levels): first step, ~mm
     refine_at_template_resolution: bool = True  # MR -> template: a last level on the template's own grid
+    ct_refine_mm: float = 1.5  # CT -> MR: a last level on this grid when both series are sampled finer (0: off)
     seed: int = 20240521
     threads: int = 1  # ITK threads per task; the Dask worker's threads are the parallelism
-    min_brain_overlap: float = 0.80  # Dice of template brain mask vs MR head-derived check
+    # The gate (mrict_dask/qa.py; validated both ways by benchmarks/bench_register.py)
+    min_brain_overlap: float = 0.80  # Dice of the template brain vs the MR's brain; also of the MR and CT heads
     det_range: tuple[float, float] = (0.6, 1.6)  # plausible determinant of the MR affine
+    min_template_correlation: float = 0.40  # T1 template vs the MR over the template brain
+    max_local_gain: float = 0.0  # a nearby transform may fit at most this much better (relative MI)
+    max_skin_mm: float = 1.5  # spread of the MR-to-CT skin distance
 
 
 @dataclass(frozen=True)
@@ -180,10 +185,13 @@ _RULES: tuple[tuple[str, Any, str], ...] = (
     ("registration.shrink_factors", lambda v: len(v) > 0 and all(int(f) == f >= 1 for f in v), "whole numbers >= 1"),
     ("registration.smoothing_sigmas_mm", lambda v: all(s >= 0 for s in v), "numbers >= 0"),
     ("registration.iterations", lambda v: v >= 1, "at least 1"),
+    ("registration.ct_refine_mm", lambda v: v >= 0, "at least 0 (0: off)"),
     ("registration.learning_rate", lambda v: v > 0, "> 0"),
     ("registration.threads", lambda v: v >= 1, "at least 1"),
     ("registration.min_brain_overlap", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("registration.det_range", lambda v: len(v) == 2 and 0 < v[0] < v[1], "two numbers 0 < low < high"),
+    ("registration.min_template_correlation", lambda v: -1 <= v <= 1, "in [-1, 1]"),
+    ("registration.max_skin_mm", lambda v: v > 0, "> 0"),
     ("normalize.mr_percentiles", lambda v: len(v) == 2 and 0 <= v[0] < v[1] <= 100,
      "two numbers 0 <= low < high <= 100"),
     ("normalize.ct_mode", lambda v: v in ("window", "percentile"), "'window' or 'percentile'"),

@@ -46,25 +46,73 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:40] or "series"
 
 
-def _write_image(img: Any, target: Location) -> None:
-    """Write a SimpleITK image to a local path or object storage (through a temporary local file)."""
+def write_image(img: Any, target: Location) -> None:
+    """Write a SimpleITK image as NIfTI (``.nii``, ``.nii.gz``), MetaImage (``.mha``) or NRRD (``.nrrd``) to a local
+    path or object storage, atomically: readers see the whole file or none (:meth:`Location.write_bytes`).
+
+    ``.nii.gz`` is ITK's ``.nii`` gzipped with ISA-L at level 1: ITK's NIfTI writer ignores the compression level
+    and takes ~10x longer for files a few percent smaller. MetaImage and NRRD are compressed by ITK.
+    """
     import os
     import tempfile
 
     import SimpleITK as sitk
 
-    if target.is_local:
-        path = target.local_path
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        sitk.WriteImage(img, path, useCompression=path.endswith(".gz"))
-        return
     url = target.url
-    suffix = ".nii.gz" if url.endswith(".nii.gz") else os.path.splitext(url)[1] or ".nii.gz"
+    gz = url.endswith(".nii.gz")
+    suffix = ".nii" if gz else os.path.splitext(url)[1] or ".nii"
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "volume" + suffix)
-        sitk.WriteImage(img, path, useCompression=suffix.endswith(".gz"))
+        sitk.WriteImage(img, path, useCompression=suffix in (".mha", ".nrrd"))
         with open(path, "rb") as fh:
-            target.write_bytes(fh.read())
+            data = fh.read()
+    if gz:
+        from isal import igzip
+
+        data = igzip.compress(data, compresslevel=1, mtime=0)
+    target.write_bytes(data)
+
+
+def read_image(source: Location) -> Any:
+    """A SimpleITK image (NIfTI, MetaImage, NRRD, ...) from a local path or object storage.
+
+    ``.nii.gz`` is unzipped with ISA-L first (several times faster than ITK's zlib). ITK 5's NIfTI reader turns NaN
+    and infinite voxels into 0 without a word (fixed in ITK 6, ITK pull request 6683): a floating-point NIfTI file
+    is also mapped with nibabel, and one holding such voxels raises ValueError.
+    """
+    import os
+    import tempfile
+
+    gz = source.url.endswith(".nii.gz")
+    if source.is_local and not gz:
+        return _read_local_image(source.local_path)
+    suffix = ".nii" if gz else os.path.splitext(source.url)[1]
+    data = source.read_bytes()
+    if gz:
+        from isal import igzip
+
+        data = igzip.decompress(data)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "image" + suffix)
+        with open(path, "wb") as fh:
+            fh.write(data)
+        del data
+        return _read_local_image(path)
+
+
+def _read_local_image(path: str) -> Any:
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(path)
+    if path.endswith((".nii", ".nii.gz")) and img.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        import nibabel
+
+        data = np.asarray(nibabel.load(path, mmap=True).dataobj)
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        del data
+        if bad:
+            raise ValueError(f"{bad} voxel(s) are NaN or infinite")
+    return img
 
 
 def _load_catalog(source: Source, catalog: str | None, progress: bool) -> Any:
@@ -143,7 +191,7 @@ def _export_series(uid: str, stacks: list, summary: ExportSummary, source: Sourc
         except VolumeError as err:
             summary.refused.append((what, str(err).split(": ", 1)[-1]))
             continue
-        _write_image(img, target)
+        write_image(img, target)
         summary.written.append((target.url, what))
 
 

@@ -522,6 +522,16 @@ class _Store:
         return [vols[k:k + len(arrays)] for k in range(0, len(vols), len(arrays))]
 
 
+def read_volumes(url: str, names: Sequence[str], pair: int, storage_options: dict | None = None) -> list[np.ndarray]:
+    """Pair ``pair``'s whole (z, y, x) volumes of the (pair, z, y, x) arrays ``names`` (paths below the store root,
+    e.g. ``"ct"`` or ``"native/ct"``): one read per shard, all at once, decoded as the datasets decode them."""
+    handle = _Store(url, storage_options)
+    try:
+        return handle.volumes(names, [pair])[0]
+    finally:
+        handle.close()
+
+
 # ----------------------------------------------------------------------------------------------- datasets
 class _PairsBase:
     """Selection shared by the datasets: status == "ok" pairs of one split (or all with split=None), of the store's

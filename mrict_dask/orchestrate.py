@@ -316,6 +316,23 @@ class ClusterSpec:
     memory_limit: str = "auto"
 
 
+@contextlib.contextmanager
+def open_executor(executor: Any = "dask", cluster: ClusterSpec | None = None, retries: int = 2,
+                  window: int = 0) -> Iterator[Executor]:
+    """The executor a command fans its tasks out with: "serial" (a loop in this process), "dask" (a cluster from
+    ``cluster``: a scheduler address or a LocalCluster, closed on exit), a Dask client, or an Executor."""
+    from .executor import SerialExecutor
+
+    if executor == "serial":
+        yield SerialExecutor(retries)
+    elif executor == "dask":
+        c = cluster or ClusterSpec()
+        with client_for(c.scheduler, c.workers, c.threads_per_worker, c.memory_limit) as client:
+            yield DaskExecutor(client, window, retries)
+    else:
+        yield as_executor(executor, retries=retries, window=window)
+
+
 def run_pipeline(input_url: str | Location | Source, output_url: str | Location, *, work_url: str | None = None,
                  config: Config | None = None, executor: Any = "dask", cluster: ClusterSpec | None = None,
                  limit: int | None = None, pseudonym_key: str | None = None, storage_options: dict | None = None,
@@ -363,7 +380,6 @@ def _run(source: Source, listing: list, store: Location, work: Location, report:
          lease: Any, summary: RunSummary) -> None:
     """The run, holding the store's lease."""
     from . import __version__
-    from .executor import SerialExecutor
     from .growth import apply_withdrawals, check_key, key_check, reconcile, store_pairs, with_inputs, withdrawn_patients
     from .plan import make_plan
     from .pseudonym import resolve_key
@@ -386,15 +402,8 @@ def _run(source: Source, listing: list, store: Location, work: Location, report:
     if key_source.startswith("random"):
         summary.messages.append(f"pseudonym key: {key_source}; pass --pseudonym-key or set MRICT_PSEUDONYM_KEY "
                                 "to get the same pseudonyms across sites")
-    with contextlib.ExitStack() as stack:
-        if executor == "serial":
-            ex: Executor = SerialExecutor(config.run.retries)
-        elif executor == "dask":
-            c = cluster or ClusterSpec()
-            client = stack.enter_context(client_for(c.scheduler, c.workers, c.threads_per_worker, c.memory_limit))
-            ex = DaskExecutor(client, config.run.window, config.run.retries)
-        else:
-            ex = as_executor(executor, retries=config.run.retries, window=config.run.window)
+
+    with open_executor(executor, cluster, config.run.retries, config.run.window) as ex:
         client = getattr(ex, "client", None)
         if client is not None and progress:
             summary.messages.append(f"dask dashboard: {client.dashboard_link}")

@@ -12,18 +12,20 @@ import time
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage as ndi
 
 from . import register as R
 from .config import Config
 from .errors import RegistrationError, VolumeError
 from .normalize import check_volume, normalize_ct, normalize_mr, slice_ok
-from .qa import brain_dice, empty_qa, overlay_png
+from .qa import ct_failures, ct_measures, empty_qa, mr_failures, mr_measures, overlay_png
 from .template import Template
 from .types import PairResult, PairSpec
 
 log = logging.getLogger(__name__)
 
 CT_FILL_HU = -1000.0  # outside the CT's field of view: air, flagged invalid
+REFUSAL_VIEW_MM = 15.0  # a refused pair's figure shows the MR this far around the template brain
 
 
 def _to_template(img: sitk.Image, grid: sitk.Image, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -38,29 +40,29 @@ def _to_template(img: sitk.Image, grid: sitk.Image, matrix: np.ndarray) -> tuple
     return arr, inside
 
 
-def check_mr(qa: dict[str, float], config: Config) -> None:
-    """Raise RegistrationError when the MR -> template numbers say the fit cannot be trusted."""
-    cfg = config.registration
+def check_mr(qa: dict[str, float], config: Config, search: dict | None = None) -> None:
+    """Raise RegistrationError naming every MR -> template check that fails (value against limit)."""
     if not np.isfinite(qa["mr_metric"]):
         raise RegistrationError(f"MR -> template registration failed: final metric is {qa['mr_metric']}")
-    lo, hi = cfg.det_range
-    if not lo <= qa["mr_det"] <= hi:
-        raise RegistrationError(f"implausible MR -> template scaling: determinant {qa['mr_det']:.3f} "
-                                f"outside [{lo:g}, {hi:g}]")
-    if not qa["brain_dice"] >= cfg.min_brain_overlap:
-        raise RegistrationError(f"brain overlap too low after MR -> template: Dice {qa['brain_dice']:.2f} "
-                                f"< {cfg.min_brain_overlap:g}")
+    failed = mr_failures(qa, config.registration)
+    if failed:
+        raise RegistrationError("MR -> template refused: " + "; ".join(failed) + _tried(search))
 
 
-def check_ct(qa: dict[str, float], head_overlap: float, config: Config) -> None:
-    """Raise RegistrationError when the CT -> MR numbers say the fit cannot be trusted."""
-    floor = config.registration.min_brain_overlap
+def check_ct(qa: dict[str, float], config: Config) -> None:
+    """Raise RegistrationError naming every CT -> MR check that fails (value against limit)."""
     if not np.isfinite(qa["ct_metric"]):
         raise RegistrationError(f"CT -> MR registration failed: final metric is {qa['ct_metric']}")
-    # the brain-overlap floor serves for the heads too: a right CT -> MR fit overlaps them at ~0.97
-    if not head_overlap >= floor:
-        raise RegistrationError(f"CT and MR heads overlap too little after CT -> MR: Dice {head_overlap:.2f} "
-                                f"< {floor:g}")
+    failed = ct_failures(qa, config.registration)
+    if failed:
+        raise RegistrationError("CT -> MR refused: " + "; ".join(failed))
+
+
+def _tried(search: dict | None) -> str:
+    if not search:
+        return ""
+    return (f" (search from the {search['start']}: {search['candidates']} sizes, positions and tilts; best size "
+            f"{search['scale']:.2f}, tilt {search['tilt_deg']} degrees)")
 
 
 def process_images(mr: sitk.Image, ct: sitk.Image, config: Config, template: Template,
@@ -71,6 +73,7 @@ def process_images(mr: sitk.Image, ct: sitk.Image, config: Config, template: Tem
     rc = config.registration
     R.set_threads(rc.threads)
     start = t = time.perf_counter()
+    mr_w = mr_affine = ct_w = mr_to_ct = None
 
     def lap(name: str) -> None:
         nonlocal t
@@ -91,20 +94,20 @@ def process_images(mr: sitk.Image, ct: sitk.Image, config: Config, template: Tem
         mr_tx, mr_info = R.register_mr_to_template(mr, template, rc, mr_work=mr_w, mr_head=mr_head)
         mr_affine = R.to_matrix(mr_tx)
         qa["mr_metric"] = float(mr_info["metric"])
-        qa["mr_det"] = float(np.linalg.det(mr_affine[:3, :3]))
-        wt = R.work_template(template, rc.working_spacing_mm)
-        mr_in_t_w = sitk.Resample(mr_w, wt.image, mr_tx, sitk.sitkLinear, 0.0)
-        qa["brain_dice"] = brain_dice(sitk.GetArrayViewFromImage(mr_in_t_w), sitk.GetArrayViewFromImage(wt.mask),
-                                      rc.working_spacing_mm)
         lap("register_mr")
-        check_mr(qa, config)
+        qa.update(mr_measures(mr_w, R.work_template(template, rc.working_spacing_mm), mr_affine))
+        lap("gate_mr")
+        check_mr(qa, config, mr_info.get("search"))
 
-        ct_tx, ct_info = R.register_ct_to_mr(ct, mr, rc, mr_work=mr_w, mr_head=mr_head, ct_work=ct_w,
-                                             ct_head=ct_head)
+        ct_tx, ct_info = R.register_ct_to_mr(ct, mr, rc, mr_work=mr_w, mr_head=mr_head, ct_clamped=ct_clamped,
+                                             ct_work=ct_w, ct_head=ct_head)
         qa["ct_metric"] = float(ct_info["metric"])
-        ct_affine = R.to_matrix(ct_tx) @ mr_affine  # template -> MR -> CT: one matrix, one interpolation
+        mr_to_ct = R.to_matrix(ct_tx)
+        ct_affine = mr_to_ct @ mr_affine  # template -> MR -> CT: one matrix, one interpolation
         lap("register_ct")
-        check_ct(qa, float(ct_info["head_overlap"]), config)
+        qa.update({k: v for k, v in ct_measures(mr_w, mr_head, ct_w, ct_head, mr_to_ct).items() if k in qa})
+        lap("gate_ct")
+        check_ct(qa, config)
 
         grid = template.image
         mr_t, mr_valid = _to_template(mr, grid, mr_affine)
@@ -126,12 +129,15 @@ def process_images(mr: sitk.Image, ct: sitk.Image, config: Config, template: Tem
         lap("normalize")
 
         centre = tuple(int(v) for v in np.argwhere(brain).mean(axis=0)) if n_brain else None
-        figure = overlay_png(mr_n, ct_t, centre, grid.GetSpacing(), grid.GetDirection())
+        figure = overlay_png(mr_n, ct_t, centre, grid.GetSpacing(), grid.GetDirection(), outline=brain)
         lap("figure")
     except (VolumeError, RegistrationError) as err:
+        # a refused registration shows what it found, so that a reviewer can tell in seconds
+        figure = (refusal_figure(mr_w, R.work_template(template, rc.working_spacing_mm), mr_affine, ct_w, mr_to_ct)
+                  if isinstance(err, RegistrationError) and mr_affine is not None else None)
         timings["total"] = time.perf_counter() - start
         log.info("pair %s failed: %s", pair_id, err)
-        return PairResult(pair_id=pair_id, status=f"failed: {err}", qa=qa, timings=timings)
+        return PairResult(pair_id=pair_id, status=f"failed: {err}", qa=qa, figure_png=figure, timings=timings)
 
     timings["total"] = time.perf_counter() - start
     log.info("pair %s ok: MR metric %.3f, CT metric %.3f, brain Dice %.2f, valid %.2f, %.1f s", pair_id,
@@ -141,6 +147,25 @@ def process_images(mr: sitk.Image, ct: sitk.Image, config: Config, template: Tem
         mr_lo=float(mr_lo), mr_hi=float(mr_hi), ct_lo=float(ct_lo), ct_hi=float(ct_hi),
         mr_affine=mr_affine, ct_affine=ct_affine, qa=qa, figure_png=figure, timings=timings,
     )
+
+
+def refusal_figure(mr_w: sitk.Image, wt, mr_affine: np.ndarray, ct_w: sitk.Image | None,
+                   mr_to_ct: np.ndarray | None) -> bytes:
+    """The refused registration on the working template grid: MR in grey only within REFUSAL_VIEW_MM of the
+    template brain (no face), the template brain's outline, CT edges where a CT -> MR transform exists."""
+    grid = wt.image
+    mr_t = sitk.GetArrayFromImage(sitk.Resample(mr_w, grid, R.affine_from_matrix(mr_affine), sitk.sitkLinear, 0.0))
+    brain = sitk.GetArrayViewFromImage(wt.mask) > 0
+    view = ndi.binary_dilation(brain, iterations=max(1, int(round(REFUSAL_VIEW_MM / grid.GetSpacing()[0]))))
+    lo, hi = np.percentile(mr_t[view], [1.0, 99.0]) if view.any() else (0.0, 1.0)
+    mr_n = np.where(view, np.clip((mr_t - lo) / max(hi - lo, 1e-6), 0.0, 1.0), 0.0)
+    ct_t = np.full(mr_t.shape, CT_FILL_HU, np.float32)
+    if ct_w is not None and mr_to_ct is not None:
+        ct_t = sitk.GetArrayFromImage(sitk.Resample(ct_w, grid, R.affine_from_matrix(mr_to_ct @ mr_affine),
+                                                    sitk.sitkLinear, CT_FILL_HU))
+        ct_t[~view] = CT_FILL_HU
+    centre = tuple(int(v) for v in np.argwhere(brain).mean(axis=0))
+    return overlay_png(mr_n, ct_t, centre, grid.GetSpacing(), grid.GetDirection(), outline=brain)
 
 
 def process_pair(pair: PairSpec, config: Config, template: Template,

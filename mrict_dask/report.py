@@ -47,8 +47,7 @@ def build_report(plan: Any, pairs: list, markers: dict[int, dict], summary: Any,
             "status": status,
             "qa": {k: _num((m.get("qa") or {}).get(k)) for k in QA_KEYS},
             "timings": {k: round(float(v), 3) for k, v in (m.get("timings") or {}).items()},
-            "figure": f"figures/{p.pair_id}.png" if status == "ok" or (status == "retired" and m.get("checksum"))
-            else None,
+            "figure": f"figures/{p.pair_id}.png" if m.get("figure") and status != "withdrawn" else None,
         })
     exclusions = [{"patient": e.get("patient"), "reason": e.get("reason")} for e in plan.exclusions]
     # no SeriesDescription: free text a site typed in (names, record numbers, dates) stays in the private plan

@@ -110,6 +110,11 @@ _DESCRIPTIONS = {
     "brain_dice": "Dice of the template brain mask vs the brain found in the registered MR",
     "mr_det": "determinant of the MR affine's linear part",
     "valid_fraction": "share of template brain with MR and CT data",
+    "mr_corr": "correlation of the T1 template and the MR over the template brain",
+    "mr_gain": "relative MI gain of the best nearby MR -> template transform (<= 0: a local optimum)",
+    "ct_gain": "relative MI gain of the best nearby CT -> MR transform (<= 0: a local optimum)",
+    "skin_mm": "spread of the MR-to-CT skin distance, mm",
+    "head_overlap": "Dice of the MR and CT heads over the slab both cover",
 }
 
 

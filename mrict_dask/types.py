@@ -66,4 +66,9 @@ QA_KEYS: tuple[str, ...] = (
     "brain_dice",  # Dice of the template brain mask vs the brain found in the registered MR
     "mr_det",  # determinant of the MR affine's linear part (scale change)
     "valid_fraction",  # share of template-brain voxels where both MR and CT have data
+    "mr_corr",  # correlation of the T1 template and the MR over the template brain
+    "mr_gain",  # how much better (relative MI) the best transform a few mm/degrees away fits the MR
+    "ct_gain",  # the same for CT -> MR
+    "skin_mm",  # spread (median absolute deviation) of the MR-to-CT skin distance, mm
+    "head_overlap",  # Dice of the MR and CT heads over the slab both cover
 )

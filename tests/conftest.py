@@ -1,7 +1,8 @@
 """Shared fixtures: template, generated corpora, a real S3 endpoint (moto server), a real PACS (Orthanc), a real
 LocalCluster.
 
-Sections: [template] [corpora] [s3] [dicomweb] [dask]. Everything is generated and seeded; nothing is downloaded.
+Sections: [config] [template] [corpora] [stores] [s3] [dicomweb] [dask]. Everything is generated and seeded; nothing
+is downloaded.
 """
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ def fast_config_file(path) -> str:
     with open(path, "w") as fh:
         yaml.safe_dump(fast_config().to_dict(), fh)
     return str(path)
+
+
+def readme_block(section: str, language: str) -> str:
+    """The first ``language`` code block of the README's ``## section``, as written there."""
+    import re
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")) as fh:
+        readme = fh.read()
+    text = readme.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    match = re.search(rf"```{language}\n(.*?)```", text, re.S)
+    assert match, f"no {language} block in the README's section {section!r}"
+    return match.group(1)
 
 
 # --------------------------------------------------------------------------------------------- [template]
@@ -109,6 +122,37 @@ def one_patient(corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("one_patient")
     shutil.copytree(os.path.join(corpus.url, pid), root / pid)
     return str(root), expected
+
+
+# --------------------------------------------------------------------------------------------- [stores]
+STORE_KEY = "test-key"
+
+
+@pytest.fixture(scope="session")
+def pipeline_store(corpus, local_cluster, tmp_path_factory) -> str:
+    """The shared corpus through the whole job (fast settings) on the LocalCluster: a template-space store of 2 ok
+    pairs, one patient in train and one in val (split ratios 1:1:0 under the test key), its work area beside it."""
+    from distributed import Client
+
+    from mrict_dask.orchestrate import run_pipeline
+
+    out = str(tmp_path_factory.mktemp("pipeline") / "store.zarr")
+    with Client(local_cluster, set_as_default=False) as client:
+        summary = run_pipeline(corpus.url, out, config=fast_config(**{"plan.split_ratios": [0.5, 0.5, 0.0]}),
+                               executor=client, pseudonym_key=STORE_KEY)
+    assert summary.ok == summary.n_pairs == 2, summary.describe()
+    return out
+
+
+@pytest.fixture(scope="session")
+def native_store(pipeline_store, tmp_path_factory) -> str:
+    """A copy of ``pipeline_store`` given native space as its contract describes it (tests/native_contract.py): for
+    testing the readers' geometry handling only; the pipeline's own native space is tested on its stores."""
+    from .native_contract import add_native_space
+
+    out = str(tmp_path_factory.mktemp("native") / "store.zarr")
+    add_native_space(pipeline_store, out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- [s3]

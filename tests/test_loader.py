@@ -25,7 +25,7 @@ from mrict_dask.config import Config
 from mrict_dask.loader import SlicePairs, VolumePairs, VolumePatches, ct_to_hu, patch_corner, plan_reads
 from mrict_dask.template import Template
 from mrict_dask.types import QA_KEYS, PairResult, PairSpec
-from tests.conftest import upload_tree
+from tests.conftest import readme_block, upload_tree
 
 SPLITS = ("train", "val", "test")
 SHAPE = (9, 11, 13)  # z, y, x
@@ -527,12 +527,7 @@ def test_torch_dataloader_reads_whole_batches_in_workers(built):
 # --------------------------------------------------------------------------------------------- README
 def _readme_training_example() -> str:
     """The first python block of the README's "Reading the store (training)" section, as written there."""
-    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")) as fh:
-        readme = fh.read()
-    section = readme.split("## Reading the store (training)", 1)[1].split("\n## ", 1)[0]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "no python block in the README's training section"
-    return match.group(1)
+    return readme_block("Reading the store (training)", "python")
 
 
 def test_readme_training_example_runs_as_written(built, tmp_path):

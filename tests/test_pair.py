@@ -208,38 +208,48 @@ def test_ct_of_another_head_is_implausible(template):
     ct, _ = _phantom_ct(with_couch=True)
     r = process_images(p.mr, ct, Config(), template, "wrong-ct")
     # either the rigid fit finds no overlap at all, or the heads it aligns do not match
-    assert r.status.startswith(("failed: CT and MR heads overlap too little", "failed: CT -> MR (rigid)")), r.status
+    assert r.status.startswith(("failed: CT -> MR refused", "failed: CT -> MR (rigid)")), r.status
     assert "0x" not in r.status and "ITK" not in r.status  # a reason for people, not an ITK dump
     assert np.isfinite(r.qa["mr_metric"]) and r.mr is None
 
 
 @pytest.mark.parametrize("change, reason", [
-    ({"mr_det": 0.4}, "implausible MR -> template scaling: determinant 0.400 outside [0.6, 1.6]"),
-    ({"mr_det": 2.0}, "implausible MR -> template scaling"),
-    ({"brain_dice": 0.5}, "brain overlap too low after MR -> template: Dice 0.50 < 0.8"),
+    ({"mr_det": 0.4}, "MR -> template refused: scaling implausible: determinant 0.400 outside [0.6, 1.6]"),
+    ({"mr_det": -1.0}, "MR -> template refused: scaling implausible"),
+    ({"brain_dice": 0.5}, "MR -> template refused: brain overlap too low: Dice 0.50 < 0.8"),
+    ({"mr_corr": 0.1}, "MR -> template refused: not on a brain: template correlation 0.10 < 0.4"),
+    ({"mr_gain": 0.35}, "MR -> template refused: not a local optimum: a fit a few mm or degrees away scores 35 % "
+                        "higher (limit 0 %)"),
+    ({"mr_corr": 0.1, "brain_dice": 0.5}, "brain overlap too low: Dice 0.50 < 0.8; not on a brain"),
     ({"mr_metric": float("nan")}, "MR -> template registration failed: final metric is nan"),
 ])
 def test_implausible_mr_registration_has_a_reason(change, reason):
     from mrict_dask.errors import RegistrationError
     from mrict_dask.pair import check_mr
 
-    qa = {"mr_metric": -1.4, "ct_metric": -1.0, "brain_dice": 0.97, "mr_det": 1.02, "valid_fraction": 1.0}
+    qa = {"mr_metric": -1.4, "brain_dice": 0.97, "mr_det": 1.02, "mr_corr": 0.9, "mr_gain": -0.3}
     check_mr(qa, Config())
-    with pytest.raises(RegistrationError, match=re.escape(reason)):
-        check_mr({**qa, **change}, Config())
+    search = {"start": "head top", "candidates": 570, "scale": 0.92, "tilt_deg": [4.5, 0.0, -2.2]}
+    with pytest.raises(RegistrationError, match=re.escape(reason)) as exc:
+        check_mr({**qa, **change}, Config(), search)
+    if "metric is nan" not in reason:  # what the search tried goes with a refusal
+        assert "search from the head top: 570 sizes, positions and tilts; best size 0.92" in str(exc.value)
 
 
-def test_implausible_ct_registration_has_a_reason():
+@pytest.mark.parametrize("change, reason", [
+    ({"head_overlap": 0.5}, "CT -> MR refused: heads overlap too little: Dice 0.50 < 0.8"),
+    ({"skin_mm": 4.2}, "CT -> MR refused: skins do not meet: spread 4.2 mm > 1.5 mm"),
+    ({"ct_gain": 0.2}, "CT -> MR refused: not a local optimum: a fit a few mm or degrees away scores 20 % higher"),
+    ({"ct_metric": float("nan")}, "CT -> MR registration failed: final metric is nan"),
+])
+def test_implausible_ct_registration_has_a_reason(change, reason):
     from mrict_dask.errors import RegistrationError
     from mrict_dask.pair import check_ct
 
-    qa = {"ct_metric": -1.0}
-    check_ct(qa, 0.97, Config())
-    overlap = "CT and MR heads overlap too little after CT -> MR: Dice 0.50"
-    with pytest.raises(RegistrationError, match=re.escape(overlap)):
-        check_ct(qa, 0.5, Config())
-    with pytest.raises(RegistrationError, match="CT -> MR registration failed: final metric is nan"):
-        check_ct({"ct_metric": float("nan")}, 0.97, Config())
+    qa = {"ct_metric": -1.0, "head_overlap": 0.97, "skin_mm": 0.4, "ct_gain": -0.3}
+    check_ct(qa, Config())
+    with pytest.raises(RegistrationError, match=re.escape(reason)):
+        check_ct({**qa, **change}, Config())
 
 
 def test_unreadable_series_is_a_failed_pair_naming_the_modality(tmp_path, template):
