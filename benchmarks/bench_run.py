@@ -8,6 +8,12 @@ pair function in 1 and 2 plain processes as a reference for what two processes g
     python benchmarks/bench_run.py --corpus DIR --keep       # an existing corpus
     python benchmarks/bench_run.py --patients 6 --spaces 4   # the pair task with and without native space and
                                                             # defacing, and the store's bytes per pair per space
+    python benchmarks/bench_run.py --grow --patients 40      # a store grown by 10 % more patients
+
+``--grow``: a store made from ``--patients`` patients is grown by ``--grow-percent`` more (copied into the same input
+folder, the same work area). Prints the grown run's wall time against the new pairs' registration floor (the pure
+pair function over exactly the new pairs, in this process, no Dask, no store; target <= 1.2x), and the bytes of the
+old pairs' objects that the grown run wrote (modification time or content changed; target 0).
 """
 
 from __future__ import annotations
@@ -144,6 +150,128 @@ def spaces(corpus: str, work: str, n_pairs: int) -> None:
         sizes[space] += sum(os.path.getsize(os.path.join(root, f)) for f in files)
     for space, n in sizes.items():
         print(f"store bytes per ok pair, {space} space (MR, CT, masks, slice_ok): {n / max(ok, 1) / 2**20:.1f} MiB")
+# ------------------------------------------------------------------ growth
+def _link_patients(corpus: str, patients: list[str], into: str) -> None:
+    """Hard links of the patients' files (the same bytes, no copy) below ``into``."""
+    for name in patients:
+        for d, _, files in os.walk(os.path.join(corpus, name)):
+            target = os.path.join(into, os.path.relpath(d, corpus))
+            os.makedirs(target, exist_ok=True)
+            for f in files:
+                os.link(os.path.join(d, f), os.path.join(target, f))
+
+
+def _old_objects(store: str) -> dict[str, tuple[int, int, str]]:
+    """(size, mtime_ns, sha256) of every object of every pair the store holds: its per-pair variables' objects
+    (the store's registry), its marker and its figure."""
+    import hashlib
+
+    from mrict_dask.io import Location
+    from mrict_dask.store import _pair_keys, pair_table
+
+    loc = Location(store)
+    out = {}
+    for i in range(len(pair_table(store, ("pair",))["pair"])):
+        for key in [*_pair_keys(loc, i).values(), f"_pairs/{i}.json", f"_pairs/{i}.png"]:
+            path = os.path.join(store, key)
+            if os.path.exists(path):
+                st = os.stat(path)
+                with open(path, "rb") as fh:
+                    out[key] = (st.st_size, st.st_mtime_ns, hashlib.sha256(fh.read()).hexdigest())
+    return out
+
+
+def grow(args, corpus: str, work: str) -> None:
+    from mrict_dask.config import Config, load_config
+    from mrict_dask.orchestrate import client_for, run_pipeline
+    from mrict_dask.plan import Plan
+    from mrict_dask.store import pair_table
+
+    config = load_config(None, {"grid.spacing": 2.0, "registration.working_spacing_mm": 3.0,
+                                "registration.refine_at_template_resolution": False}) if args.fast else Config()
+    names = sorted(n for n in os.listdir(corpus) if os.path.isdir(os.path.join(corpus, n)))
+    extra = max(1, round(len(names) * args.grow_percent / (100 + args.grow_percent)))
+    base, later = names[:-extra], names[-extra:]
+    inp, store, area = os.path.join(work, "in"), os.path.join(work, "store.zarr"), os.path.join(work, "store.work")
+    for path in (inp, store, area, store + "-report"):
+        shutil.rmtree(path, ignore_errors=True)
+    _link_patients(corpus, base, inp)
+    t = time.perf_counter()
+    with client_for(workers=args.workers, threads_per_worker=1, memory_limit="8GiB") as client:
+        first = run_pipeline(inp, store, work_url=area, config=config, executor=client, pseudonym_key="bench")
+    print(f"[base] {len(base)} patients in {time.perf_counter() - t:.0f} s\n{first.describe()}")
+    before = _old_objects(store)
+
+    _link_patients(corpus, later, inp)
+    _warm_pair_task(config)  # as a worker that has run pairs is, and as the floor below is measured
+    t = time.perf_counter()
+    second = run_pipeline(inp, store, work_url=area, config=config, executor="serial", pseudonym_key="bench")
+    wall = time.perf_counter() - t
+    print(f"\n[grown, serial] {len(later)} patients more in {wall:.1f} s\n{second.describe()}")
+    after = _old_objects(store)
+    touched = {k: v for k, v in before.items() if after.get(k, v)[:2] != v[:2] or after.get(k, v)[2] != v[2]}
+    rewritten = sum(after.get(k, v)[0] for k, v in touched.items())
+
+    with open(os.path.join(area, "plan.json")) as fh:
+        plan = Plan.from_json(fh.read())
+    appended = set(pair_table(store, ("inputs",))["inputs"][first.n_pairs:])  # the new pairs, by their inputs
+    new = [p for p in plan.pairs if p.inputs in appended]
+    assert len(new) == len(second.added) + len(second.changed), (len(new), second.added, second.changed)
+    t = time.perf_counter()
+    results = [_pool_pair_with(p, config) for p in new]
+    floor = time.perf_counter() - t
+    writes = _write_time(results, new, config, os.path.join(work, "scratch.zarr"))
+    ratio = wall / floor if floor else float("nan")
+    print(f"\nold pairs: {len(before)} objects; rewritten by the grown run: {len(touched)} objects, "
+          f"{rewritten} bytes (target 0)")
+    print(f"grown run {wall:.1f} s for {len(new)} new pair(s) ({len(second.added)} added, {len(second.changed)} "
+          f"changed); their registration floor (the pure pair function, same process, no Dask, no store) "
+          f"{floor:.1f} s: {ratio:.2f}x (target <= 1.2x)")
+    print(f"the same pairs' store writes (write_pair into a scratch store) {writes:.1f} s: the grown run is "
+          f"{wall / (floor + writes):.2f}x their computation and writing together (what growing adds on top: "
+          "listing, scanning the new files, planning, finalizing, the report)")
+    print("grown run by stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in second.stage_seconds.items())
+          + f"; report and the rest {wall - sum(second.stage_seconds.values()):.1f}s")
+
+
+def _warm_pair_task(config) -> None:
+    """Imports and caches a pair task needs (SimpleITK, matplotlib for the QA figure, the template), done once."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+
+    from mrict_dask import pair, qa  # noqa: F401
+    from mrict_dask.orchestrate import tune_malloc
+    from mrict_dask.template import template_from_config
+
+    tune_malloc(config.run.malloc_mmap_threshold_mib)
+    template_from_config(config.grid)
+
+
+def _pool_pair_with(pair, config):
+    from mrict_dask.pair import process_pair
+    from mrict_dask.template import template_from_config
+
+    return process_pair(pair, config, template_from_config(config.grid))
+
+
+def _write_time(results: list, pairs: list, config, scratch: str) -> float:
+    """Seconds to write ``results`` into a new store of the same settings (as the pair task writes them)."""
+    import dataclasses
+
+    from mrict_dask.store import open_or_create_store, write_pair
+    from mrict_dask.template import template_from_config
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    specs = [dataclasses.replace(p, index=k) for k, p in enumerate(pairs)]
+    open_or_create_store(scratch, specs, template_from_config(config.grid), config)
+    t = time.perf_counter()
+    for spec, result in zip(specs, results):
+        write_pair(scratch, spec.index, result)
+    took = time.perf_counter() - t
+    shutil.rmtree(scratch, ignore_errors=True)
+    return took
 
 
 def main() -> None:
@@ -159,6 +287,10 @@ def main() -> None:
                     help="pairs for the no-Dask 1 vs 2 process comparison (0: skip)")
     ap.add_argument("--spaces", type=int, default=0,
                     help="only time the pair task with and without native space and defacing over N pairs")
+    ap.add_argument("--grow", action="store_true", help="measure growing a store (see above)")
+    ap.add_argument("--grow-percent", type=float, default=10.0, help="--grow: patients added, in %% of --patients")
+    ap.add_argument("--workers", type=int, default=2, help="--grow: workers of the first run")
+    ap.add_argument("--fast", action="store_true", help="--grow: the test suite's cheaper grid and registration")
     args = ap.parse_args()
 
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
@@ -170,11 +302,17 @@ def main() -> None:
         corpus = os.path.join(work, "dicom")
         if not os.path.exists(corpus + ".manifest.json"):
             t = time.perf_counter()
-            s = generate_corpus(corpus, patients=args.patients, seed=args.seed, progress=True)
+            n = args.patients + (max(1, round(args.patients * args.grow_percent / 100)) if args.grow else 0)
+            s = generate_corpus(corpus, patients=n, seed=args.seed, progress=True)
             print(f"generated {s.n_files} files, {s.n_bytes / 2**20:.0f} MiB in {time.perf_counter() - t:.0f} s")
     n_files = sum(len(f) for _, _, f in os.walk(corpus))
     if args.spaces:
         spaces(corpus, work, args.spaces)
+        return
+    if args.grow:
+        grow(args, corpus, work)
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
         return
 
     results = {}

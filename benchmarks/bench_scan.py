@@ -45,10 +45,11 @@ def _cluster(workers: int):
 
 
 def _timed_scan(url: str, so: dict | None, client, batch_size: int) -> tuple[float, object]:
+    from mrict_dask.orchestrate import as_executor
     from mrict_dask.scan import scan
 
     t = time.perf_counter()
-    df = scan(url, storage_options=so, executor=client, batch_size=batch_size)
+    df = scan(url, storage_options=so, executor=as_executor(client), batch_size=batch_size)
     return time.perf_counter() - t, df
 
 

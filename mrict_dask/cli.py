@@ -148,14 +148,14 @@ def synth(ctx, out_url, patients, seed, quirks, layout, manifest, storage_option
 def scan(ctx, input_url, out, scheduler, workers, batch_size, storage_options):
     """List DICOM under INPUT_URL and read headers only into a Parquet catalog."""
     from .io import Location, parse_storage_options
-    from .orchestrate import client_for
+    from .orchestrate import as_executor, client_for
     from .scan import scan_to_parquet
     from .sources import open_source
 
     so = parse_storage_options(storage_options)
     source, dest = open_source(input_url, so), Location(out)  # refuse unusable URLs before starting a cluster
     with client_for(scheduler, workers) as client:
-        summary = scan_to_parquet(source, dest.url, executor=client, batch_size=batch_size,
+        summary = scan_to_parquet(source, dest.url, executor=as_executor(client), batch_size=batch_size,
                                   progress=ctx.obj["progress"])
     click.echo(summary.describe())
 
@@ -383,6 +383,25 @@ def inspect(store_url, png, storage_options):
     from .store import inspect_store
 
     click.echo(inspect_store(store_url, png=png, storage_options=parse_storage_options(storage_options)))
+
+
+@main.command()
+@click.argument("store_url")
+@click.argument("patients", nargs=-1, required=True)
+@click.option("--work", "work_url", default=None, help="Private work area: its plan resolves PatientIDs, and the "
+              "withdrawal list lives there. Default: STORE_URL + '.work'.")
+@click.option("--pseudonym-key", default=None, envvar="MRICT_PSEUDONYM_KEY", show_envvar=True,
+              help="Key for patient pseudonyms (to resolve a PatientID the work area's plan does not hold).")
+@storage_opt
+def forget(store_url, patients, work_url, pseudonym_key, storage_options):
+    """Withdraw PATIENTS (pseudonyms, or PatientIDs resolved through the private work area) from a store: their
+    pairs' data is deleted, versions that held them can no longer be served, no later run adds them back."""
+    from .growth import forget as forget_patients
+    from .io import parse_storage_options
+
+    summary = forget_patients(store_url, list(patients), work_url=work_url, pseudonym_key=pseudonym_key,
+                              storage_options=parse_storage_options(storage_options))
+    click.echo(summary.describe())
 
 
 @main.command()

@@ -114,6 +114,9 @@ class RunConfig:
     # MALLOC_TRIM_THRESHOLD_=65536, which pins every volume-sized buffer to a fresh mmap + page faults:
     # ~25 % slower pairs. 0 leaves the allocator as the process started.
     malloc_mmap_threshold_mib: int = 32
+    # one writer at a time: the run's lease on the store lasts this long unless renewed (every quarter of it);
+    # a crashed run's lease expires after it (at once on the same host, when its process is gone)
+    lease_seconds: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,7 @@ _RULES: tuple[tuple[str, Any, str], ...] = (
     ("run.retries", lambda v: v >= 0, "at least 0"),
     ("run.scan_batch", lambda v: v >= 1, "at least 1"),
     ("run.malloc_mmap_threshold_mib", lambda v: 0 <= v <= 32, "in [0, 32] (glibc's ceiling)"),
+    ("run.lease_seconds", lambda v: v >= 1, "at least 1 (seconds)"),
 )
 
 

@@ -41,7 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from .errors import InputError
-from .sources import DICOMWEB_PREFIX, Instance
+from .io import DICOMWEB_PREFIX
+from .types import Instance
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,13 @@ def series_rows(series_url: str, metadata: list[dict]) -> list[dict]:
     return [instance_row(series_url, item, k) for k, item in enumerate(metadata)]
 
 
+def instances_stamp(sop_uids: Any) -> str:
+    """The stamp of a series: a digest of its SOPInstanceUIDs, in any order."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(str(u) for u in sop_uids)).encode()).hexdigest()[:16]
+
+
 # ------------------------------------------------------------------------------------------------ source
 class DicomwebSource:
     """The :class:`~mrict_dask.sources.Source` of a DICOMweb service root (see the module docstring)."""
@@ -312,6 +320,32 @@ class DicomwebSource:
         if not units:
             raise InputError(f"no series at {self.url}")
         return units
+
+    def listing(self) -> list[tuple[str, int, str]]:
+        """(series URL, instances, stamp) of every series: the stamp is a digest of the series' SOPInstanceUIDs
+        (one QIDO-RS instance search per series), so a series re-sent with other instances is told apart even
+        when its count is the same. :func:`instances_stamp` of the catalog's rows of a series gives the same."""
+        units = self.list_units()
+        try:
+            with ThreadPoolExecutor(CONNECTIONS) as pool:
+                stamps = list(pool.map(self._stamp_of, [u for u, _ in units]))
+        except DicomwebRefused:
+            raise InputError(f"{self.url}: the DICOMweb service refused the credentials") from None
+        except (DicomwebUnavailable, DicomwebError, DicomwebNotFound) as exc:
+            raise InputError(f"{self.url}: {str(exc).split(': ', 1)[-1]}") from None
+        return [(u, n, stamp) for (u, n), stamp in zip(units, stamps)]
+
+    def _stamp_of(self, series_url: str) -> str:
+        study, series, _ = _uids(series_url)
+        found = call(lambda: self.client.search_for_instances(study, series, fields=["SOPInstanceUID"],
+                                                              get_remaining=True), "instance search")
+        return instances_stamp(u for u in (_first(i, "00080018") for i in found) if u)
+
+    def unit_urls(self, row_urls: Any) -> Any:
+        """The series URL of each row URL (``.../series/SE/instances/I`` -> ``.../series/SE``)."""
+        import pyarrow.compute as pc
+
+        return pc.replace_substring_regex(row_urls, r"/instances/[^/]+$", "")
 
     def _series_of(self, study_uid: str) -> list[tuple[str, int]]:
         series = call(lambda: self.client.search_for_series(

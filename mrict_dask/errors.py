@@ -23,3 +23,11 @@ class VolumeError(MrictError):
 
 class RegistrationError(MrictError):
     """A registration failed or is implausible; ``str(err)`` is the reason."""
+
+
+class VersionUnavailable(MrictError):
+    """A pinned version of a store cannot be served (a patient it held withdrew, or a pair changed since)."""
+
+
+class LeaseHeld(MrictError):
+    """Another run is writing the store (it holds the store's lease)."""

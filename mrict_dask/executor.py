@@ -7,8 +7,8 @@ list, a scan batch) just before it is submitted.
 
 :class:`SerialExecutor` (here) runs the very same task function in a plain loop and is the reference;
 :class:`~mrict_dask.orchestrate.DaskExecutor` runs it on a Dask cluster with a bounded window of futures.
-Only :mod:`mrict_dask.orchestrate` knows Dask; :func:`as_executor` turns a Dask client given by a caller into its
-executor without this module importing it.
+Only :mod:`mrict_dask.orchestrate` knows Dask: its ``as_executor`` turns a Dask client into that executor; this
+module, below every stage that fans out, imports nothing above it.
 """
 
 from __future__ import annotations
@@ -100,13 +100,15 @@ class SerialExecutor:
 
 
 def as_executor(executor: Any = None, retries: int = 2, window: int = 0) -> Executor:
-    """``executor`` itself when it is one; a Dask client becomes a Dask executor; None runs serially here."""
+    """``executor`` itself when it is one; None runs serially here.
+
+    A Dask client is turned into its executor by :func:`mrict_dask.orchestrate.as_executor` (the module that knows
+    Dask); given here it is refused with that advice, so this module never reaches up to the orchestration layer.
+    """
     if executor is None:
         return SerialExecutor(retries)
-    if hasattr(executor, "submit") and hasattr(executor, "nthreads"):  # a distributed.Client
-        from .orchestrate import DaskExecutor
-
-        return DaskExecutor(executor, window=window, retries=retries)
     if hasattr(executor, "run") and hasattr(executor, "name"):
         return executor
-    raise TypeError(f"not an executor or a Dask client: {type(executor).__name__}")
+    if hasattr(executor, "submit") and hasattr(executor, "nthreads"):  # a distributed.Client
+        raise TypeError("a Dask client is not an executor here: pass mrict_dask.orchestrate.as_executor(client)")
+    raise TypeError(f"not an executor: {type(executor).__name__}")

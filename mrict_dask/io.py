@@ -26,6 +26,8 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
 _TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
                     "ClientPayloadError", "ServerDisconnectedError", "ClientConnectorError", "ClientOSError"}
 _LOCAL_PROTOCOLS = ("file", "local")
+DICOMWEB_PREFIX = "dicomweb+"
+"""How an input URL names a DICOMweb service root (``dicomweb+https://host/root``): an input, never a store."""
 # Storage option values shown as they are in logs: settings, not secrets. Every other value is shown as '***'
 # (connection strings, headers, passwords under any name, lists of them).
 _SHOWN_OPTIONS = {"endpoint_url", "anon", "region_name", "use_ssl", "requester_pays", "default_block_size",
@@ -159,7 +161,7 @@ def check_protocol(url: str) -> None:
         raise InputError(CREDENTIALS_IN_URL)  # the URL itself is not repeated: it holds the secret
     known = set(known_implementations) | set(registry)
     for protocol in _protocols(url):
-        if protocol.startswith("dicomweb+"):
+        if protocol.startswith(DICOMWEB_PREFIX):
             raise InputError(f"{url}: a DICOMweb service can only be an input, not a place to write or list files")
         if protocol not in known:
             raise InputError(f"unknown URL scheme '{protocol}://' in {url!r}: use a local path, s3://, another "
@@ -324,6 +326,18 @@ class Location:
 
     def write_json(self, obj: Any, **kwargs: Any) -> None:
         self.write_bytes(json.dumps(obj, **kwargs).encode("utf-8"))
+
+    def numbered(self, suffix: str = ".json") -> list[int]:
+        """The numbers ``N`` of the objects ``N<suffix>`` right below this folder, sorted ([] when it is absent).
+        Listed afresh: a cached listing may miss what another process wrote a moment ago."""
+        self.fs.invalidate_cache(self.path)
+        try:
+            names = self.fs.ls(self.path, detail=False)
+        except FileNotFoundError:
+            return []
+        stems = (name.rstrip("/").rsplit("/", 1)[-1] for name in names)
+        return sorted(int(stem[:-len(suffix)]) for stem in stems
+                      if stem.endswith(suffix) and stem[:-len(suffix)].isdigit())
 
     def remove(self) -> None:
         """Delete this object if it is there (no existence check first: listings may be cached, deletes are not)."""

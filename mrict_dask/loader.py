@@ -212,12 +212,13 @@ class _ShardCache:
     that fails its checks (a shard index whose crc32c does not match) is replaced once by :meth:`refresh`.
     """
 
-    def __init__(self, objects: _Objects, folder: str):
+    def __init__(self, objects: _Objects, folder: str, place: Callable[[str], str] | None = None):
         self.objects, self.folder = objects, folder
         self.files = _LocalFiles(folder)
+        self.place = place or (lambda key: key)  # object key -> path of its copy below the folder
 
     def _local(self, key: str) -> str:
-        return os.path.join(self.folder, key)
+        return os.path.join(self.folder, self.place(key))
 
     def _download(self, keys: Sequence[str]) -> None:
         """Copy objects here, all at once, each under a unique temporary name renamed into place when complete."""
@@ -229,7 +230,7 @@ class _ShardCache:
             for k, t in zip(keys, tmp):
                 with open(t, "rb+") as fh:  # on disk before it has its name: a crash leaves no torn copy
                     os.fsync(fh.fileno())
-                self.files.forget(k)
+                self.files.forget(self.place(k))
                 os.replace(t, self._local(k))
         except FileNotFoundError:
             if len(keys) > 1:  # an object never written (it reads as the fill value): copy the others alone
@@ -241,14 +242,15 @@ class _ShardCache:
                     os.remove(t)
 
     def _fetch(self, keys: Sequence[str]) -> None:
-        missing = sorted(k for k in set(keys) if not self.files.is_open(k) and not os.path.exists(self._local(k)))
+        missing = sorted(k for k in set(keys)
+                         if not self.files.is_open(self.place(k)) and not os.path.exists(self._local(k)))
         if missing:
             self._download(missing)
             log.debug("cached %d shards in %s", len(missing), self.folder)
 
     def read(self, reads: Sequence[Read]) -> Iterator[bytes | Exception]:
         self._fetch([k for k, _, _ in reads])
-        return self.files.read(reads)
+        return self.files.read([(self.place(k), start, end) for k, start, end in reads])
 
     def refresh(self, key: str) -> None:
         """Download ``key`` again over a local copy that failed its checks."""
@@ -268,6 +270,49 @@ def _reader_storage_options(url: str, storage_options: dict | None) -> dict:
     if fsspec.core.split_protocol(url)[0] in ("s3", "s3a"):
         so["config_kwargs"] = {"max_pool_connections": S3_CONNECTIONS, **(so.get("config_kwargs") or {})}
     return so
+
+
+def pair_cache_dir(pair_id: str, digest: str) -> str:
+    """The folder of a pair's copies in a shard cache: named by the pair and the digest of its bytes, so a pair
+    redone with other bytes never meets its old copies, and a withdrawn pair's copies can be found and deleted."""
+    return f"{pair_id}-{digest[:16]}"
+
+
+def _cache_tag(url: str, attrs: dict, extra: str = "") -> str:
+    return hashlib.sha256("\n".join([url, attrs.get("fingerprint", ""), extra]).encode()).hexdigest()[:16]
+
+
+def _pair_of_key(key: str) -> int:
+    """The pair index of a per-pair object key (``mr/c/5/0/0/0``, ``native/mr/c/5/0/0/0``: after ``/c/``)."""
+    return int(key.split("/c/", 1)[1].split("/", 1)[0])
+
+
+def _shard_cache(origin: _Objects, url: str, attrs: dict, cache_dir: str,
+                 pair_dirs: dict[int, str] | None) -> _ShardCache:
+    """The local copies of a store: one folder per store (its URL and fingerprint), and in it one folder per pair
+    and digest of its bytes (the store's versions give them); a store without versions gets one folder per
+    ``content_digest`` (a store finalized again with other bytes gets a fresh folder, never the old copies)."""
+    root = os.path.abspath(cache_dir)
+    if pair_dirs:
+        return _ShardCache(origin, os.path.join(root, _cache_tag(url, attrs)),
+                           lambda key: os.path.join(pair_dirs[_pair_of_key(key)], key))
+    return _ShardCache(origin, os.path.join(root, _cache_tag(url, attrs, attrs.get("content_digest", ""))))
+
+
+def forget_cached(cache_dir: str, url: str, attrs: dict, pair_ids: Iterable[str]) -> int:
+    """Delete the local copies of ``pair_ids`` (withdrawn pairs) from a shard cache folder; the number of folders."""
+    import shutil
+
+    folder = os.path.join(os.path.abspath(cache_dir), _cache_tag(url, attrs))
+    if not os.path.isdir(folder):
+        return 0
+    gone = {f"{pid}-" for pid in pair_ids}
+    n = 0
+    for name in os.listdir(folder):
+        if any(name.startswith(g) for g in gone):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+            n += 1
+    return n
 
 
 # ----------------------------------------------------------------------------------------------- arrays
@@ -325,7 +370,8 @@ class _VolumeArray:
 class _Store:
     """Per-process handle: where the bytes come from, the store's metadata, and the volume arrays."""
 
-    def __init__(self, url: str, storage_options: dict | None, cache_dir: str | None = None):
+    def __init__(self, url: str, storage_options: dict | None, cache_dir: str | None = None,
+                 pair_dirs: dict[int, str] | None = None):
         from .io import Location
 
         self.url = url
@@ -338,12 +384,7 @@ class _Store:
             _Objects(loc.fs, loc.path.rstrip("/"))
         self.source: _LocalFiles | _Objects | _ShardCache = self.origin
         if cache_dir is not None and isinstance(self.origin, _Objects):
-            # what the ok pairs hold: a store finalized again with other bytes (a pair redone, the store rebuilt)
-            # gets a fresh folder, never the old copies
-            attrs = self.root_meta().get("attributes", {})
-            identity = [url, attrs.get("fingerprint", ""), attrs.get("content_digest", "")]
-            tag = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:16]
-            self.source = _ShardCache(self.origin, os.path.join(os.path.abspath(cache_dir), tag))
+            self.source = _shard_cache(self.origin, url, self.root_meta().get("attributes", {}), cache_dir, pair_dirs)
 
     def _json(self, rel: str) -> dict:
         (blob,) = self.origin.read([(rel, 0, None)])
@@ -426,8 +467,9 @@ class _Store:
         store, never fill values. A cached copy whose index fails its crc32c is downloaded again, once.
         """
         if isinstance(blob, FileNotFoundError):
-            raise OSError(f"{a.name}: the shard of pair {p} is missing although the store lists the pair as ok "
-                          "(a damaged store: `mrict-dask verify` checks every pair)") from blob
+            raise OSError(f"{a.name}: the shard of pair {p} is missing although the store listed the pair as ok when "
+                          "this dataset opened: its patient withdrew since (open the dataset again), or the store "
+                          "is damaged (`mrict-dask verify` checks every pair)") from blob
         if isinstance(blob, Exception):
             raise blob
         try:
@@ -502,11 +544,19 @@ MASKS = ("valid", "head", "face", "loss")
 
 
 class _PairsBase:
-    """Selection shared by the datasets: status == "ok" pairs of one split (or all with split=None)."""
+    """Selection shared by the datasets: status == "ok" pairs of one split (or all with split=None), of the store's
+    latest version or of the pinned ``version``.
+
+    A dataset reads one version of the store from one manifest (:func:`mrict_dask.store.resolve_version`): pairs
+    appended, retired or withdrawn after it opened do not change what it serves (a withdrawn pair's bytes are
+    deleted, though: reading it fails). ``version_id`` names the version read (None: a store from before
+    versions), for a training job to record; a version that held a patient who withdrew since raises
+    :class:`~mrict_dask.errors.VersionUnavailable` (one line).
+    """
 
     def __init__(self, url: str, split: str | None = "train", transform: Callable | None = None,
                  storage_options: dict | None = None, cache_dir: str | None = None, with_pair: bool = False,
-                 space: str = "template", masks: Sequence[str] = ()):
+                 version: int | None = None, space: str = "template", masks: Sequence[str] = ()):
         if space not in SPACES:
             raise ValueError(f"space must be one of {', '.join(SPACES)}, not {space!r}")
         unknown = [m for m in masks if m not in MASKS]
@@ -518,11 +568,14 @@ class _PairsBase:
         self.storage_options = dict(storage_options or {})
         self.cache_dir = cache_dir
         self.with_pair = with_pair
+        self.version = version
         self.space = space
         self.masks = tuple(masks)
         self._prefix = "native/" if space == "native" else ""
         self._store: _Store | None = None
         meta = self._load_pair_table()
+        self.version_id: int | None = meta["version"]
+        self._pair_dirs: dict[int, str] | None = meta["pair_dirs"]
         self._has_head = meta["has_head"]
         self._affines = meta["affine"]
         keep = meta["status"] == "ok"
@@ -548,12 +601,13 @@ class _PairsBase:
 
         import zarr
 
-        from .store import zarr_store
+        from .store import resolve_version, zarr_store
 
+        view = resolve_version(self.url, self.version, self.storage_options)
+        n = len(view.pairs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             g = zarr.open_group(zarr_store(self.url, self.storage_options, read_only=True), mode="r")
-            n = g["status"].shape[0]
             if self.space == "native":
                 if "native" not in g:
                     raise ValueError(f"{self.url} has no native space (written before mrict-dask store format 2, "
@@ -561,16 +615,27 @@ class _PairsBase:
                 sg = g["native"]
             else:
                 sg = g
-            out: dict[str, Any] = {"grid_zyx": tuple(int(v) for v in sg["mr"].shape[1:]), "has_head": "head" in sg}
-            for name in ("status", "split", "pair"):
-                out[name] = np.array([str(v) for v in g[name][:]] if n else [], dtype=object)
+            out: dict[str, Any] = {"grid_zyx": tuple(int(v) for v in sg["mr"].shape[1:]), "version": view.id,
+                                   "has_head": "head" in sg}
+            out["status"] = np.array([p.status for p in view.pairs], dtype=object)
+            out["split"] = np.array([p.split for p in view.pairs], dtype=object)
+            out["pair"] = np.array([p.pair_id for p in view.pairs], dtype=object)
             for name in ("ct_lo", "ct_hi"):
-                out[name] = np.asarray(g[name][:], dtype=np.float64) if n else np.zeros(0)
-            out["slice_ok"] = np.asarray(sg["slice_ok"][:], dtype=bool) if n else np.zeros((0, 0), bool)
-            out["affine"] = np.asarray(sg["affine"][:], dtype=np.float64) if "affine" in sg and n else None
+                out[name] = np.asarray(g[name][:n], dtype=np.float64) if n else np.zeros(0)
+            out["slice_ok"] = np.asarray(sg["slice_ok"][:n], dtype=bool) if n else np.zeros((0, 0), bool)
+            out["affine"] = np.asarray(sg["affine"][:n], dtype=np.float64) if "affine" in sg and n else None
+            attrs = dict(g.attrs)
         if not out["has_head"] and any(m in ("head", "face") for m in self.masks):
             raise ValueError(f"{self.url} has no head or face masks (written before mrict-dask store format 2): "
                              "ask for 'valid' or 'loss' (which is valid there)")
+        ok = view.ok_pairs()
+        out["pair_dirs"] = {p.index: pair_cache_dir(p.pair_id, p.digest) for p in ok} \
+            if ok and all(p.digest for p in ok) else None
+        withdrawn = [p.pair_id for p in view.pairs if p.status == "withdrawn"]
+        if self.cache_dir is not None and withdrawn:
+            gone = forget_cached(self.cache_dir, self.url, attrs, withdrawn)
+            if gone:
+                log.warning("deleted the local copies of %d withdrawn pair(s) from %s", gone, self.cache_dir)
         return out
 
     def _names(self, with_valid: bool = False) -> tuple[str, ...]:
@@ -598,7 +663,7 @@ class _PairsBase:
     def _handle(self) -> _Store:
         store = self._store
         if store is None or store.pid != os.getpid():  # new, unpickled, or inherited through fork
-            store = self._store = _Store(self.url, self.storage_options, self.cache_dir)
+            store = self._store = _Store(self.url, self.storage_options, self.cache_dir, self._pair_dirs)
         return store
 
     def close(self) -> None:
@@ -645,13 +710,15 @@ class SlicePairs(_PairsBase):
     given, is applied to each sample and its result returned. ``cache_dir``: see the module docstring.
 
     ``ds[i]`` reads one sample; ``ds.__getitems__(indices)`` (what a batching DataLoader calls) reads a batch
-    concurrently and returns the same samples as ``[ds[i] for i in indices]``.
+    concurrently and returns the same samples as ``[ds[i] for i in indices]``. ``version``: read that version of
+    the store (``ds.version_id`` says which one a dataset reads; see the store's versions).
     """
 
     def __init__(self, url: str, split: str | None = "train", transform: Callable | None = None,
                  storage_options: dict | None = None, with_valid: bool = False, cache_dir: str | None = None,
-                 with_pair: bool = False, space: str = "template", masks: Sequence[str] = ()):
-        super().__init__(url, split, transform, storage_options, cache_dir, with_pair, space, masks)
+                 with_pair: bool = False, version: int | None = None, space: str = "template",
+                 masks: Sequence[str] = ()):
+        super().__init__(url, split, transform, storage_options, cache_dir, with_pair, version, space, masks)
         self.with_valid = with_valid
         rows = [(int(p), int(z)) for p in self.pair_indices for z in np.flatnonzero(self._slice_ok[p])]
         self.index = np.array(rows, dtype=np.int64).reshape(-1, 2)  # (pair index in the store, z)
@@ -682,8 +749,8 @@ class VolumePairs(_PairsBase):
 
     def __init__(self, url: str, split: str | None = "train", transform: Callable | None = None,
                  storage_options: dict | None = None, cache_dir: str | None = None, with_pair: bool = False,
-                 space: str = "template", masks: Sequence[str] = ("valid",)):
-        super().__init__(url, split, transform, storage_options, cache_dir, with_pair, space, masks)
+                 version: int | None = None, space: str = "template", masks: Sequence[str] = ("valid",)):
+        super().__init__(url, split, transform, storage_options, cache_dir, with_pair, version, space, masks)
 
     def __len__(self) -> int:
         return len(self.pair_indices)
@@ -710,8 +777,8 @@ class VolumePatches(_PairsBase):
     def __init__(self, url: str, split: str | None = "train", patch_size: Sequence[int] = (32, 64, 64),
                  patches_per_pair: int = 1, seed: int = 0, transform: Callable | None = None,
                  storage_options: dict | None = None, cache_dir: str | None = None, with_pair: bool = False,
-                 space: str = "template", masks: Sequence[str] = ("valid",)):
-        super().__init__(url, split, transform, storage_options, cache_dir, with_pair, space, masks)
+                 version: int | None = None, space: str = "template", masks: Sequence[str] = ("valid",)):
+        super().__init__(url, split, transform, storage_options, cache_dir, with_pair, version, space, masks)
         self.patch_size = tuple(int(v) for v in patch_size)
         if len(self.patch_size) != 3 or not all(1 <= d <= g for d, g in zip(self.patch_size, self.grid_zyx)):
             raise ValueError(f"patch_size {self.patch_size} must be 3 sizes (z, y, x), each from 1 to the store's "

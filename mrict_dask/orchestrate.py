@@ -19,8 +19,12 @@ from .config import Config
 from .executor import Executor, Outcome, error_reason, guarded
 from .io import Location, RedactedOptions, join, redact
 from .progress import Progress
+from .report import default_report_url
 from .sources import Source
 from .types import PairResult, PairSpec
+
+__all__ = ["ClusterSpec", "DaskExecutor", "RunSummary", "as_executor", "client_for", "default_report_url",
+           "execute_pairs", "run_demo", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -194,12 +198,22 @@ class DaskExecutor:
                 ac.add(submit(nxt))
 
 
+def as_executor(executor: Any = None, retries: int = 2, window: int = 0) -> Executor:
+    """An :class:`~mrict_dask.executor.Executor` for ``executor``: a Dask client becomes a :class:`DaskExecutor`;
+    an executor is kept; None runs serially in this process."""
+    if hasattr(executor, "submit") and hasattr(executor, "nthreads"):  # a distributed.Client
+        return DaskExecutor(executor, window=window, retries=retries)
+    from .executor import as_executor as plain
+
+    return plain(executor, retries=retries, window=window)
+
+
 # ----------------------------------------------------------------------------------------------- the run
 @dataclass
 class RunSummary:
     output_url: str
     report_url: str
-    n_pairs: int = 0
+    n_pairs: int = 0  # pairs of the plan this run works on (kept and new)
     processed: int = 0  # pairs computed in this run
     skipped: int = 0  # pairs already complete in the store (resume)
     ok: int = 0
@@ -208,6 +222,13 @@ class RunSummary:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     exit_code: int = 0
     messages: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)  # pair ids new to the store (new patients, new sessions)
+    changed: list[str] = field(default_factory=list)  # new pair ids replacing a retired pair of their patient
+    retired: list[str] = field(default_factory=list)  # pair ids retired by this run
+    absent: list[str] = field(default_factory=list)  # pair ids kept although their patient left the input
+    withdrawn: int = 0  # patients of the input on the withdrawal list (never planned)
+    version: int | None = None  # the version this run's finalize recorded (None: the store did not change)
+    scan: str = ""  # what the scan read
 
     def describe(self) -> str:
         lines = [
@@ -216,19 +237,27 @@ class RunSummary:
             f"pairs:   {self.n_pairs} planned, {self.ok} ok, {sum(self.failed.values())} failed "
             f"({self.processed} computed now, {self.skipped} already complete)",
         ]
+        growth = [f"{len(v)} {k}" for k, v in (("added", self.added), ("changed", self.changed),
+                                                 ("retired", self.retired)) if v]
+        if self.withdrawn:
+            growth.append(f"{self.withdrawn} withdrawn patient(s) left out")
+        if self.absent:
+            growth.append(f"{len(self.absent)} kept although their patient is no longer in the input")
+        if growth:
+            lines.append("changes: " + ", ".join(growth))
+        if self.version is not None:
+            lines.append(f"version: {self.version} recorded (pin it: SlicePairs(url, version={self.version}))")
         for reason, n in sorted(self.failed.items(), key=lambda kv: -kv[1]):
             lines.append(f"  failed x{n}: {reason}")
         if self.exclusions:
             lines.append("patients without a pair:")
             for reason, n in sorted(self.exclusions.items(), key=lambda kv: -kv[1]):
                 lines.append(f"  x{n}: {reason}")
+        if self.scan:
+            lines.append(self.scan)
         lines.append("time by stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items()))
         lines.extend(self.messages)
         return "\n".join(lines)
-
-
-def default_report_url(output_url: str) -> str:
-    return output_url.rstrip("/") + "-report"
 
 
 def _reason_class(status: str) -> str:
@@ -242,8 +271,10 @@ RETRYABLE_FAILURE = "error after retries: "
 
 
 def execute_pairs(executor: Executor, pairs: Iterable[PairSpec], total: int, config: Config, source: Source,
-                  store: Location, report: Location, progress: bool = False) -> list[dict]:
-    """Run the pair task over ``pairs`` (possibly lazy) with ``executor``; every pair ends with a marker."""
+                  store: Location, report: Location, progress: bool = False,
+                  check: Callable[[], None] | None = None) -> list[dict]:
+    """Run the pair task over ``pairs`` (possibly lazy) with ``executor``; every pair ends with a marker.
+    ``check`` is called as each pair ends (the lease: it raises when another run took the store over)."""
     import functools
 
     from .store import write_pair
@@ -253,6 +284,8 @@ def execute_pairs(executor: Executor, pairs: Iterable[PairSpec], total: int, con
     markers: list[dict] = []
     with Progress("pairs", total, progress, show_failed=True) as bar:
         for outcome in executor.run(fn, pairs, key=lambda p: f"pair-{p.index}-{p.pair_id}"):
+            if check is not None:
+                check()
             pair = outcome.item
             marker = outcome.value
             if not outcome.ok:
@@ -273,31 +306,6 @@ def execute_pairs(executor: Executor, pairs: Iterable[PairSpec], total: int, con
     return markers
 
 
-def _load_or_scan(source: Source, work: Location, executor: Executor | None, config: Config,
-                  progress: bool) -> Location:
-    """Where the catalog is: reused from the work area on a resume (the plan must not change under a store), or
-    scanned and written there (the planner then reads it back column by column)."""
-    from .catalog import lost_to_storage, write_catalog
-    from .errors import InputError
-    from .scan import scan_table
-
-    where = work.join("catalog.parquet")
-    if where.exists():
-        log.info("reusing the catalog in the work area (delete it to rescan)")
-        return where
-    catalog = scan_table(source, executor=executor, batch_size=config.run.scan_batch, progress=progress)
-    # The plan (and so the store) is made from this catalog and it is reused on resume: a file that only
-    # failed to download must not be frozen into it as unreadable (its pair would be lost for good).
-    lost = lost_to_storage(catalog)
-    if lost:
-        kinds = sorted({":".join(r.split(":")[:3]) for r in lost})  # no file names (PHI)
-        raise InputError(f"{len(lost)} of {catalog.num_rows} files could not be read from storage after retries "
-                         f"({'; '.join(kinds)[:200]}); no catalog, plan or store was written: re-run when the "
-                         "storage answers again")
-    write_catalog(catalog, where)
-    return where
-
-
 @dataclass(frozen=True)
 class ClusterSpec:
     """Where the Dask work runs when the caller gives no client: an existing scheduler, or a LocalCluster."""
@@ -313,7 +321,7 @@ def open_executor(executor: Any = "dask", cluster: ClusterSpec | None = None, re
                   window: int = 0) -> Iterator[Executor]:
     """The executor a command fans its tasks out with: "serial" (a loop in this process), "dask" (a cluster from
     ``cluster``: a scheduler address or a LocalCluster, closed on exit), a Dask client, or an Executor."""
-    from .executor import SerialExecutor, as_executor
+    from .executor import SerialExecutor
 
     if executor == "serial":
         yield SerialExecutor(retries)
@@ -331,16 +339,18 @@ def run_pipeline(input_url: str | Location | Source, output_url: str | Location,
                  progress: bool = False) -> RunSummary:
     """Scan -> plan -> per-pair processing on the workers -> region writes -> finalize -> report.
 
+    Over an existing store (same settings) the run grows it: only what the input has new or changed is scanned,
+    planned pairs the store holds are neither computed nor written again, new ones are appended, and pairs whose
+    inputs changed are retired (see :mod:`mrict_dask.growth`). One run writes a store at a time: the run holds the
+    store's lease (:mod:`mrict_dask.lease`) from before the scan to the report.
+
     ``executor``: "dask" (a cluster from ``cluster``: a scheduler address or a LocalCluster), "serial" (this
     process), a Dask client, or an :class:`~mrict_dask.executor.Executor`. ``storage_options`` apply to every
     URL given as a string.
     """
-    from .plan import make_plan
-    from .pseudonym import resolve_key
-    from .report import write_report
+    from .lease import holding
     from .sources import open_source
-    from .store import completed_pairs, finalize_store, open_or_create_store
-    from .template import template_from_config
+    from .store import check_output
 
     config = config or Config()
     if limit is not None and limit < 0:
@@ -354,7 +364,6 @@ def run_pipeline(input_url: str | Location | Source, output_url: str | Location,
     summary = RunSummary(output_url=store.url, report_url=report.url)
     log.info("run: input=%s output=%s work=%s storage_options=%s", source.url, store.url, work.url,
              redact(store.storage_options))
-
     if not work_url and not store.is_local:
         summary.messages.append(f"the private work area (catalog with identifiers, the pseudonym map) is {work.url}, "
                                 "beside the store: pass --work to keep it where readers of the store have no access")
@@ -363,6 +372,37 @@ def run_pipeline(input_url: str | Location | Source, output_url: str | Location,
                    "patients; for in-house use only, never share this store")
         log.warning(warning)
         summary.messages.append(warning)
+    check_output(store)  # a foreign folder gets no lease written into it
+    listing = source.listing()  # and nothing is written for an input that cannot be read
+    with holding(store, config.run.lease_seconds) as lease:
+        _run(source, listing, store, work, report, config, executor, cluster, limit, pseudonym_key, progress, lease,
+             summary)
+    return summary
+
+
+def _run(source: Source, listing: list, store: Location, work: Location, report: Location, config: Config,
+         executor: Any, cluster: ClusterSpec | None, limit: int | None, pseudonym_key: str | None, progress: bool,
+         lease: Any, summary: RunSummary) -> None:
+    """The run, holding the store's lease."""
+    from . import __version__
+    from .growth import apply_withdrawals, check_key, key_check, reconcile, store_pairs, with_inputs, withdrawn_patients
+    from .plan import make_plan
+    from .pseudonym import resolve_key
+    from .report import write_report
+    from .scan import update_catalog
+    from .store import (
+        STATUS_WITHDRAWN,
+        append_pairs,
+        check_output,
+        completed_pairs,
+        finalize_store,
+        open_or_create_store,
+        pair_table,
+        purge_withdrawn,
+        retire_pair,
+    )
+    from .template import template_from_config
+
     key, key_source = resolve_key(pseudonym_key, work)
     if key_source.startswith("random"):
         summary.messages.append(f"pseudonym key: {key_source}; pass --pseudonym-key or set MRICT_PSEUDONYM_KEY "
@@ -374,53 +414,76 @@ def run_pipeline(input_url: str | Location | Source, output_url: str | Location,
             summary.messages.append(f"dask dashboard: {client.dashboard_link}")
 
         t = time.perf_counter()
-        catalog = _load_or_scan(source, work, ex, config, progress)
+        update = update_catalog(source, work, ex, config.run.scan_batch, progress, listing)
+        catalog = update.where
+        if update.scanned != update.units or update.removed:
+            summary.scan = update.describe()
         summary.stage_seconds["scan"] = time.perf_counter() - t
 
         t = time.perf_counter()
         plan = make_plan(catalog, config, key)
-        pairs = list(plan.pairs)
-        if limit is not None:
-            pairs = pairs[:limit]
+        template = template_from_config(config.grid)
+        node = check_output(store)
+        exists = node is not None and "fingerprint" in node.get("attributes", {})
+        stored = []
+        if exists:
+            open_or_create_store(store, [], template, config)  # other settings: refused, naming the difference
+            check_key(store, key, [p.pair_id for p in plan.pairs])
+            stored = store_pairs(store)
+        withdrawn = withdrawn_patients(work, stored, key)
+        summary.withdrawn = len(withdrawn & set(plan.patients))
+        plan = apply_withdrawals(plan, withdrawn)
+        plan.pairs = with_inputs(catalog, plan.pairs, key)
         work.join("plan.json").write_text(plan.to_json())
+        rec = reconcile(stored, plan.pairs, key, set(plan.patients), limit)
+        pairs = rec.pairs
         summary.n_pairs = len(pairs)
+        summary.added, summary.changed = rec.added, rec.changed
+        summary.retired = [stored[i].pair_id for i in sorted(rec.retire)]
+        summary.absent = [stored[i].pair_id for i in rec.absent]
         for exc in plan.exclusions:
             reason = str(exc.get("reason", "")).split(":")[0]
             summary.exclusions[reason] = summary.exclusions.get(reason, 0) + 1
         summary.stage_seconds["plan"] = time.perf_counter() - t
 
-        template = template_from_config(config.grid)
-        from . import __version__
-
-        attrs = {"mrict_dask_version": __version__, "pairs_limited_to": limit}
-        open_or_create_store(store, pairs, template, config, attrs=attrs)
+        if not exists:
+            attrs = {"mrict_dask_version": __version__, "pairs_limited_to": limit, "pseudonym_check": key_check(key)}
+            open_or_create_store(store, rec.new, template, config, attrs=attrs)
+        elif rec.new:
+            append_pairs(store, rec.new)
 
         done = completed_pairs(store)
         complete_ok = {i for i, m in done.items() if m.get("status") == "ok"}
         todo = [p for p in pairs if p.index not in complete_ok]
         summary.skipped = len(pairs) - len(todo)
         if summary.skipped:
-            log.info("resume: %d of %d pairs already complete", summary.skipped, len(pairs))
+            log.info("%d of %d planned pairs already complete in the store", summary.skipped, len(pairs))
 
         t = time.perf_counter()
-        markers = execute_pairs(ex, iter(todo), len(todo), config, source, store, report, progress)
+        markers = execute_pairs(ex, iter(todo), len(todo), config, source, store, report, progress, lease.check)
         summary.processed = len(markers)
         summary.stage_seconds["pairs"] = time.perf_counter() - t
 
+    lease.check()
     t = time.perf_counter()
-    finalize_store(store)
+    for i, (reason, by) in sorted(rec.retire.items()):
+        retire_pair(store, i, stored[i].pair_id, reason, by)
+    purge_withdrawn(store, [s.index for s in stored if s.state == STATUS_WITHDRAWN])
+    version = finalize_store(store)
+    summary.version = version["id"] if version else None
     summary.stage_seconds["finalize"] = time.perf_counter() - t
 
     final = completed_pairs(store)
-    for m in final.values():
+    planned = [final[p.index] for p in pairs if p.index in final]
+    for m in planned:
         status = str(m.get("status", ""))
         if status == "ok":
             summary.ok += 1
         else:
             reason = _reason_class(status)
             summary.failed[reason] = summary.failed.get(reason, 0) + 1
-    missing = len(pairs) - len(final)
-    retryable = sum(str(m.get("status", "")).startswith(f"failed: {RETRYABLE_FAILURE}") for m in final.values())
+    missing = len(pairs) - len(planned)
+    retryable = sum(str(m.get("status", "")).startswith(f"failed: {RETRYABLE_FAILURE}") for m in planned)
     if missing:
         summary.messages.append(f"{missing} pairs have no marker: re-run to finish them")
         summary.exit_code = 1
@@ -429,8 +492,11 @@ def run_pipeline(input_url: str | Location | Source, output_url: str | Location,
         summary.messages.append(f"{retryable} pairs failed on errors that outlasted the retries (storage, PACS or "
                                 "workers): re-run to retry them")
         summary.exit_code = 3
-    write_report(report, plan, pairs, final, summary, config, template)
-    return summary
+    table = pair_table(store, ("pair", "patient", "split", "days_apart"))
+    every = [PairSpec(index=i, pair_id=pid, patient=table["patient"][i], split=table["split"][i],
+                      days_apart=int(table["days_apart"][i] or 0), mr_files=(), ct_files=())
+             for i, pid in enumerate(table["pair"])]
+    write_report(report, plan, every, final, summary, config, template)
 
 
 # ----------------------------------------------------------------------------------------------- the demo

@@ -31,7 +31,8 @@ from .types import PairSpec
 
 log = logging.getLogger(__name__)
 
-EXCLUSION_REASONS = ("no MR study", "no CT study", "no usable MR series", "no usable CT series", "too far apart")
+EXCLUSION_REASONS = ("no MR study", "no CT study", "no usable MR series", "no usable CT series", "too far apart",
+                     "withdrawn")
 
 # ------------------------------------------------------------------------------------------------ records
 @dataclass

@@ -13,7 +13,15 @@ from typing import Any
 
 from .io import Location
 from .stacks import series_label
+from .store import pair_state
 from .types import QA_KEYS
+
+REPORT_SUFFIX = "-report"
+
+
+def default_report_url(output_url: str) -> str:
+    """Where the report of a store goes: beside it, ``<store>-report``."""
+    return output_url.rstrip("/") + REPORT_SUFFIX
 
 
 def _num(v: Any) -> float | None:
@@ -29,16 +37,17 @@ def build_report(plan: Any, pairs: list, markers: dict[int, dict], summary: Any,
     rows = []
     for p in pairs:
         m = markers.get(p.index, {})
+        status = pair_state(m) if m else "missing"
         rows.append({
             "index": p.index,
             "pair_id": p.pair_id,
             "patient": p.patient,
             "split": p.split,
-            "days_apart": p.days_apart,
-            "status": m.get("status", "missing"),
+            "days_apart": p.days_apart if status != "withdrawn" else None,
+            "status": status,
             "qa": {k: _num((m.get("qa") or {}).get(k)) for k in QA_KEYS},
             "timings": {k: round(float(v), 3) for k, v in (m.get("timings") or {}).items()},
-            "figure": f"figures/{p.pair_id}.png" if m.get("figure") else None,
+            "figure": f"figures/{p.pair_id}.png" if m.get("figure") and status != "withdrawn" else None,
         })
     exclusions = [{"patient": e.get("patient"), "reason": e.get("reason")} for e in plan.exclusions]
     # no SeriesDescription: free text a site typed in (names, record numbers, dates) stays in the private plan
@@ -55,6 +64,8 @@ def build_report(plan: Any, pairs: list, markers: dict[int, dict], summary: Any,
             "pairs_failed": sum(summary.failed.values()),
             "pairs_computed_this_run": summary.processed,
             "pairs_already_complete": summary.skipped,
+            **{f"pairs_{k}": len(getattr(summary, k, []) or []) for k in ("added", "changed", "retired", "absent")},
+            "pairs_withdrawn": sum(r["status"] == "withdrawn" for r in rows),
             "patients_excluded": len(exclusions),
             "files_with_errors": sum(file_errors.values()),
         },
@@ -163,8 +174,41 @@ def render_html(rep: dict[str, Any]) -> dict[str, str]:
 def write_report(report_url: str | Location, plan: Any, pairs: list, markers: dict[int, dict], summary: Any,
                  config: Any, template: Any, storage_options: dict | None = None) -> dict[str, Any]:
     rep = build_report(plan, pairs, markers, summary, config, template)
-    where = Location.of(report_url, storage_options)
+    _write(Location.of(report_url, storage_options), rep)
+    return rep
+
+
+def _write(where: Location, rep: dict[str, Any]) -> None:
     where.join("report.json").write_json(rep, indent=1)
     for name, page in render_html(rep).items():
         where.join(name).write_text(page)
-    return rep
+
+
+def forget_in_report(where: Location, patients: list[str], pair_ids: list[str]) -> bool:
+    """The report after a withdrawal: the patients' pairs stay as rows with status ``withdrawn`` and nothing else
+    (no QA, timings, days or figure), their figures are deleted, their series decisions and exclusions go, and
+    they are listed as withdrawn. False when there is no report yet."""
+    for pid in pair_ids:
+        where.join("figures", f"{pid}.png").remove()
+    loc = where.join("report.json")
+    if not loc.exists():
+        return False
+    rep = loc.read_json()
+    gone, who = set(pair_ids), set(patients)
+    for r in rep.get("pairs", []):
+        if r["pair_id"] in gone or r["patient"] in who:
+            r.update(status="withdrawn", qa=dict.fromkeys(QA_KEYS), timings={}, days_apart=None, figure=None)
+    rep["series_decisions"] = [s for s in rep.get("series_decisions", []) if s.get("patient") not in who]
+    rep["exclusions"] = [e for e in rep.get("exclusions", []) if e.get("patient") not in who]
+    rep["exclusions"] += [{"patient": p, "reason": "withdrawn: the patient withdrew; no pair is made"}
+                          for p in sorted(who)]
+    rows = rep.get("pairs", [])
+    counts = rep.setdefault("counts", {})
+    counts.update(pairs_ok=sum(r["status"] == "ok" for r in rows),
+                  pairs_failed=sum(str(r["status"]).startswith("failed") for r in rows),
+                  pairs_withdrawn=sum(r["status"] == "withdrawn" for r in rows),
+                  patients_excluded=len(rep["exclusions"]))
+    reasons = Counter(str(e.get("reason", "")).split(":")[0] for e in rep["exclusions"])
+    rep["exclusions_by_reason"] = dict(reasons)
+    _write(where, rep)
+    return True

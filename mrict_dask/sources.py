@@ -3,14 +3,22 @@
 A source lists its *scan units*, reads the catalog rows of a batch of units, and fetches instances by the URL
 its rows carry:
 
-- :class:`FsspecSource` (a local path, ``s3://``, any fsspec URL): a unit is one file ``(url, size)``; rows come
-  from the files' headers (:mod:`mrict_dask.dicom_header`); an instance is the file's bytes.
+- :class:`~mrict_dask.files.FsspecSource` (a local path, ``s3://``, any fsspec URL): a unit is one file
+  ``(url, size)``; rows come from the files' headers (:mod:`mrict_dask.dicom_header`); an instance is the file's
+  bytes.
 - :class:`~mrict_dask.dicomweb.DicomwebSource` (``dicomweb+http(s)://host/root``, a DICOMweb service root): a unit
   is one series ``(series URL, number of instances)``; rows come from the series metadata (DICOM JSON) without
   moving instance bytes; an instance is retrieved with WADO-RS as stored.
 
 :func:`open_source` is the one place that looks at the URL. Sources are cheap to make and to pickle (a URL and
 storage options; never credentials): the scan and the pair tasks open them again on the workers.
+
+A source also gives its :meth:`Source.listing`: every unit with a *stamp* that changes when the unit is written
+again (a file's ETag or modification time, a series' list of instances). A re-run compares it with the listing its
+catalog was made from and scans only what is new or changed (:func:`mrict_dask.scan.update_catalog`).
+
+Layers: the sources themselves (:mod:`mrict_dask.files`, :mod:`mrict_dask.dicomweb`) import nothing from here;
+this module names the interface and picks the source of a URL.
 """
 
 from __future__ import annotations
@@ -20,15 +28,15 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
-from .io import Location
+from .dicomweb import DicomwebSource
+from .files import FsspecSource
+from .io import DICOMWEB_PREFIX, Location
+from .types import Instance
 
 log = logging.getLogger(__name__)
 
-DICOMWEB_PREFIX = "dicomweb+"
-
-Instance = Any
-"""What :meth:`Source.fetch` gives for one URL: the bytes of a DICOM file, a data set already parsed from them
-(pydicom ``Dataset``), or the exception that stopped it (transient ones are retried by the caller)."""
+__all__ = ["DICOMWEB_PREFIX", "DicomwebSource", "FsspecSource", "Instance", "Source", "batches", "fetch_instances",
+           "open_source", "read_rows", "rows_task"]
 
 
 class Source(Protocol):
@@ -38,6 +46,15 @@ class Source(Protocol):
 
     def list_units(self) -> list[tuple[str, int]]:
         """Every scan unit, sorted; raises InputError when the input as a whole cannot be read."""
+        ...
+
+    def listing(self) -> list[tuple[str, int, str]]:
+        """Every scan unit with its stamp ``(url, weight, stamp)``, sorted: the stamp changes when the unit is
+        written again ("" when the input cannot tell)."""
+        ...
+
+    def unit_urls(self, row_urls: Any) -> Any:
+        """The unit URL of each catalog row URL (an Arrow string array in, one of the same length out)."""
         ...
 
     def weight(self, unit: tuple[str, int]) -> int:
@@ -65,8 +82,6 @@ def open_source(url: str | Location | Source, storage_options: dict | None = Non
         return url
     text = str(url)
     if text.startswith(DICOMWEB_PREFIX):
-        from .dicomweb import DicomwebSource
-
         return DicomwebSource(text, storage_options)
     return FsspecSource(Location.of(url, storage_options))
 
@@ -101,62 +116,3 @@ def read_rows(units: list[tuple[str, int]], source: Source) -> Any:
 def rows_task(source: Source):
     """The scan's task function for ``source``: picklable, takes a batch of units."""
     return functools.partial(read_rows, source=source)
-
-
-class FsspecSource:
-    """Files under a local path or any fsspec URL: the header scan reads each file's first bytes only."""
-
-    unit_name = "files"
-
-    def __init__(self, location: Location):
-        self.location = location
-
-    @property
-    def url(self) -> str:
-        return self.location.url
-
-    @property
-    def storage_options(self) -> dict:
-        return self.location.storage_options
-
-    def __repr__(self) -> str:
-        return f"FsspecSource({self.location!r})"
-
-    def list_units(self) -> list[tuple[str, int]]:
-        from .scan import list_files
-
-        return list_files(self.location)
-
-    def weight(self, unit: tuple[str, int]) -> int:
-        return 1
-
-    def read_rows(self, units: list[tuple[str, int]]) -> Any:
-        from .scan import scan_batch
-
-        return scan_batch(units, self.storage_options)
-
-    def lost_rows(self, units: list[tuple[str, int]], reason: str) -> list[dict]:
-        from .scan import lost_rows
-
-        return lost_rows(units, reason)
-
-    def fetch(self, urls: Sequence[str]) -> list[Instance]:
-        """Whole-file bytes for each URL (local paths read directly; object storage fetched concurrently)."""
-        urls = list(urls)
-        if not urls:
-            return []
-        if all("://" not in u or u.startswith("file://") for u in urls):
-            out: list[Instance] = []
-            for u in urls:
-                try:
-                    with open(u[7:] if u.startswith("file://") else u, "rb") as fh:
-                        out.append(fh.read())
-                except OSError as exc:
-                    out.append(exc)
-            return out
-        fs = Location.of(urls[0], self.storage_options).fs
-        paths = [fs._strip_protocol(u) for u in urls]
-        got = fs.cat(paths, on_error="return")
-        if not isinstance(got, dict):  # a single path gives bytes
-            got = {paths[0]: got}
-        return [got.get(p, FileNotFoundError(p)) for p in paths]

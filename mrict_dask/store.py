@@ -15,6 +15,23 @@ Layout (the contract in ARCHITECTURE.md "Output store"):
 Completion: a pair is complete once its marker ``<store>/_pairs/<index>.json`` exists. The marker is written
 last, holds the store's fingerprint (a marker left by a different store is never trusted), the pair's scalars,
 the sha256 of each array's bytes as written, and the size of each object written (the cheap resume check).
+
+Growth (the store is append-only along ``pair``):
+
+- :func:`append_pairs` resizes every array whose first dimension is ``pair`` (in any group) and writes the new
+  pairs' plan variables; objects of pairs already there are never touched. The settings that change the numbers
+  (grid, template, content config) are the store's ``settings`` fingerprint: an append needs the same.
+- A pair is *retired* (:func:`retire_pair`: its inputs changed, or a better series is selected now) by noting it in
+  its marker; its objects stay, so readers opened before and pinned versions keep their bytes, and the ``status``
+  ``retired`` keeps it out of every reader of the current version. A pair is *withdrawn*
+  (:func:`withdraw_pair`: its patient withdrew consent): its marker becomes a tombstone and every object of the pair
+  is deleted (volumes, ``slice_ok``, its figure), its scalars are cleared at the next finalize.
+- Every :func:`finalize_store` that changes what the store holds records a version (:mod:`mrict_dask.versions`);
+  :func:`resolve_version` gives a version's pairs and their objects to any reader.
+
+A store's pair variables (:func:`pair_arrays`: ``PAIR_VARS`` in the root and, with native space, under ``native/``;
+by path from the root) are the one registry: markers' objects and checksums, retire and withdraw, verify, versions'
+digests iterate it (the resize on append covers every ``pair`` array of every group anyway).
 """
 
 from __future__ import annotations
@@ -37,9 +54,11 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .errors import StoreMismatchError
+from .errors import StoreMismatchError, VersionUnavailable
 from .io import Location, join
+from .lease import LEASE_DIR
 from .types import QA_KEYS, PairResult, PairSpec
+from .versions import describe_versions, latest_version, pair_digest, read_version, record_version
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +66,22 @@ STORE_FORMAT = 2  # 2: head and face masks, the native group; format 1 stores st
 MARKER_DIR = "_pairs"
 NATIVE = "native"  # the group of native patient space
 VOLUME_VARS = ("mr", "ct", "valid", "head", "face")
-PAIR_VARS = VOLUME_VARS + ("slice_ok",)  # written by the pair's own task, in each space
+PAIR_VARS: tuple[str, ...] = VOLUME_VARS + ("slice_ok",)
+"""The per-pair variables of one space: each pair's region of each is ONE object, written whole by that pair's task.
+A store's own list (:func:`pair_arrays`: these, and with native space the same under ``native/``, by path below the
+store root) is what every mechanism that handles a pair's objects iterates: the marker's objects and checksums, the
+resume check, verify, the versions' digests, retire and withdraw (deletion)."""
 PAIR_VARS_FORMAT_1 = ("mr", "ct", "valid", "slice_ok")
 CLIP_VARS = ("mr_lo", "mr_hi", "ct_lo", "ct_hi")
 AFFINE_VARS = ("mr_affine", "ct_affine")
+PLAN_STRINGS = ("pair", "patient", "split", "inputs")
+"""Per-pair strings the driver writes from the plan when a pair enters the store (and ``days_apart``)."""
 STATUS_PENDING = "pending"
+STATUS_RETIRED = "retired"
+STATUS_WITHDRAWN = "withdrawn"
+PAIR_TABLE_CHUNK = 1024
+"""Pairs per chunk of the driver's (pair,) and (pair, 4, 4) variables in a new store: appends write into the same
+chunk (one object per variable) instead of adding one small object per append."""
 # Characters the ``status`` variable holds, fixed when the store is created: finalize never has to widen (delete and
 # recreate) the variable under a reader's feet. Longer failure reasons are cut to fit, in the markers too.
 STATUS_WIDTH = 256
@@ -73,7 +103,9 @@ _DESCRIPTIONS = {
     "patient": "keyed pseudonym of the patient",
     "split": "train / val / test, by patient",
     "days_apart": "CT study date minus MR study date, in days",
-    "status": "ok, failed: <reason>, or pending (not processed yet)",
+    "status": "ok, failed: <reason>, pending (not processed yet), retired (replaced: its inputs changed or a better "
+              "series is selected; bytes kept for pinned versions) or withdrawn (the patient withdrew: data deleted)",
+    "inputs": "keyed digest of the pair's input instances (changes when a series is re-sent with other instances)",
     "head": "the head and neck with the air inside it filled, couch, headrest and pillow left out; the face region "
             "is not part of it (loss and metric mask: head & valid)",
     "face": "the face region defacing emptied (MR 0, CT -1024 HU); all false when defacing is off",
@@ -146,9 +178,22 @@ def _digest(obj: Any) -> str:
 
 
 def store_fingerprint(pair_ids: Sequence[str], grid: dict, template_sha256: str, config) -> str:
-    """What makes two runs write the same store: pairs in order, grid, template bytes, content config."""
+    """The fingerprint of stores made before they could grow: pairs in order, grid, template bytes, content config
+    (such a store's markers carry it; :func:`open_or_create_store` recognises its settings by it)."""
     return _digest({"pair_ids": list(pair_ids), "grid": grid, "template_sha256": template_sha256,
                     "config": _fingerprint_config(config)})
+
+
+def settings_fingerprint(grid: dict, template_sha256: str, config) -> str:
+    """What makes two runs compute the same numbers for a pair: grid, template bytes, content config. A store
+    grows only under the same settings."""
+    return _digest({"grid": grid, "template_sha256": template_sha256, "config": _fingerprint_config(config)})
+
+
+def _same_settings(attrs: dict, stored_ids: list[str], settings: str, grid: dict, template_sha: str, config) -> bool:
+    if "settings" in attrs:
+        return attrs["settings"] == settings
+    return attrs["fingerprint"] == store_fingerprint(stored_ids, grid, template_sha, config)
 
 
 def _read_json(loc: Location) -> dict | None:
@@ -183,7 +228,7 @@ def pair_arrays(attrs: dict) -> tuple[str, ...]:
     return tuple(attrs.get("pair_arrays") or PAIR_VARS_FORMAT_1)
 
 
-def _pair_arrays(native: bool) -> tuple[str, ...]:
+def _pair_paths(native: bool) -> tuple[str, ...]:
     return PAIR_VARS + (tuple(f"{NATIVE}/{v}" for v in PAIR_VARS) if native else ())
 
 
@@ -199,7 +244,7 @@ def _string_dtype(values: Sequence[str], width: int = 1) -> np.dtype:
     return np.dtype(f"<U{max([len(v) for v in values] + [width])}")
 
 
-def _write_strings(g, name: str, values: Sequence[str], width: int = 1) -> None:
+def _write_strings(g, name: str, values: Sequence[str], width: int = 1, chunk: int = 0) -> None:
     """(Re)create the per-pair string variable ``name`` as fixed-width unicode holding ``values``.
 
     Zarr v3 ``fixed_length_utf32`` (numpy ``<U``): xarray and zarr both read it back as a plain numpy unicode
@@ -210,22 +255,15 @@ def _write_strings(g, name: str, values: Sequence[str], width: int = 1) -> None:
 
     dtype = _string_dtype(values, width)
     a = g.create_array(name, shape=(len(values),), dtype=dtype, fill_value="", dimension_names=("pair",),
-                       chunks=(max(len(values), 1),), compressors=ZstdCodec(level=ZSTD_LEVEL),
+                       chunks=(max(len(values), chunk, 1),), compressors=ZstdCodec(level=ZSTD_LEVEL),
                        attributes={"description": _DESCRIPTIONS.get(name, name)}, overwrite=True)
     if len(values):
         a[:] = np.asarray(values, dtype=dtype)
 
 
-def _describe_differences(attrs: dict, stored_ids: list[str], pair_ids: list[str], grid: dict,
-                          template_sha: str, config) -> list[str]:
+def _describe_differences(attrs: dict, grid: dict, template_sha: str, config) -> list[str]:
+    """The settings that differ between a store and a run (grid, template, content config keys)."""
     diffs = []
-    if stored_ids != pair_ids:
-        if len(stored_ids) != len(pair_ids):
-            diffs.append(f"pairs: the store holds {len(stored_ids)}, the plan has {len(pair_ids)}")
-        else:
-            first = next(i for i, (a, b) in enumerate(zip(stored_ids, pair_ids)) if a != b)
-            diffs.append(f"pairs: pair_id at index {first} is {stored_ids[first]} in the store, {pair_ids[first]} "
-                         "in the plan")
     if attrs.get("grid") != grid:
         diffs.append(f"grid: store {attrs.get('grid')} vs {grid}")
     if attrs.get("template", {}).get("sha256") != template_sha:
@@ -249,15 +287,14 @@ def _describe_differences(attrs: dict, stored_ids: list[str], pair_ids: list[str
 
 def open_or_create_store(url: str | Location, pairs: Sequence[PairSpec], template, config,
                          storage_options: dict | None = None, attrs: dict | None = None) -> None:
-    """Create the store's metadata and plan-derived variables once (driver side), or accept an identical one.
+    """Create the store's metadata and plan-derived variables once (driver side), or accept and grow an existing one.
 
-    An existing store with the same fingerprint is reused (resume). Anything else at ``url`` raises
-    :class:`StoreMismatchError` naming what differs: a different store is never overwritten. A store whose
-    creation was interrupted (no fingerprint yet, so no pair can have been written) is created anew.
+    An existing store made with the same settings (grid, template, content config) is reused: the given pairs
+    whose index it already holds must be its pairs (same pair_id at the same index), and pairs beyond its last
+    index are appended (:func:`append_pairs`). Anything else at ``url`` raises :class:`StoreMismatchError` naming
+    what differs: a different store is never overwritten. A store whose creation was interrupted (no fingerprint
+    yet, so no pair can have been written) is created anew.
     """
-    import zarr
-    from zarr.codecs import BloscCodec, ZstdCodec
-
     pairs = sorted(pairs, key=lambda p: p.index)
     if [p.index for p in pairs] != list(range(len(pairs))):
         raise ValueError("pair indices must be 0..n-1 without gaps")
@@ -265,28 +302,57 @@ def open_or_create_store(url: str | Location, pairs: Sequence[PairSpec], templat
     if len(set(pair_ids)) != len(pair_ids):
         raise ValueError("pair_ids must be unique")
     grid = template.grid
-    fingerprint = store_fingerprint(pair_ids, grid, template.sha256, config)
+    settings = settings_fingerprint(grid, template.sha256, config)
     store = Location.of(url, storage_options)
     url = store.url
     store.fs.invalidate_cache()
-    node = _read_json(store.join("zarr.json"))
+    node = check_output(store)
     if node is not None:
         old = node.get("attributes", {})
-        if "mrict_dask_store" not in old:
-            raise StoreMismatchError(f"{url} already holds a Zarr hierarchy that is not an mrict-dask store; "
-                                     "choose another output URL")
         if "fingerprint" in old:
-            if old["fingerprint"] == fingerprint:
-                log.info("resuming the existing store at %s (same pairs, grid, template and config)", url)
-                return
             stored_ids = _read_pair_ids(store)
-            diffs = _describe_differences(old, stored_ids, pair_ids, grid, template.sha256, config)
-            raise StoreMismatchError(f"{url} holds a different store ({'; '.join(diffs)}); use a new output URL "
-                                     "or delete the old store")
+            if not _same_settings(old, stored_ids, settings, grid, template.sha256, config):
+                diffs = _describe_differences(old, grid, template.sha256, config)
+                raise StoreMismatchError(f"{url} holds a different store, made with other settings "
+                                         f"({'; '.join(diffs)}); use a new output URL or delete the old store")
+            for p in pairs[:len(stored_ids)]:
+                if p.pair_id != stored_ids[p.index]:
+                    raise StoreMismatchError(f"{url} holds a different store (pairs: pair_id at index {p.index} is "
+                                             f"{stored_ids[p.index]} in the store, {p.pair_id} in the plan); use a "
+                                             "new output URL or delete the old store")
+            if "settings" not in old:  # a store from before stores could grow: its settings are known now
+                _update_root_attrs(store, {"settings": settings})
+            if len(pairs) > len(stored_ids):
+                append_pairs(store, pairs[len(stored_ids):])
+            else:
+                log.info("resuming the existing store at %s (same grid, template and config)", url)
+            return
         log.warning("the store at %s was not completely created; creating it again", url)
-    elif store.exists() and store.fs.ls(store.path):
-        raise StoreMismatchError(f"{url} exists and is not empty, and is not an mrict-dask store; "
-                                 "choose another output URL")
+    _create(store, pairs, template, config, settings, attrs or {})
+
+
+def check_output(store: Location) -> dict | None:
+    """The root node (zarr.json) of the mrict-dask store at ``store``, or None when nothing (or only a writer's
+    lease) is there; :class:`StoreMismatchError` when the URL holds anything else."""
+    node = _read_json(store.join("zarr.json"))
+    if node is not None:
+        if "mrict_dask_store" not in node.get("attributes", {}):
+            raise StoreMismatchError(f"{store.url} already holds a Zarr hierarchy that is not an mrict-dask store; "
+                                     "choose another output URL")
+        return node
+    if store.exists():
+        entries = [p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.path, detail=False)]
+        if [e for e in entries if e != LEASE_DIR]:
+            raise StoreMismatchError(f"{store.url} exists and is not empty, and is not an mrict-dask store; "
+                                     "choose another output URL")
+    return None
+
+
+def _create(store: Location, pairs: Sequence[PairSpec], template, config, settings: str, attrs: dict) -> None:
+    import uuid
+
+    import zarr
+    from zarr.codecs import BloscCodec, ZstdCodec
 
     n = len(pairs)
     z, y, x = template.shape_zyx
@@ -298,7 +364,7 @@ def open_or_create_store(url: str | Location, pairs: Sequence[PairSpec], templat
         "title": "Paired brain MR/CT in template space (mrict-dask)",
         "mrict_dask_version": __version__,
         "template": {"name": template.name, "sha256": template.sha256},
-        "grid": grid,
+        "grid": template.grid,
         "axes": "arrays are (z, y, x) = SimpleITK GetArrayFromImage order of the grid; "
                 "TransformIndexToPhysicalPoint((x, y, z)) gives LPS mm",
         "percentiles": _percentiles_attr(config),
@@ -308,18 +374,21 @@ def open_or_create_store(url: str | Location, pairs: Sequence[PairSpec], templat
                            if config.deface.enabled else
                            "DEFACING OFF: faces are in the volumes; for in-house use only, never share this store"},
         "native": {"group": NATIVE, "size": native_size, "spacing": [native_spacing] * 3} if native else None,
-        "pair_arrays": list(_pair_arrays(native)),
-        **(attrs or {}),
+        "pair_arrays": list(_pair_paths(native)),
+        **attrs,
     }
+    # markers are trusted by this store only: its settings plus a token of its own
+    fingerprint = _digest({"settings": settings, "store": uuid.uuid4().hex})
     zstd = ZstdCodec(level=ZSTD_LEVEL)
-    c1 = max(n, 1)
+    c1 = max(n, PAIR_TABLE_CHUNK)
+    _clear(store)
     with _quiet():
-        g = zarr.open_group(zarr_store(store), mode="w", zarr_format=3, attributes=root_attrs)
+        g = zarr.open_group(zarr_store(store), mode="a", zarr_format=3, attributes=root_attrs)
 
         def arr(name, shape, dims, dtype, fill, compressor=zstd, **kw):
             return g.create_array(name, shape=shape, dtype=dtype, fill_value=fill, dimension_names=dims,
                                   compressors=compressor, attributes={"description": _DESCRIPTIONS.get(name, name)},
-                                  **kw)
+                                  overwrite=True, **kw)
 
         def volumes(group, prefix: str, shape_zyx) -> None:
             nz, ny, nx = shape_zyx
@@ -339,10 +408,9 @@ def open_or_create_store(url: str | Location, pairs: Sequence[PairSpec], templat
             arr(name, (n,), ("pair",), "float32", np.nan, chunks=(c1,))
         for name in AFFINE_VARS:
             arr(name, (n, 4, 4), ("pair", "row", "col"), "float64", np.nan, chunks=(c1, 4, 4))
-        strings = {"pair": pair_ids, "patient": [p.patient for p in pairs], "split": [p.split for p in pairs],
-                   "status": [STATUS_PENDING] * n}
-        for name, values in strings.items():
-            _write_strings(g, name, values, STATUS_WIDTH if name == "status" else 1)
+        for name, values in _plan_strings(pairs).items():
+            _write_strings(g, name, values, _STRING_WIDTH[name], c1)
+        _write_strings(g, "status", [STATUS_PENDING] * n, STATUS_WIDTH, c1)
         days = arr("days_apart", (n,), ("pair",), "int32", 0, chunks=(c1,))
         if n:
             days[:] = np.array([p.days_apart for p in pairs], dtype=np.int32)
@@ -361,22 +429,128 @@ def open_or_create_store(url: str | Location, pairs: Sequence[PairSpec], templat
             for name in CLIP_VARS:
                 ng.create_array(name, shape=(n,), dtype="float32", fill_value=np.nan, dimension_names=("pair",),
                                 compressors=zstd, chunks=(c1,), attributes={"description": _DESCRIPTIONS[name]})
-            for name, values in strings.items():
-                if name in ("pair", "split", "status"):
-                    _write_strings(ng, name, values, STATUS_WIDTH if name == "status" else 1)
+            # finalize copies the status here: xr.open_zarr(url, group="native") tells ok pairs on its own
+            _write_strings(ng, "status", [STATUS_PENDING] * n, STATUS_WIDTH, c1)
         # the fingerprint goes in last: a store without it was interrupted while being created
-        g.update_attributes({"fingerprint": fingerprint, "n_pairs": n})
+        g.update_attributes({"fingerprint": fingerprint, "settings": settings, "n_pairs": n})
         zarr.consolidate_metadata(g.store)
-    log.info("created store %s: %d pairs on a %dx%dx%d grid", url, n, x, y, z)
+    log.info("created store %s: %d pairs on a %dx%dx%d grid", store.url, n, x, y, z)
 
 
-def _read_pair_ids(store: Location) -> list[str]:
+_STRING_WIDTH = {"pair": 32, "patient": 24, "split": 8, "inputs": 16}
+"""Characters the plan's string variables hold when created (wider values widen the variable once)."""
+
+
+def _plan_strings(pairs: Sequence[PairSpec]) -> dict[str, list[str]]:
+    return {"pair": [p.pair_id for p in pairs], "patient": [p.patient for p in pairs],
+            "split": [p.split for p in pairs], "inputs": [getattr(p, "inputs", "") or "" for p in pairs]}
+
+
+def _clear(store: Location) -> None:
+    """Remove everything a store creation left behind, except the lease of the writer creating it."""
+    if not store.exists():
+        return
+    for path in store.fs.ls(store.path, detail=False):
+        if path.rstrip("/").rsplit("/", 1)[-1] != LEASE_DIR:
+            store.fs.rm(path, recursive=True)
+    store.fs.invalidate_cache()
+
+
+def _update_root_attrs(store: Location, values: dict) -> None:
     import zarr
 
     with _quiet():
+        g = zarr.open_group(zarr_store(store), mode="r+", use_consolidated=False)
+        g.update_attributes(values)
+        zarr.consolidate_metadata(g.store)
+
+
+def _read_pair_ids(store: Location) -> list[str]:
+    return pair_table(store, ("pair",))["pair"]
+
+
+def pair_table(url: str | Location, names: Sequence[str] = ("pair", "patient", "split", "inputs", "status"),
+               storage_options: dict | None = None) -> dict[str, list[str]]:
+    """The store's per-pair strings, read straight from the arrays (not the consolidated metadata: a driver's
+    view just after it changed them). An absent variable (``inputs`` in a store from before growth) reads as ""."""
+    import zarr
+
+    store = Location.of(url, storage_options)
+    out: dict[str, list[str]] = {}
+    with _quiet():
         g = zarr.open_group(zarr_store(store, read_only=True), mode="r", use_consolidated=False)
-        a = g["pair"]
-        return [str(v) for v in a[:]] if a.shape[0] else []
+        n = int(g.attrs.get("n_pairs", g["pair"].shape[0]))
+        for name in names:
+            if name not in g:
+                out[name] = [""] * n
+                continue
+            a = g[name]
+            out[name] = [str(v) for v in a[:n]] if n else []
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- append
+def _pair_arrays(g) -> list:
+    """Every array of the hierarchy whose first dimension is ``pair`` (sub-groups included)."""
+    import zarr
+
+    out = []
+    for _, node in g.members(max_depth=None):
+        if isinstance(node, zarr.Array) and (node.metadata.dimension_names or (None,))[0] == "pair":
+            out.append(node)
+    return out
+
+
+def _put_strings(g, name: str, start: int, values: Sequence[str], width: int) -> None:
+    """Write ``values`` at ``start..`` of the string variable ``name`` (already as long as needed); a variable too
+    narrow for them is widened once (created again with every value), a missing one is created ("" before)."""
+    if name in g:
+        a = g[name]
+        if a.dtype.kind != "U" or _string_dtype(values).itemsize <= a.dtype.itemsize:
+            if len(values):
+                a[start:start + len(values)] = np.asarray(values, dtype=a.dtype if a.dtype.kind == "U" else object)
+            return
+        old = [str(v) for v in a[:start]] if start else []
+        chunk = a.chunks[0]
+        width = max(width, a.dtype.itemsize // 4)
+    else:
+        old, chunk = [""] * start, max(start + len(values), PAIR_TABLE_CHUNK)
+    _write_strings(g, name, list(old) + list(values), width, chunk)
+
+
+def append_pairs(url: str | Location, pairs: Sequence[PairSpec], storage_options: dict | None = None) -> None:
+    """Append ``pairs`` (indices ``n_pairs``, ``n_pairs + 1``, ... of the store) along ``pair`` (driver only).
+
+    Every array whose first dimension is ``pair`` is resized (metadata only: no object of an existing pair is
+    read or written), the new pairs' plan variables are written (status ``pending``), then ``n_pairs``. Readers
+    that opened the store before keep their view; a driver killed in between appends again the same way (a re-run
+    plans the same pairs), or anew when the plan changed meanwhile (slots past ``n_pairs`` are not trusted).
+    """
+    import zarr
+
+    store = Location.of(url, storage_options)
+    attrs = _root_attrs(store)
+    n = int(attrs["n_pairs"])
+    pairs = sorted(pairs, key=lambda p: p.index)
+    if [p.index for p in pairs] != list(range(n, n + len(pairs))):
+        raise ValueError(f"appended pairs must take the indices {n}.. in order")
+    taken = set(_read_pair_ids(store))
+    clash = [p.pair_id for p in pairs if p.pair_id in taken]
+    if clash or len({p.pair_id for p in pairs}) != len(pairs):
+        raise ValueError(f"pair_ids must be new to the store: {', '.join(clash[:3])}")
+    m = n + len(pairs)
+    with _quiet():
+        g = zarr.open_group(zarr_store(store), mode="r+", use_consolidated=False)
+        for a in _pair_arrays(g):
+            if a.shape[0] != m:
+                a.resize((m, *a.shape[1:]))
+        for name, values in _plan_strings(pairs).items():
+            _put_strings(g, name, n, values, _STRING_WIDTH[name])
+        _put_strings(g, "status", n, [STATUS_PENDING] * len(pairs), STATUS_WIDTH)
+        g["days_apart"][n:m] = np.array([p.days_apart for p in pairs], dtype=np.int32)
+        g.update_attributes({"n_pairs": m})
+        zarr.consolidate_metadata(g.store)
+    log.info("appended %d pairs to %s (%d -> %d)", len(pairs), store.url, n, m)
 
 
 # ----------------------------------------------------------------------------------------------- write
@@ -403,7 +577,7 @@ def _handle(store: Location) -> _Handle:
     import zarr
 
     attrs = _root_attrs(store)
-    key = (store, attrs["fingerprint"], os.getpid())
+    key = (store, attrs["fingerprint"], int(attrs["n_pairs"]), os.getpid())  # an append makes a new handle
     with _handles_lock:
         h = _handles.get(key)
         if h is not None:
@@ -550,11 +724,12 @@ def _object_sizes(store: Location, names: Sequence[str]) -> dict[str, int]:
 
 
 def completed_pairs(url: str | Location, storage_options: dict | None = None, check: bool = True) -> dict[int, dict]:
-    """index -> marker of every pair that is done (ok or failed) in THIS store.
+    """index -> marker of every pair that is done (ok, failed, retired or withdrawn) in THIS store.
 
-    Markers carrying another store's fingerprint are ignored. With ``check`` (the default, cheap: one listing
-    per variable), an ok marker also needs each of its objects present with the size it recorded; otherwise
-    the pair counts as not done and will be rewritten. :func:`verify_store` recomputes the checksums.
+    Markers carrying another store's fingerprint, or naming another pair than the store holds at their index, are
+    ignored. With ``check`` (the default, cheap: one listing per variable), an ok marker also needs each of its
+    objects present with the size it recorded; otherwise the pair counts as not done and will be rewritten.
+    :func:`verify_store` recomputes the checksums.
     """
     store = Location.of(url, storage_options)
     attrs = _root_attrs(store)
@@ -562,11 +737,15 @@ def completed_pairs(url: str | Location, storage_options: dict | None = None, ch
     for name, reason in bad:
         log.warning("%s: %s (the pair will be redone)", name, reason)
     names = pair_arrays(attrs)
+    ids = _read_pair_ids(store) if markers else []
     sizes = _object_sizes(store, names) if check else {}
     out = {}
     for idx, m in markers.items():
         if m.get("fingerprint") != attrs["fingerprint"] or idx >= int(attrs["n_pairs"]):
             log.warning("marker %d belongs to a different store; the pair will be redone", idx)
+            continue
+        if m.get("pair_id") != ids[idx]:
+            log.warning("marker %d names another pair than the store holds there; the pair will be redone", idx)
             continue
         if check and m.get("status") == "ok":
             objs = m.get("objects", {})
@@ -580,11 +759,101 @@ def completed_pairs(url: str | Location, storage_options: dict | None = None, ch
     return out
 
 
-# ----------------------------------------------------------------------------------------------- finalize
-def finalize_store(url: str | Location, storage_options: dict | None = None) -> None:
-    """Write status, clip bounds, affines and QA from the markers (driver only), then consolidate metadata.
+def pair_state(marker: dict | None) -> str:
+    """A pair's status as the store shows it, from its marker: ``pending`` (no marker), ``ok``, ``failed: ...``,
+    ``retired`` or ``withdrawn``."""
+    if marker is None:
+        return STATUS_PENDING
+    if marker.get("status") == STATUS_WITHDRAWN:
+        return STATUS_WITHDRAWN
+    if marker.get("retired"):
+        return STATUS_RETIRED
+    return _fit(str(marker.get("status")))
 
-    Idempotent: pairs without a (trusted) marker are ``pending``.
+
+# ----------------------------------------------------------------------------------------------- retire, withdraw
+def retire_pair(url: str | Location, index: int, pair_id: str, reason: str, by: Sequence[str] = (),
+                storage_options: dict | None = None) -> None:
+    """Retire pair ``index`` (driver only): its marker says so, its objects stay (readers opened before and
+    versions that hold it keep their bytes); from the next finalize its status is ``retired``."""
+    store = Location.of(url, storage_options)
+    marker = _read_json(_marker(store, index))
+    attrs = _root_attrs(store)
+    if pair_state(marker) in (STATUS_RETIRED, STATUS_WITHDRAWN):
+        return
+    if marker is None or marker.get("fingerprint") != attrs["fingerprint"] or marker.get("pair_id") != pair_id:
+        # never computed (or computed by nobody this store trusts): nothing of it is kept
+        marker = {"format": STORE_FORMAT, "index": index, "pair_id": pair_id, "status": STATUS_PENDING,
+                  "fingerprint": attrs["fingerprint"]}
+        for key in _pair_keys(store, index).values():
+            store.join(key).remove()
+    marker["retired"] = {"reason": reason, "by": list(by)}
+    _marker(store, index).write_bytes(json.dumps(marker, sort_keys=True, indent=1).encode(), durable=True)
+
+
+def withdraw_pair(url: str | Location, index: int, pair_id: str, storage_options: dict | None = None) -> list[str]:
+    """Withdraw pair ``index`` (driver only): its marker becomes a tombstone (status ``withdrawn``, no checksums,
+    scalars or figure), then every object of the pair is deleted: each pair variable's object and its figure. Its
+    scalars are cleared by the next finalize. Idempotent (a withdrawal cut short is completed by running it again).
+    Returns the keys it deleted."""
+    store = Location.of(url, storage_options)
+    attrs = _root_attrs(store)
+    tomb = {"format": STORE_FORMAT, "index": index, "pair_id": pair_id, "status": STATUS_WITHDRAWN,
+            "fingerprint": attrs["fingerprint"]}
+    _marker(store, index).write_bytes(json.dumps(tomb, sort_keys=True, indent=1).encode(), durable=True)
+    store.fs.invalidate_cache()
+    keys = [k for k in (*_pair_keys(store, index).values(), f"{MARKER_DIR}/{index}.png") if store.join(k).exists()]
+    for key in keys:
+        store.join(key).remove()
+    store.fs.invalidate_cache()
+    return keys
+
+
+def purge_withdrawn(url: str | Location, indices: Sequence[int], storage_options: dict | None = None) -> int:
+    """Delete whatever is left of withdrawn pairs ``indices`` (a withdrawal cut short); the number of objects."""
+    store = Location.of(url, storage_options)
+    if not indices:
+        return 0
+    sizes = _object_sizes(store, pair_arrays(_root_attrs(store)))
+    figures = {p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(store.join(MARKER_DIR).path, detail=False)}
+    n = 0
+    for i in indices:
+        left = [k for k in _pair_keys(store, i).values() if k in sizes]
+        left += [f"{MARKER_DIR}/{i}.png"] if f"{i}.png" in figures else []
+        for key in left:
+            store.join(key).remove()
+        n += len(left)
+    if n:
+        log.warning("deleted %d objects a cut-short withdrawal had left in %s", n, store.url)
+    return n
+
+
+def root_attrs(url: str | Location, storage_options: dict | None = None) -> dict:
+    """The store's root attributes, read afresh."""
+    return _root_attrs(Location.of(url, storage_options))
+
+
+def update_root_attrs(url: str | Location, values: dict, storage_options: dict | None = None) -> None:
+    _update_root_attrs(Location.of(url, storage_options), values)
+
+
+def _pair_keys(store: Location, index: int) -> dict[str, str]:
+    """The key (below the store root) of pair ``index``'s object of each of the store's pair variables."""
+    import zarr
+
+    names = pair_arrays(_root_attrs(store))
+    with _quiet():
+        g = zarr.open_group(zarr_store(store, read_only=True), mode="r", use_consolidated=False)
+        return {name: _key_fn(name, g[name])(index) for name in names}
+
+
+# ----------------------------------------------------------------------------------------------- finalize
+def finalize_store(url: str | Location, storage_options: dict | None = None) -> dict | None:
+    """Write status, clip bounds, affines and QA from the markers (driver only), record a version when what the
+    store holds changed, then consolidate metadata. Returns the new version's manifest (None: nothing changed).
+
+    Idempotent: pairs without a (trusted) marker are ``pending``; a withdrawn pair's scalars and ``days_apart``
+    are cleared.
     """
     import zarr
 
@@ -592,8 +861,7 @@ def finalize_store(url: str | Location, storage_options: dict | None = None) -> 
     attrs = _root_attrs(store)
     n = int(attrs["n_pairs"])
     markers = completed_pairs(store)
-    status = np.array([_fit(markers[i]["status"]) if i in markers else STATUS_PENDING for i in range(n)],
-                      dtype=object)
+    status = np.array([pair_state(markers.get(i)) for i in range(n)], dtype=object)
     scal = {k: np.full(n, np.nan, np.float32) for k in CLIP_VARS + tuple(QA_KEYS)}
     aff = {k: np.full((n, 4, 4), np.nan, np.float64) for k in AFFINE_VARS + ("native_affine",)}
     for i, m in markers.items():
@@ -604,9 +872,11 @@ def finalize_store(url: str | Location, storage_options: dict | None = None) -> 
         for k in aff:
             if m.get(k) is not None:
                 aff[k][i] = np.array([[_from_json_float(v) for v in row] for row in m[k]], np.float64)
-    counts = Counter("ok" if s == "ok" else ("pending" if s == STATUS_PENDING else "failed") for s in status)
-    content = hashlib.sha256(json.dumps([[i, markers[i].get("status"), markers[i].get("checksum")]
+    counts = Counter("failed" if s.startswith("failed") else s for s in status)
+    content = hashlib.sha256(json.dumps([[i, pair_state(markers[i]), markers[i].get("checksum")]
                                          for i in sorted(markers)], sort_keys=True).encode()).hexdigest()
+    table = pair_table(store, ("pair", "patient", "split", "inputs")) if n else \
+        {"pair": [], "patient": [], "split": [], "inputs": []}
     with _quiet():
         g = zarr.open_group(zarr_store(store), mode="r+", use_consolidated=False)
         if n:
@@ -616,21 +886,129 @@ def finalize_store(url: str | Location, storage_options: dict | None = None) -> 
                 _write_strings(g, "status", list(status), STATUS_WIDTH)
                 zarr.consolidate_metadata(g.store)
             else:  # wide enough, or a store written before fixed-width strings (variable-length `string`)
-                old[:] = status
+                old[:n] = status
             for k, v in scal.items():
-                g[k][:] = v
+                g[k][:n] = v
             for k in AFFINE_VARS:
-                g[k][:] = aff[k]
+                g[k][:n] = aff[k]
             if attrs.get("native"):  # the native group's copies: it reads on its own (xr.open_zarr(group=...))
                 ng = g[NATIVE]
-                ng["status"][:] = status
-                ng["affine"][:] = aff["native_affine"]
+                ng["status"][:n] = status
+                ng["affine"][:n] = aff["native_affine"]
                 for k in CLIP_VARS:
-                    ng[k][:] = scal[k]
+                    ng[k][:n] = scal[k]
+            gone = np.flatnonzero(status == STATUS_WITHDRAWN)
+            if gone.size:  # facts about the patient's studies and files go with the data
+                days = np.asarray(g["days_apart"][:n])
+                if days[gone].any():
+                    days[gone] = 0
+                    g["days_apart"][:n] = days
+                if "inputs" in g and any(table["inputs"][i] for i in gone):
+                    for i in gone:
+                        g["inputs"][int(i)] = ""
+        entries = [{"index": i, "pair_id": table["pair"][i], "patient": table["patient"][i],
+                    "split": table["split"][i], "status": str(status[i]), "digest": pair_digest(markers.get(i))}
+                   for i in range(n)]
+        version = record_version(store, entries, content, attrs["fingerprint"])
+        latest = version["id"] if version else (attrs.get("version") or _latest_id(store))
         g.update_attributes({"pairs_ok": counts["ok"], "pairs_failed": counts["failed"],
-                             "pairs_pending": counts["pending"], "content_digest": content})
+                             "pairs_pending": counts[STATUS_PENDING], "pairs_retired": counts[STATUS_RETIRED],
+                             "pairs_withdrawn": counts[STATUS_WITHDRAWN], "content_digest": content,
+                             "version": latest})
         zarr.consolidate_metadata(g.store)
-    log.info("finalized %s: %d ok, %d failed, %d pending", store.url, counts["ok"], counts["failed"], counts["pending"])
+    log.info("finalized %s: %d ok, %d failed, %d pending, %d retired, %d withdrawn", store.url, counts["ok"],
+             counts["failed"], counts[STATUS_PENDING], counts[STATUS_RETIRED], counts[STATUS_WITHDRAWN])
+    return version
+
+
+def _latest_id(store: Location) -> int | None:
+    m = latest_version(store)
+    return m["id"] if m else None
+
+
+# ----------------------------------------------------------------------------------------------- versions
+@dataclass(frozen=True)
+class VersionPair:
+    """One pair of a store version: where it is, what it is, and (ok pairs) the objects holding its bytes."""
+
+    index: int
+    pair_id: str
+    patient: str
+    split: str
+    status: str
+    digest: str | None  # sha256 over the checksums of its arrays (None: no data)
+    objects: dict[str, str] = field(default_factory=dict)  # pair variable path -> object key below the root
+
+
+@dataclass
+class StoreVersion:
+    """What :func:`resolve_version` gives: a version's id and time, and its pairs in index order."""
+
+    url: str
+    id: int | None  # None: a store finalized before versions were kept (its current state)
+    time: str | None
+    pairs: list[VersionPair]
+    changes: dict = field(default_factory=dict)
+
+    def ok_pairs(self, split: str | None = None) -> list[VersionPair]:
+        """The version's ok pairs (of ``split``, or all with None), in index order."""
+        return [p for p in self.pairs if p.status == "ok" and (split is None or p.split == split)]
+
+
+def resolve_version(url: str | Location, version: int | str | None = None,
+                    storage_options: dict | None = None) -> StoreVersion:
+    """The pairs of one version of the store (the latest with None) and the objects that hold their bytes.
+
+    For any reader that pins what it trained on (the loader's and ``export``'s ``version=``): every ok pair of the
+    version with its ``objects`` (one key per pair variable, below the store root; read them with the
+    store's own filesystem or through zarr at the pair's ``index``). The bytes are those the version recorded: a
+    pair's objects are never rewritten once finished, retired pairs keep theirs. Raises
+    :class:`~mrict_dask.errors.VersionUnavailable` (one line) when the version does not exist, held a pair whose
+    patient has withdrawn since (its bytes are deleted), or holds a pair whose bytes changed since (a damaged pair
+    recomputed).
+    """
+    import zarr
+
+    store = Location.of(url, storage_options)
+    attrs = _root_attrs(store)
+    latest = latest_version(store)
+    if version is None:
+        manifest = latest
+    else:
+        try:
+            manifest = read_version(store, int(version))
+        except (FileNotFoundError, ValueError):
+            known = f"versions 1 to {latest['id']}" if latest else "no versions"
+            raise VersionUnavailable(f"{store.url} has no version {version} ({known})") from None
+    with _quiet():
+        g = zarr.open_group(zarr_store(store, read_only=True), mode="r", use_consolidated=False)
+        keys = {name: _key_fn(name, g[name]) for name in pair_arrays(attrs)}
+    if manifest is None:  # finalized before versions were kept: the store as it is
+        n = int(attrs["n_pairs"])
+        table = pair_table(store, ("pair", "patient", "split", "status"))
+        entries = [{"index": i, "pair_id": table["pair"][i], "patient": table["patient"][i],
+                    "split": table["split"][i], "status": table["status"][i], "digest": None} for i in range(n)]
+        manifest = {"id": None, "time": None, "pairs": entries, "changes": {}}
+    gone = [e for e in manifest["pairs"] if e.get("withdrawn")]
+    if gone:
+        patients = sorted({e["patient"] for e in gone})
+        raise VersionUnavailable(f"version {manifest['id']} of {store.url} can no longer be served: it held "
+                                 f"{len(gone)} pair(s) of {len(patients)} patient(s) who withdrew since "
+                                 f"({', '.join(patients[:3])}{' ...' if len(patients) > 3 else ''}); their data is "
+                                 "deleted")
+    if latest is not None and manifest is not latest:
+        now = {e["index"]: e for e in latest["pairs"]}
+        moved = [e["pair_id"] for e in manifest["pairs"]
+                 if e["status"] == "ok" and now.get(e["index"], {}).get("digest") != e.get("digest")]
+        if moved:
+            raise VersionUnavailable(f"version {manifest['id']} of {store.url} can no longer be served: the bytes "
+                                     f"of {len(moved)} of its pairs changed since ({', '.join(moved[:3])})")
+    pairs = [VersionPair(index=e["index"], pair_id=e["pair_id"], patient=e["patient"], split=e["split"],
+                         status=e["status"], digest=e.get("digest"),
+                         objects={name: k(e["index"]) for name, k in keys.items()} if e["status"] == "ok" else {})
+             for e in manifest["pairs"]]
+    return StoreVersion(url=store.url, id=manifest["id"], time=manifest["time"], pairs=pairs,
+                        changes=manifest.get("changes", {}))
 
 
 # ----------------------------------------------------------------------------------------------- verify
@@ -700,15 +1078,19 @@ def verify_store(url: str | Location, storage_options: dict | None = None) -> Ve
         if m.get("pair_id") != pair_ids[i]:
             report.torn.append((i, f"marker names pair {m.get('pair_id')}, the store has {pair_ids[i]}"))
             continue
-        if status[i] == STATUS_PENDING:
+        state = pair_state(m)
+        if status[i] == STATUS_PENDING and state != STATUS_PENDING:
             unfinalized += 1
-        elif status[i] != _fit(str(m.get("status"))):
-            report.torn.append((i, f"status variable {status[i]!r} disagrees with the marker {m.get('status')!r}"))
+        elif status[i] != state:
+            report.torn.append((i, f"status variable {status[i]!r} disagrees with the marker {state!r}"))
             continue
         if m.get("status") != "ok":
             leftover = [name for name in names if keys[name](i) in sizes]
+            if state == STATUS_WITHDRAWN and store.join(MARKER_DIR, f"{i}.png").exists():
+                leftover.append("its figure")
             if leftover:
-                report.torn.append((i, f"failed pair still holds data in {', '.join(leftover)}"))
+                what = "withdrawn" if state == STATUS_WITHDRAWN else "failed" if state.startswith("failed") else state
+                report.torn.append((i, f"{what} pair still holds data in {', '.join(leftover)}"))
             continue
         problems = []
         for name in names:
@@ -765,7 +1147,9 @@ def inspect_store(url: str | Location, png: str | None = None, storage_options: 
         f"  grid {'x'.join(map(str, grid['size']))} voxels (x, y, z), spacing {grid['spacing']} mm, "
         f"origin {grid['origin']}",
         f"pairs: {n} (ok {int(ok.sum())}, failed {int(sum(s.startswith('failed') for s in status))}, "
-        f"pending {int((status == STATUS_PENDING).sum())})",
+        f"pending {int((status == STATUS_PENDING).sum())}"
+        + "".join(f", {s} {int((status == s).sum())}" for s in (STATUS_RETIRED, STATUS_WITHDRAWN)
+                  if (status == s).any()) + ")",
     ]
     pending_done = sum(1 for i, s in enumerate(status) if s == STATUS_PENDING and i in markers)
     if pending_done:
@@ -790,6 +1174,7 @@ def inspect_store(url: str | Location, png: str | None = None, storage_options: 
                 lines.append(f"  {k:<16}{v.min():>10.4g}{np.median(v):>10.4g}{v.max():>10.4g}")
             else:
                 lines.append(f"  {k:<16}{'n/a':>10}")
+    lines += describe_versions(store)
     if png:
         shown = _montage(store, png, ok, slice_ok, split, grid)
         lines.append(f"montage of {shown} random slice pairs written to {png}" if shown

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+Instance = Any
+"""What a source's ``fetch`` gives for one URL: the bytes of a DICOM file, a data set already parsed from them
+(pydicom ``Dataset``), or the exception that stopped it (transient ones are retried by the caller)."""
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,7 @@ class PairSpec:
     ct_files: tuple[str, ...] = field(repr=False)  # URLs of the chosen CT stack's files
     mr_series_uid: str = field(default="", repr=False)  # private: for the plan and export only
     ct_series_uid: str = field(default="", repr=False)
+    inputs: str = ""  # keyed digest of the input instances (PHI-free): changes when a series is re-sent
 
 
 @dataclass

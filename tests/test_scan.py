@@ -505,7 +505,9 @@ def test_s3_single_file_and_missing(written, s3):
 def test_local_cluster_gives_the_serial_catalog(written, client):
     root, _ = written
     serial = scan(str(root))
-    distributed = scan(str(root), executor=client, batch_size=4)
+    from mrict_dask.orchestrate import as_executor
+
+    distributed = scan(str(root), executor=as_executor(client), batch_size=4)
     pd.testing.assert_frame_equal(distributed, serial)
     assert distributed.attrs["bytes_read"] == serial.attrs["bytes_read"]
 

@@ -118,6 +118,7 @@ def test_scan_under_read_faults_equals_the_fault_free_scan(s3, dicom_folder, fau
 
 
 def test_scan_on_a_cluster_under_read_faults(s3, dicom_folder, fault_log, client):
+    from mrict_dask.orchestrate import as_executor
     from mrict_dask.scan import scan
 
     client.register_plugin(faulty_fs.RegisterFaultyFS())
@@ -127,7 +128,7 @@ def test_scan_on_a_cluster_under_read_faults(s3, dicom_folder, fault_log, client
     # without a read fault; scan again with another seed until one was injected (every scan must be equal)
     for seed in range(2, 8):
         so = faulty_options(s3.storage_options, rate=RATE, ops=("read", "meta"), log=fault_log, seed=seed)
-        got = scan(to_faulty(url), storage_options=so, executor=client, batch_size=4)
+        got = scan(to_faulty(url), storage_options=so, executor=as_executor(client), batch_size=4)
         _same_catalog(truth, got)
         if faults_injected(fault_log)["read"] > 0:
             break

@@ -360,8 +360,6 @@ def test_a_different_store_at_the_same_url_is_refused(tmp_path):
     with pytest.raises(StoreMismatchError, match=r"normalize\.mr_percentiles"):
         other = dataclasses.replace(CONFIG, normalize=NormalizeConfig(mr_percentiles=(2.0, 98.0)))
         store.open_or_create_store(url, pairs, t, other)
-    with pytest.raises(StoreMismatchError, match="pairs"):
-        store.open_or_create_store(url, make_pairs(4), t, CONFIG)
     swapped = [dataclasses.replace(pairs[1], index=0), dataclasses.replace(pairs[0], index=1), pairs[2]]
     with pytest.raises(StoreMismatchError, match="index 0"):
         store.open_or_create_store(url, swapped, t, CONFIG)
@@ -371,6 +369,10 @@ def test_a_different_store_at_the_same_url_is_refused(tmp_path):
         store.open_or_create_store(url, pairs, small_template(size=(12, 10, 8)), CONFIG)
     # same plan again, even with other scheduling settings: resume, data kept
     store.open_or_create_store(url, pairs, t, dataclasses.replace(CONFIG, run=RunConfig(window=7, retries=5)))
+    assert list(store.completed_pairs(url)) == [0]
+    # the same settings and one pair more: the store grows, what it held is kept
+    store.open_or_create_store(url, make_pairs(4), t, CONFIG)
+    assert store.pair_table(url)["pair"] == [p.pair_id for p in make_pairs(4)]
     assert list(store.completed_pairs(url)) == [0]
 
 
