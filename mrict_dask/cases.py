@@ -22,6 +22,7 @@ case counted as finished. Files a user added to a case folder (``sct.nii.gz``) a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import hashlib
@@ -38,7 +39,7 @@ from .errors import InputError
 from .executor import Executor, SerialExecutor
 from .io import Location
 from .progress import Progress
-from .spaces import Geometry, StoreSpace, ct_hu, open_space, pair_table, select_pairs
+from .spaces import Geometry, PairTable, StoreSpace, ct_hu, current_status, open_space, pair_table, select_pairs
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +179,11 @@ class ExportSummary:
     out: str
     space: str
     mask: str
+    version: int | None = None  # the store version exported (None: a store from before versions)
     written: int = 0
     skipped: int = 0  # finished before
     not_ok: list[tuple[str, str]] = field(default_factory=list)  # (pair id, status) of pairs asked for, not ok
+    removed: list[tuple[str, str]] = field(default_factory=list)  # (pair id, status) of cases taken out of OUT
     failed: list[tuple[str, str]] = field(default_factory=list)  # (pair id, reason)
 
     @property
@@ -188,13 +191,19 @@ class ExportSummary:
         return 1 if self.failed else 0
 
     def describe(self) -> str:
-        lines = [f"export {self.out} ({self.space} space): {self.written} case(s) written, {self.skipped} already "
-                 f"finished, {len(self.failed)} failed",
+        version = f"version {self.version}" if self.version is not None else "a store without versions"
+        lines = [f"export {self.out} ({self.space} space, {version}): {self.written} case(s) written, "
+                 f"{self.skipped} already finished, {len(self.failed)} failed",
                  f"  mask: {self.mask}",
                  f"  overview: {self.out.rstrip('/')}/{OVERVIEW_TABLE} and {OVERVIEW_DIR}/<pair>.png"]
         if self.not_ok:
             lines.append(f"  {len(self.not_ok)} pair(s) asked for are not ok in the store (no case written):")
             lines += [f"    {p}: {s}" for p, s in self.not_ok[:20]]
+            lines += [f"    ... and {len(self.not_ok) - 20} more"] if len(self.not_ok) > 20 else []
+        if self.removed:
+            lines.append(f"  {len(self.removed)} case(s) removed from OUT, their pairs now retired or withdrawn "
+                         "(a withdrawn pair's whole folder, files you added too):")
+            lines += [f"    {p}: {s}" for p, s in self.removed]
         return "\n".join(lines)
 
     def errors(self) -> list[str]:
@@ -202,8 +211,8 @@ class ExportSummary:
         return [f"pair {p}: {reason}" for p, reason in self.failed]
 
 
-def _finished(out: Location, space: str, fmt: str) -> dict[str, dict]:
-    """pair id -> marker of every case whose files are all there as the marker records."""
+def _markers(out: Location) -> dict[str, dict]:
+    """pair id -> marker of every case OUT holds a readable marker for (any space or format)."""
     fs = out.fs
     fs.invalidate_cache()
     root = out.path.rstrip("/")
@@ -211,45 +220,91 @@ def _finished(out: Location, space: str, fmt: str) -> dict[str, dict]:
         names = [p for p in fs.ls(f"{root}/{MARKER_DIR}", detail=False) if p.endswith(".json")]
     except FileNotFoundError:
         return {}
-    try:
-        sizes = {p[len(root) + 1:]: int(info.get("size") or 0) for p, info in fs.find(root, detail=True).items()}
-    except FileNotFoundError:
-        sizes = {}
-    out_markers = {}
+    markers = {}
     for name, blob in (fs.cat(names, on_error="return") if names else {}).items():
         try:
             if isinstance(blob, Exception):
                 raise blob
             m = json.loads(blob)
-            files = m["files"]
+            if not isinstance(m.get("files"), dict):
+                raise ValueError("no files listed")
         except Exception as exc:  # a marker torn by hand: the case is written again
             log.warning("%s: unreadable export marker (%s); the case will be written again", name.rsplit("/")[-1], exc)
             continue
-        if m.get("space") == space and m.get("format") == fmt and \
-                all(sizes.get(f["path"]) == f["size"] for f in files.values()):
-            out_markers[str(m["pair_id"])] = m
-    return out_markers
+        markers[str(m["pair_id"])] = m
+    return markers
+
+
+def _finished(out: Location, markers: dict[str, dict], space: str, fmt: str) -> dict[str, dict]:
+    """The markers of ``markers`` whose case is in ``space`` and ``fmt`` with all its files there as recorded."""
+    root = out.path.rstrip("/")
+    try:
+        sizes = {p[len(root) + 1:]: int(info.get("size") or 0) for p, info in out.fs.find(root, detail=True).items()}
+    except FileNotFoundError:
+        sizes = {}
+    return {pid: m for pid, m in markers.items() if m.get("space") == space and m.get("format") == fmt
+            and all(sizes.get(f["path"]) == f["size"] for f in m["files"].values())}
+
+
+def remove_stale_cases(out: Location, table: PairTable, now: dict[str, str], markers: dict[str, dict],
+                       ) -> list[tuple[str, str]]:
+    """Take out of OUT the cases of pairs the exported version holds as retired, or the store now holds as withdrawn
+    (a patient who withdrew consent): the files export wrote, the overview and the marker; for a withdrawn pair the
+    whole case folder, files a user added included (a prediction made from the patient's MR is the patient's data).
+    Returns (pair id, status) of each case removed."""
+    status = {pid: "withdrawn" for pid, s in now.items() if s == "withdrawn"}
+    status.update({pid: s for pid, s in zip(table.ids, table["status"]) if s == "retired"})
+    try:
+        held = {p.rstrip("/").rsplit("/", 1)[-1] for p in out.fs.ls(out.path, detail=False)}
+    except FileNotFoundError:
+        return []
+    removed = []
+    for pid, s in status.items():
+        if pid not in held and pid not in markers:
+            continue
+        out.join(MARKER_DIR, f"{pid}.json").remove()  # first: the case is no longer counted finished
+        out.join(OVERVIEW_DIR, f"{pid}.png").remove()
+        if s == "withdrawn":
+            with contextlib.suppress(FileNotFoundError):
+                out.fs.rm(out.join(pid).path, recursive=True)
+        else:
+            for name in CASE_IMAGES:
+                for fmt in FORMATS:
+                    out.join(pid, f"{name}.{fmt}").remove()
+        removed.append((pid, s))
+    if removed:
+        out.fs.invalidate_cache()
+    return removed
 
 
 def export_store(store_url: str | Location, out_url: str | Location, *, space: str | None = None, fmt: str = "nii.gz",
-                 split: str | None = None, pairs: Sequence[str] | None = None, executor: Executor | None = None,
-                 storage_options: dict | None = None, progress: bool = False) -> ExportSummary:
+                 split: str | None = None, pairs: Sequence[str] | None = None, version: int | None = None,
+                 executor: Executor | None = None, storage_options: dict | None = None,
+                 progress: bool = False) -> ExportSummary:
     """Write the ok pairs of ``store_url`` (a split, a list of pair ids, or all) as case folders under ``out_url``.
 
-    ``space``: "native", "template" or None (native when the store has it). ``executor``: where the cases are
-    written (default: a serial loop here); with a Dask executor each case is one task on the workers.
+    ``space``: "native", "template" or None (native when the store has it). ``version``: the store version whose
+    ok pairs are exported (None: the latest), through :func:`mrict_dask.store.resolve_version`: a version that held
+    a patient who withdrew since is refused in one line. Pairs not ok in it (failed, pending, retired, withdrawn)
+    are never written, and cases OUT holds of pairs retired in it or withdrawn are removed
+    (:func:`remove_stale_cases`). ``executor``: where the cases are written (default: a serial loop here); with a
+    Dask executor each case is one task on the workers.
     """
     if fmt not in FORMATS:
         raise InputError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
     store = Location.of(store_url, storage_options)
     out = Location.of(out_url, storage_options)
     sp = open_space(store, space)
-    table = pair_table(store)
+    table = pair_table(store, version)
     chosen, not_ok = select_pairs(table, split, pairs)
-    summary = ExportSummary(out=out.url, space=sp.name, mask=sp.mask_note, not_ok=not_ok)
+    summary = ExportSummary(out=out.url, space=sp.name, mask=sp.mask_note, version=table.version, not_ok=not_ok)
     sources = pair_sources(store)
-    finished = _finished(out, sp.name, fmt)
-    ids = [str(v) for v in table["pair"]]
+    markers = _markers(out)
+    summary.removed = remove_stale_cases(out, table, current_status(store), markers)
+    for pid, _ in summary.removed:
+        markers.pop(pid, None)
+    finished = _finished(out, markers, sp.name, fmt)
+    ids = table.ids
     todo = [i for i in chosen if finished.get(ids[i], {}).get("source") != sources.get(i)]
     summary.skipped = len(chosen) - len(todo)
     geometries = sp.geometries(todo)
@@ -272,7 +327,7 @@ def export_store(store_url: str | Location, out_url: str | Location, *, space: s
     return summary
 
 
-def write_overview_table(out: Location, table: dict[str, np.ndarray], markers: dict[str, dict]) -> None:
+def write_overview_table(out: Location, table: PairTable, markers: dict[str, dict]) -> None:
     """``overview.csv``: one row per finished case (this run's and earlier ones'), in store order."""
     from .types import QA_KEYS
 

@@ -293,6 +293,8 @@ selection_opts = [
     click.option("--split", default=None, metavar="train|val|test", help="Only the pairs of this split."),
     click.option("--pairs", "pair_ids", default=None, metavar="ID,ID,...|@FILE",
                  help="Only these pair ids (comma-separated, or a file with one per line)."),
+    click.option("--version", "version", type=click.IntRange(min=1), default=None, metavar="N",
+                 help="The pairs of this store version (default: the latest; `mrict-dask inspect` lists them)."),
 ]
 
 
@@ -305,7 +307,7 @@ selection_opts = [
 @_apply(cluster_opts)
 @storage_opt
 @click.pass_context
-def export_cases(ctx, store_url, out_url, space, split, pair_ids, fmt, scheduler, workers, storage_options):
+def export_cases(ctx, store_url, out_url, space, split, pair_ids, version, fmt, scheduler, workers, storage_options):
     """Write the store's ok pairs as case folders (OUT/<pair>/mr, ct in HU, mask) with an overview."""
     from .cases import export_store
     from .io import parse_storage_options
@@ -313,7 +315,7 @@ def export_cases(ctx, store_url, out_url, space, split, pair_ids, fmt, scheduler
     so = parse_storage_options(storage_options)
     with _fanout(scheduler, workers) as ex:
         summary = export_store(store_url, out_url, space=space, fmt=fmt, split=split, pairs=_pair_list(pair_ids),
-                               executor=ex, storage_options=so, progress=ctx.obj["progress"])
+                               version=version, executor=ex, storage_options=so, progress=ctx.obj["progress"])
     click.echo(summary.describe())
     _report_errors(summary.errors())
     sys.exit(summary.exit_code)
@@ -331,8 +333,8 @@ def export_cases(ctx, store_url, out_url, space, split, pair_ids, fmt, scheduler
 @_apply(cluster_opts)
 @storage_opt
 @click.pass_context
-def evaluate(ctx, store_url, predictions_url, space, split, pair_ids, out_url, tissue_hu, scheduler, workers,
-             storage_options):
+def evaluate(ctx, store_url, predictions_url, space, split, pair_ids, version, out_url, tissue_hu, scheduler,
+             workers, storage_options):
     """Score synthetic CTs (a Zarr with 'sct', or the export's folders with sct.nii.gz/.mha) against the store's CT."""
     from .errors import ConfigError
     from .evaluate import evaluate_store
@@ -347,7 +349,7 @@ def evaluate(ctx, store_url, predictions_url, space, split, pair_ids, out_url, t
     so = parse_storage_options(storage_options)
     with _fanout(scheduler, workers) as ex:
         result = evaluate_store(store_url, predictions_url, space=space, split=split, pairs=_pair_list(pair_ids),
-                                tissue_hu=thresholds, out_url=out_url, executor=ex, storage_options=so,
+                                version=version, tissue_hu=thresholds, out_url=out_url, executor=ex, storage_options=so,
                                 progress=ctx.obj["progress"])
     click.echo(result.describe())
     _report_errors(result.error_lines())

@@ -31,7 +31,7 @@ from .errors import InputError
 from .executor import Executor, SerialExecutor
 from .io import Location
 from .progress import Progress
-from .spaces import Geometry, StoreSpace, ct_hu, open_group, open_space, pair_table, select_pairs
+from .spaces import Geometry, StoreSpace, hu_values, open_group, open_space, pair_table, select_pairs
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,8 @@ def evaluate_pair(task: PairTask, space: StoreSpace, predictions: ZarrPrediction
     row: dict[str, Any] = {"pair": task.pair_id, "split": task.split}
     try:
         pred = predictions.load(task, space.shape_zyx)
-        bad = int(np.size(pred) - np.count_nonzero(np.isfinite(pred)))
-        if bad:
+        if not np.isfinite(np.sum(pred, dtype=np.float64)):  # one pass; count the culprits only when there are
+            bad = int(np.size(pred) - np.count_nonzero(np.isfinite(pred)))
             raise PredictionError(f"{bad} voxel(s) of the prediction are NaN or infinite")
     except PredictionError as err:
         return {**row, "error": str(err)}
@@ -146,7 +146,7 @@ def evaluate_pair(task: PairTask, space: StoreSpace, predictions: ZarrPrediction
     mask = space.mask(vols)
     if not mask.any():
         return {**row, "error": "the pair's metric mask is empty"}
-    row.update(metrics.score(ct_hu(vols["ct"], *task.ct_bounds), pred, mask, tissue_hu))
+    row.update(metrics.score(hu_values(vols["ct"], *task.ct_bounds), pred, mask, tissue_hu))
     return row
 
 
@@ -158,6 +158,7 @@ class Evaluation:
     space: str
     mask: str
     tissue_hu: tuple[float, float]
+    version: int | None = None  # the store version scored against (None: a store from before versions)
     rows: list[dict] = field(default_factory=list)  # scored pairs and errors, in store order
     not_ok: list[tuple[str, str]] = field(default_factory=list)
     out: str = ""
@@ -202,7 +203,8 @@ class Evaluation:
         return "\n".join(lines)
 
     def describe(self) -> str:
-        lines = [f"evaluated {self.predictions} against {self.store} ({self.space} space)",
+        version = f"version {self.version}" if self.version is not None else "a store without versions"
+        lines = [f"evaluated {self.predictions} against {self.store} ({self.space} space, {version})",
                  f"  mask: {self.mask}", self.table()]
         if self.not_ok:
             lines.append(f"  {len(self.not_ok)} pair(s) asked for are not ok in the store (nothing to score against)")
@@ -215,7 +217,8 @@ class Evaluation:
         return [f"pair {r['pair']}: {r['error']}" for r in self.errors]
 
     def to_json(self) -> dict:
-        return {"store": self.store, "predictions": self.predictions, "space": self.space, "mask": self.mask,
+        return {"store": self.store, "version": self.version, "predictions": self.predictions, "space": self.space,
+                "mask": self.mask,
                 "definitions": definitions(self.tissue_hu), "pairs": [_jsonable(r) for r in self.rows],
                 "splits": _jsonable(self.splits()), "errors": [{"pair": r["pair"], "error": r["error"]}
                                                                 for r in self.errors]}
@@ -274,23 +277,24 @@ def _cell(v: Any) -> str:
 
 
 def evaluate_store(store_url: str | Location, predictions_url: str | Location, *, space: str | None = None,
-                   split: str | None = None, pairs: Sequence[str] | None = None,
+                   split: str | None = None, pairs: Sequence[str] | None = None, version: int | None = None,
                    tissue_hu: Sequence[float] = metrics.TISSUE_HU, out_url: str | Location | None = None,
                    executor: Executor | None = None, storage_options: dict | None = None,
                    progress: bool = False) -> Evaluation:
-    """Score the predictions of every selected ok pair; write ``metrics.csv``/``metrics.json`` to ``out_url``
-    (default: beside the predictions, ``<PREDICTIONS>-evaluation``)."""
+    """Score the predictions of every selected ok pair of the store's ``version`` (None: the latest; see
+    :func:`mrict_dask.spaces.pair_table`); write ``metrics.csv``/``metrics.json`` to ``out_url`` (default: beside
+    the predictions, ``<PREDICTIONS>-evaluation``)."""
     t0, t1 = (float(v) for v in tissue_hu)
     if not t0 < t1:
         raise InputError(f"tissue thresholds must rise (air < soft tissue < bone), got {t0:g}, {t1:g}")
     store = Location.of(store_url, storage_options)
     sp = open_space(store, space)
-    table = pair_table(store)
+    table = pair_table(store, version)
     chosen, not_ok = select_pairs(table, split, pairs)
-    ids = [str(v) for v in table["pair"]]
+    ids = table.ids
     preds, rows_of = open_predictions(predictions_url, ids, storage_options)
     result = Evaluation(store=store.url, predictions=preds.location.url, space=sp.name, mask=sp.mask_note,
-                        tissue_hu=(t0, t1), not_ok=not_ok)
+                        tissue_hu=(t0, t1), version=table.version, not_ok=not_ok)
     geometries = sp.geometries(chosen)
     tasks = [PairTask(index=i, pair_id=ids[i], split=str(table["split"][i]), geometry=geometries[i],
                       ct_bounds=(float(table["ct_lo"][i]), float(table["ct_hi"][i])),

@@ -201,9 +201,13 @@ def write_sct_dicom(sct_url: str, pair_id: str, store_url: str, out_url: str, wo
     store = Location.of(store_url, storage_options)
     work = Location.of(work_url, storage_options) if work_url else store.sibling(".work")
     out = Location.of(out_url, storage_options)
-    ids = [str(v) for v in pair_table(store)["pair"]]
+    table = pair_table(store)
+    ids = table.ids
     if pair_id not in ids:
         raise InputError(f"pair {pair_id} is not in the store")
+    if table["status"][ids.index(pair_id)] == "withdrawn":
+        raise InputError(f"pair {pair_id} was withdrawn from the store (its patient withdrew consent): nothing of it "
+                         "is written")
     space = open_space(store, "native")  # a template-space CT is not in the patient's geometry: never written back
     grid = space.geometry(ids.index(pair_id))
     sct_loc = Location.of(sct_url, storage_options)

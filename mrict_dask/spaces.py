@@ -12,6 +12,9 @@ Two spaces (README, "Output store"):
 
 Both spaces normalize CT with the root's per-pair clip bounds: ``hu = ct * (ct_hi - ct_lo) + ct_lo``. The metric
 (and loss) mask is ``head & valid``; a store written before ``head`` existed falls back to ``valid`` and says so.
+
+Which pairs: those of one version of the store (:func:`pair_table`, through ``store.resolve_version``), of which only
+the ``ok`` ones are read (:func:`select_pairs`); ``retired`` and ``withdrawn`` pairs never are.
 """
 
 from __future__ import annotations
@@ -255,26 +258,67 @@ def open_space(store: Location, space: str | None = None) -> StoreSpace:
                       has_head="head" in names)
 
 
-def pair_table(store: Location) -> dict[str, np.ndarray]:
-    """The per-pair variables of :data:`PAIR_TABLE_VARS` and the QA metrics that the store has (strings as ``str``)."""
+@dataclass(frozen=True)
+class PairTable:
+    """The pairs of one version of a store, as readers outside training select them.
+
+    ``columns``: :data:`PAIR_TABLE_VARS` and the QA metrics the store has, one value per pair of the version
+    (strings as ``str``). ``pair``, ``patient``, ``split`` and ``status`` are the version's own (a pair retired since
+    is ``ok`` in a version that held it; a version from before an append has fewer pairs); the rest is read at the
+    pairs' indices (a pair's clip bounds, affine and QA never change once it is written).
+    """
+
+    version: int | None  # None: a store finalized before versions were kept (its current state)
+    columns: dict[str, np.ndarray]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.columns
+
+    @property
+    def ids(self) -> list[str]:
+        return [str(v) for v in self.columns["pair"]]
+
+
+def pair_table(store: Location, version: int | None = None) -> PairTable:
+    """The pairs of ``version`` of the store (the latest with None), through :func:`mrict_dask.store.resolve_version`
+    (:class:`~mrict_dask.errors.VersionUnavailable`, one line, for a version that held a patient who withdrew
+    since, or whose bytes changed)."""
+    from .store import resolve_version
     from .types import QA_KEYS
 
+    view = resolve_version(store, version)
+    n = len(view.pairs)
+    out: dict[str, np.ndarray] = {
+        "pair": np.array([p.pair_id for p in view.pairs], dtype=object),
+        "patient": np.array([p.patient for p in view.pairs], dtype=object),
+        "split": np.array([p.split for p in view.pairs], dtype=object),
+        "status": np.array([p.status for p in view.pairs], dtype=object),
+    }
     g = open_group(store)
-    out: dict[str, np.ndarray] = {}
     with _quiet():
-        n = g["pair"].shape[0]
         for name in PAIR_TABLE_VARS + tuple(QA_KEYS):
-            if name in g:
-                values = np.asarray(g[name][:]) if n else np.zeros(0)
+            if name in g and name not in out:
+                values = np.asarray(g[name][:n]) if n else np.zeros(0)
                 out[name] = np.array([str(v) for v in values], dtype=object) if values.dtype.kind in "USOT" \
                     else values
-    return out
+    return PairTable(version=view.id, columns=out)
 
 
-def select_pairs(table: dict[str, np.ndarray], split: str | None = None, pairs: Sequence[str] | None = None,
+def current_status(store: Location) -> dict[str, str]:
+    """pair id -> status of every pair the store holds now (whatever version a reader pinned)."""
+    g = open_group(store)
+    with _quiet():
+        return {str(p): str(s) for p, s in zip(g["pair"][:], g["status"][:])} if g["pair"].shape[0] else {}
+
+
+def select_pairs(table: PairTable, split: str | None = None, pairs: Sequence[str] | None = None,
                  ) -> tuple[list[int], list[tuple[str, str]]]:
-    """Indices of the ok pairs asked for (all, a split, and/or a list of pair ids), and (pair id, why not) for each
-    asked-for pair that cannot be used. An unknown pair id is an error."""
+    """Indices of the ok pairs asked for (all, a split, and/or a list of pair ids), and (pair id, status) for each
+    asked-for pair that is not ok (failed, pending, retired or withdrawn): never exported nor scored. An unknown pair
+    id is an error."""
     ids = [str(v) for v in table["pair"]]
     status = [str(v) for v in table["status"]]
     splits = [str(v) for v in table["split"]]
@@ -283,7 +327,8 @@ def select_pairs(table: dict[str, np.ndarray], split: str | None = None, pairs: 
         unknown = [p for p in pairs if p not in where]
         if unknown:
             shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-            raise InputError(f"{len(unknown)} pair id(s) not in the store: {shown}")
+            where_ = f"version {table.version} of the store" if table.version is not None else "the store"
+            raise InputError(f"{len(unknown)} pair id(s) not in {where_}: {shown}")
         wanted = [where[p] for p in dict.fromkeys(pairs)]
     else:
         wanted = list(range(len(ids)))
@@ -294,10 +339,19 @@ def select_pairs(table: dict[str, np.ndarray], split: str | None = None, pairs: 
     return chosen, skipped
 
 
+def hu_values(ct: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """The store's normalized CT in whole HU as float64: ``round(ct * (hi - lo) + lo)`` (evaluate scores against
+    these values; :func:`ct_hu` writes them as int16)."""
+    hu = np.multiply(np.asarray(ct), float(hi) - float(lo), dtype=np.float64)
+    hu += float(lo)
+    np.rint(hu, out=hu)
+    if not np.isfinite(hu.sum()):  # one pass: a NaN or an infinity anywhere makes the sum so
+        raise ValueError("CT holds non-finite values")
+    return hu
+
+
 def ct_hu(ct: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """The store's normalized CT in whole HU (int16): ``round(ct * (hi - lo) + lo)``, the values export writes and
     evaluate scores against."""
-    hu = np.rint(np.asarray(ct, dtype=np.float64) * (float(hi) - float(lo)) + float(lo))
-    if not np.isfinite(hu).all():
-        raise ValueError("CT holds non-finite values")
-    return np.clip(hu, -32768, 32767).astype(np.int16)
+    hu = hu_values(ct, lo, hi)
+    return np.clip(hu, -32768, 32767, out=hu).astype(np.int16)

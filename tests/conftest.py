@@ -154,8 +154,9 @@ STORE_KEY = "test-key"
 
 @pytest.fixture(scope="session")
 def pipeline_store(corpus, local_cluster, tmp_path_factory) -> str:
-    """The shared corpus through the whole job (fast settings) on the LocalCluster: a template-space store of 2 ok
-    pairs, one patient in train and one in val (split ratios 1:1:0 under the test key), its work area beside it."""
+    """The shared corpus through the whole job (fast settings) on the LocalCluster: a store of 2 ok pairs in template
+    and native space (2 mm), one patient in train and one in val (split ratios 1:1:0 under the test key), its work
+    area beside it."""
     from distributed import Client
 
     from mrict_dask.orchestrate import run_pipeline
@@ -169,14 +170,49 @@ def pipeline_store(corpus, local_cluster, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def native_store(pipeline_store, tmp_path_factory) -> str:
-    """A copy of ``pipeline_store`` given native space as its contract describes it (tests/native_contract.py): for
-    testing the readers' geometry handling only; the pipeline's own native space is tested on its stores."""
-    from .native_contract import add_native_space
+def oblique_store(pipeline_store, tmp_path_factory) -> str:
+    """A copy of ``pipeline_store`` whose pair 1 lies on an oblique, left-handed native grid (tests/native_contract.py):
+    for testing how readers handle any native geometry; pair 0 is the pipeline's own."""
+    from .native_contract import make_oblique_copy
 
-    out = str(tmp_path_factory.mktemp("native") / "store.zarr")
-    add_native_space(pipeline_store, out)
+    out = str(tmp_path_factory.mktemp("oblique") / "store.zarr")
+    make_oblique_copy(pipeline_store, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def old_store(tmp_path_factory) -> tuple[str, list[str]]:
+    """A store as format 1 wrote them, template space only and without head or face masks: synthetic results through
+    the store's own API (native space off), the masks taken out. Returns its URL and pair ids."""
+    import json
+    import warnings
+
+    import zarr
+
+    from mrict_dask import store
+    from mrict_dask.config import load_config
+
+    from .test_store import make_pairs, make_result, small_template
+
+    url = str(tmp_path_factory.mktemp("format1") / "store.zarr")
+    t = small_template()
+    pairs = make_pairs(2)
+    store.open_or_create_store(url, pairs, t, load_config(None, {"native.enabled": False}))
+    for p in pairs:
+        store.write_pair(url, p.index, make_result(p, t.shape_zyx))
+    store.finalize_store(url)
+    for name in ("head", "face"):
+        shutil.rmtree(os.path.join(url, name))
+    with open(os.path.join(url, "zarr.json")) as fh:
+        node = json.load(fh)
+    node["attributes"].pop("pair_arrays")
+    node["attributes"]["mrict_dask_store"] = 1
+    with open(os.path.join(url, "zarr.json"), "w") as fh:
+        json.dump(node, fh)
+    with warnings.catch_warnings():  # zarr: consolidated metadata is not in the Zarr v3 specification yet
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(url)
+    return url, [p.pair_id for p in pairs]
 
 
 # --------------------------------------------------------------------------------------------- [s3]

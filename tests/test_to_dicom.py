@@ -3,7 +3,8 @@
 Checked with the tools a clinic's software stands on: dciodvfy (the IOD is valid), dcm2niix and SimpleITK's GDCM
 series reader (the series reads back onto the synthetic CT's grid within 0.1 mm and to the HU), and pydicom against
 the generator's manifest (the study, frame of reference and patient of the MR series the plan chose). Two grids: pair
-0 on its MR's own axes, pair 1 oblique and left-handed (tests/native_contract.py).
+0's native grid as the pipeline wrote it, pair 1 moved onto an oblique, left-handed grid (tests/native_contract.py).
+The pipeline's own native CTs go through export and to-dicom and come back with the stored HU.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ import SimpleITK as sitk
 from click.testing import CliRunner
 
 from mrict_dask.cli import main
-from mrict_dask.io import Location
 from mrict_dask.plan import Plan
-from mrict_dask.spaces import has_native
 
 from .test_cases import Store, _one_error
 
@@ -32,9 +31,9 @@ def _cli(*args):
 
 
 @pytest.fixture(scope="module")
-def native_cases(native_store, tmp_path_factory):
+def native_cases(oblique_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("native_cases") / "cases"
-    result = _cli("export", native_store, out)
+    result = _cli("export", oblique_store, out)
     assert result.exit_code == 0, result.output
     return out
 
@@ -66,9 +65,9 @@ def _mr_truth(corpus, store: str, pair_id: str) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("index", [0, 1])
-def test_to_dicom_is_a_valid_ct_series_on_the_mrs_frame_that_reads_back_onto_its_grid(native_store, native_cases,
+def test_to_dicom_is_a_valid_ct_series_on_the_mrs_frame_that_reads_back_onto_its_grid(oblique_store, native_cases,
                                                                                        corpus, tmp_path, index):
-    pid = Store(native_store).ids[index]
+    pid = Store(oblique_store).ids[index]
     ct = sitk.ReadImage(str(native_cases / pid / "ct.nii.gz"))
     # a prediction with fractional HU and values down to -1024, beside the exported CT
     arr = sitk.GetArrayFromImage(ct).astype(np.float32) + np.float32(0.3)
@@ -78,7 +77,7 @@ def test_to_dicom_is_a_valid_ct_series_on_the_mrs_frame_that_reads_back_onto_its
     sct_path = str(native_cases / pid / "sct.nii.gz")
     sitk.WriteImage(sct, sct_path)
     out = tmp_path / "dicom"
-    result = _cli("to-dicom", sct_path, "--pair", pid, "--store", native_store, "--out", out)
+    result = _cli("to-dicom", sct_path, "--pair", pid, "--store", oblique_store, "--out", out)
     assert result.exit_code == 0, result.output
     assert "holds the patient's identity" in result.stdout
     files = sorted(os.listdir(out))
@@ -99,7 +98,7 @@ def test_to_dicom_is_a_valid_ct_series_on_the_mrs_frame_that_reads_back_onto_its
     assert conv.returncode == 0, conv.stdout + conv.stderr
     _check_read_back(sitk.ReadImage(str(nifti / "sct.nii")), sct, "dcm2niix")
 
-    expected, study = _mr_truth(corpus, native_store, pid)
+    expected, study = _mr_truth(corpus, oblique_store, pid)
     headers = [pydicom.dcmread(out / f, stop_before_pixels=True) for f in files]
     first = headers[0]
     assert first.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2" and first.Modality == "CT"
@@ -115,24 +114,25 @@ def test_to_dicom_is_a_valid_ct_series_on_the_mrs_frame_that_reads_back_onto_its
     assert {h.StudyInstanceUID for h in headers} == {expected["mr_study_uid"]}
 
 
-def test_to_dicom_refuses_what_is_not_the_patients_geometry(pipeline_store, native_store, native_cases, tmp_path):
-    a, b = Store(native_store).ids
-    template_only = _cli("to-dicom", native_cases / a / "ct.nii.gz", "--pair", a, "--store", pipeline_store,
+def test_to_dicom_refuses_what_is_not_the_patients_geometry(oblique_store, native_cases, old_store, tmp_path):
+    a, b = Store(oblique_store).ids
+    old_url, old_ids = old_store  # template space only
+    template_only = _cli("to-dicom", native_cases / a / "ct.nii.gz", "--pair", old_ids[0], "--store", old_url,
                          "--out", tmp_path / "x")
     assert template_only.exit_code == 2
     _one_error(template_only, "no native space")
-    other_grid = _cli("to-dicom", native_cases / a / "ct.nii.gz", "--pair", b, "--store", native_store,
+    other_grid = _cli("to-dicom", native_cases / a / "ct.nii.gz", "--pair", b, "--store", oblique_store,
                       "--out", tmp_path / "y")
     assert other_grid.exit_code == 2
     _one_error(other_grid, f"not on pair {b}'s native grid")
-    unknown = _cli("to-dicom", native_cases / a / "ct.nii.gz", "--pair", "Pnot-a-pair", "--store", native_store,
+    unknown = _cli("to-dicom", native_cases / a / "ct.nii.gz", "--pair", "Pnot-a-pair", "--store", oblique_store,
                    "--out", tmp_path / "z")
     assert unknown.exit_code == 2
     _one_error(unknown, "Pnot-a-pair")
     assert not any(os.path.exists(tmp_path / d) for d in "xyz")
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "CT0001.dcm").write_bytes(b"a series written before")
-    not_empty = _cli("to-dicom", native_cases / a / "ct.nii.gz", "--pair", a, "--store", native_store,
+    not_empty = _cli("to-dicom", native_cases / a / "ct.nii.gz", "--pair", a, "--store", oblique_store,
                      "--out", tmp_path / "used")
     assert not_empty.exit_code == 2
     _one_error(not_empty, "not empty")
@@ -140,10 +140,8 @@ def test_to_dicom_refuses_what_is_not_the_patients_geometry(pipeline_store, nati
 
 def test_round_trip_of_the_real_cts_native_volume(pipeline_store, tmp_path):
     """The pipeline's own native space: each pair's CT exported, written as DICOM, read back gives the stored HU."""
-    if not has_native(Location(pipeline_store)):
-        pytest.skip("the pipeline's stores have no native space yet: this runs on them as soon as they do")
     st = Store(pipeline_store)
-    assert _cli("export", pipeline_store, tmp_path / "cases", "--space", "native").exit_code == 0
+    assert _cli("export", pipeline_store, tmp_path / "cases").exit_code == 0  # native space: the default
     for i, pid in enumerate(st.ids):
         out = tmp_path / "dicom" / pid
         result = _cli("to-dicom", tmp_path / "cases" / pid / "ct.nii.gz", "--pair", pid, "--store", pipeline_store,
@@ -151,7 +149,10 @@ def test_round_trip_of_the_real_cts_native_volume(pipeline_store, tmp_path):
         assert result.exit_code == 0, result.output
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(out)))
+        series = reader.Execute()
         ct = sitk.ReadImage(str(tmp_path / "cases" / pid / "ct.nii.gz"))
-        _check_read_back(reader.Execute(), ct, pid)
-        on_grid = sitk.Resample(reader.Execute(), ct, sitk.Transform(), sitk.sitkNearestNeighbor, -9999)
-        np.testing.assert_array_equal(sitk.GetArrayFromImage(on_grid), st.hu(i, "native/"))
+        _check_read_back(series, ct, pid)
+        on_grid = sitk.Resample(series, ct, sitk.Transform(), sitk.sitkNearestNeighbor, -9999)
+        hu = st.hu(i, "native/")
+        assert hu.min() >= -1024  # what the stored CT holds, RescaleIntercept -1024 keeps
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(on_grid), hu)
