@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 CT_FILL_HU = -1000.0  # outside the CT's field of view: air, flagged invalid
 FACE_HU = -1024.0  # the face region, emptied: air
 FACELESS_ML = 30.0  # less head tissue than this in the face region: noted (a defaced export, or out of view)
+FACE_VIEW_ML = 150.0  # an MR whose field of view holds this much of the face region ...
+FACELESS_SHARE = 0.08  # ... with tissue in less than this share of it: noted (defaced at the source)
 CUT_NOTE_ML = 50.0  # more of the MR's head than this outside the native box: noted
 REFUSAL_VIEW_MM = 15.0  # a refused pair's figure shows the MR this far around the template brain
 
@@ -83,12 +85,17 @@ def _space(grid: sitk.Image, mr: sitk.Image, ct_hu: sitk.Image, to_mr: np.ndarra
     return _Space(mr_t, ct_t, mr_inside, mr_inside & ct_inside, head, face, tissue_ml)
 
 
-def _notes(qa: dict[str, float], config: Config) -> list[str]:
-    """What a reviewer should know about an ok pair (nothing identifying)."""
+def _notes(qa: dict[str, float], config: Config, face_view_ml: float = 0.0) -> list[str]:
+    """What a reviewer should know about an ok pair (nothing identifying). ``face_view_ml``: how much of the face
+    region the MR's field of view holds."""
     notes = []
-    if config.deface.enabled and np.isfinite(qa.get("face_ml", np.nan)) and qa["face_ml"] < FACELESS_ML:
+    mr_face = qa.get("mr_face_ml", np.nan)
+    if config.deface.enabled and face_view_ml >= FACE_VIEW_ML and mr_face < FACELESS_SHARE * face_view_ml:
+        notes.append(f"the MR shows almost no tissue in the face region ({mr_face:.0f} mL of the {face_view_ml:.0f} mL "
+                     "it holds): the face was probably removed at the source")
+    elif config.deface.enabled and np.isfinite(qa.get("face_ml", np.nan)) and qa["face_ml"] < FACELESS_ML:
         notes.append(f"little tissue in the face region ({qa['face_ml']:.0f} mL): the face was removed at the "
-                     "source or lies outside the field of view")
+                     "source or lies outside the fields of view")
     if qa.get("native_cut_ml", 0.0) > CUT_NOTE_ML:
         notes.append(f"the native box leaves out {qa['native_cut_ml']:.0f} mL of the MR's head (neck or shoulders "
                      "below it, or a head larger than the box)")
@@ -167,6 +174,12 @@ def process_images(mr: sitk.Image, ct: sitk.Image, config: Config, template: Tem
         check_ct(qa, config)
 
         region = face_region(template, config.deface) if config.deface.enabled else None
+        face_view = 0.0
+        if region is not None:  # how much of the face region the MR shows, and how much tissue it shows there
+            in_view = face_on_grid(region, mr_w, np.linalg.inv(mr_affine))
+            voxel_ml = float(np.prod(mr_w.GetSpacing())) / 1000.0
+            face_view = float(in_view.sum() * voxel_ml)
+            qa["mr_face_ml"] = float((in_view & (sitk.GetArrayViewFromImage(mr_head) > 0)).sum() * voxel_ml)
         head_mr = joint_head(mr_head, ct_head, mr_to_ct)
         tpl = _space(template.image, mr, ct_clamped, mr_affine, ct_affine, head_mr,
                      None if region is None else region.on_template)
@@ -196,7 +209,7 @@ def process_images(mr: sitk.Image, ct: sitk.Image, config: Config, template: Tem
             native = {"mr": nat_mr, "ct": scale(nat.ct, ct_lo, ct_hi), "valid": nat.valid, "head": nat.head,
                       "face": nat.face, "slice_ok": head_slice_ok(nat.head, nat.valid, config.normalize),
                       "affine": nat.affine}
-        notes = _notes(qa, config)
+        notes = _notes(qa, config, face_view)
         lap("normalize")
 
         centre = tuple(int(v) for v in np.argwhere(brain).mean(axis=0)) if n_brain else None

@@ -124,6 +124,7 @@ _DESCRIPTIONS = {
     "head_overlap": "Dice of the MR and CT heads over the slab both cover",
     "face_ml": "head tissue in the face region, mL (native space): what defacing removed",
     "native_cut_ml": "the MR's head outside the native box, mL",
+    "mr_face_ml": "the MR's own head tissue in the face region, mL (near 0 when the MR was defaced at the source)",
 }
 
 

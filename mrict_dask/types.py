@@ -77,5 +77,6 @@ QA_KEYS: tuple[str, ...] = (
     "skin_mm",  # spread (median absolute deviation) of the MR-to-CT skin distance, mm
     "head_overlap",  # Dice of the MR and CT heads over the slab both cover
     "face_ml",  # head tissue in the face region (mL, native space): what defacing removed
+    "mr_face_ml",  # the MR's own head tissue in the face region (mL; near 0 for an MR defaced at the source)
     "native_cut_ml",  # the MR's head outside the native box (mL)
 )

@@ -90,8 +90,9 @@ def check_old_pairs_untouched(url: str, so: dict | None, before: dict, readers: 
     says retired, aside), and the readers opened before read exactly what was written."""
     after = object_hashes(url, so)
     old = [k for i in range(4) for k in pair_object_keys(url, i, so) if not (i == 1 and k.endswith(".json"))]
-    # each per-pair variable's object and the marker of each pair, and pair 0's figure; but pair 1's marker (retired)
-    assert len(old) == 4 * (len(store.PAIR_VARS) + 1) + 1 - 1
+    # each per-pair variable's object (both spaces) and the marker of each pair, and pair 0's figure; but pair 1's
+    # marker (retired)
+    assert len(old) == 4 * (len(store.pair_arrays(store.root_attrs(url, so))) + 1) + 1 - 1
     assert {k: after[k] for k in old} == {k: before[k] for k in old}
     sp, vp = readers["slices"], readers["volumes"]
     assert sorted(set(sp.pair_indices)) == [0, 1, 2, 3]

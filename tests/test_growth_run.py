@@ -189,7 +189,8 @@ def test_a_grown_input_computes_only_new_and_changed_pairs_and_rewrites_nothing(
     # every object of both old pairs is as the first run wrote it (the retired pair's bytes stay, for version 1)
     after = object_hashes(grown.store)
     keys = [k for i in (0, 1) for k in pair_object_keys(grown.store, i) if not (i == retired and k.endswith(".json"))]
-    assert len(keys) == 2 * (len(S.PAIR_VARS) + 2) - 1  # each per-pair variable's object, marker and figure
+    # each per-pair variable's object (both spaces), marker and figure
+    assert len(keys) == 2 * (len(S.pair_arrays(S.root_attrs(grown.store))) + 2) - 1
     assert {k: after[k] for k in keys} == {k: grown.before[k] for k in keys}
     # splits of the patients the store held are unchanged, and the new pair of patient A has A's split
     first_ds = grown.read_before["xarray"]

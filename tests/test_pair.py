@@ -14,6 +14,7 @@ import zlib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage as ndi
 
 from mrict_dask import register as R
 from mrict_dask.config import Config, RegistrationConfig
@@ -313,3 +314,53 @@ def test_other_errors_propagate_for_the_orchestrator_to_retry(template):
     with pytest.raises(Exception) as info:
         process_pair(spec, Config(), template)
     assert not isinstance(info.value, VolumeError) and "nosuchprotocol" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------- defacing, bad input
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["defaced_at_source", "head_cut_by_the_mr_field_of_view", "ct_of_the_skull_top"])
+def test_bad_input_completes_with_a_note_and_never_removes_brain(case, template):
+    """A face already removed at the source (Colin27, a real head, sagittal to the neck, its face emptied in front
+    of the eyes and below the brows before it was posed), a head cut by the MR's field of view, a CT of the skull top
+    only: each completes (ok with a QA note, or a refusal naming its reason), and no brain voxel is ever defaced."""
+    if case == "defaced_at_source":
+        from mrict_dask.synth import realheads as RH
+
+        head = RH.load("colin27")
+        t1 = sitk.GetArrayFromImage(head.t1)
+        d = np.array(head.t1.GetDirection()).reshape(3, 3) * np.array(head.t1.GetSpacing())
+        pts = np.array(head.t1.GetOrigin()) + np.indices(t1.shape).reshape(3, -1).T[:, ::-1] @ d.T
+        # Colin27's eyes sit near y = -61, z = -36 (LPS mm): everything in front of y = -50 and below z = -10 goes
+        t1.reshape(-1)[(pts[:, 1] < -50.0) & (pts[:, 2] < -10.0)] = 0.0
+        faceless = sitk.GetImageFromArray(t1)
+        faceless.CopyInformation(head.t1)
+        posed = RH.posed_pair(dataclasses.replace(head, t1=faceless), "sagittal_3d_neck", (12, 4, -6), (5, -10, 0))
+        mr, ct, to_mr = posed.mr, posed.ct, None
+    else:
+        p = simulated(3)
+        mr, ct, to_mr = p.mr, p.ct, p.mr_transform
+        if case == "head_cut_by_the_mr_field_of_view":
+            n = mr.GetSize()[2]
+            mr = mr[:, :, : int(n * 0.65)]  # the top of the head (and of the brain) out of view
+        else:
+            n = ct.GetSize()[2]
+            ct = ct[:, :, int(n * 0.7):]  # the skull's top 30 %
+    r = process_images(mr, ct, Config(), template, case)
+    if not r.ok:  # a refusal is an answer too, with its reason, never a crash
+        assert r.status.startswith("failed: ") and "Traceback" not in r.status, r.status
+        return
+    if case == "defaced_at_source":
+        assert any("removed at the source" in n for n in r.notes), r.notes
+    else:
+        assert any("cover" in n for n in r.notes), r.notes
+    brain = sitk.GetArrayFromImage(template.mask) > 0
+    grown = ndi.distance_transform_edt(~brain, sampling=template.image.GetSpacing()[::-1]) <= 3.0
+    assert not (r.face & grown).any()
+    if to_mr is not None:  # the template brain + 3 mm sent into the MR by the true transform: no face voxel
+        d = np.array(template.image.GetDirection()).reshape(3, 3) * np.array(template.image.GetSpacing())
+        pts = np.array(template.image.GetOrigin()) + np.argwhere(grown)[::5][:, ::-1].astype(float) @ d.T
+        pts = pts @ to_mr[:3, :3].T + to_mr[:3, 3]
+        inv = np.linalg.inv(r.native["affine"])
+        ijk = np.round(pts @ inv[:3, :3].T + inv[:3, 3]).astype(int)
+        keep = ((ijk >= 0) & (ijk < np.array(r.native["face"].shape[::-1]))).all(1)
+        assert not r.native["face"][ijk[keep, 2], ijk[keep, 1], ijk[keep, 0]].any()

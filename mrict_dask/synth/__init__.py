@@ -11,11 +11,11 @@ from .corpus import (
     QUIRKS,
     SimPatient,
     SynthSummary,
-    generate_corpus,
     parse_quirks,
     patient_seed,
     simulate_patient,
 )
+from .generate import generate_corpus
 
 __all__ = ["LAYOUT_QUIRKS", "QUIRKS", "SimPatient", "SynthSummary", "generate_corpus", "parse_quirks", "patient_seed",
            "simulate_patient"]
