@@ -306,6 +306,17 @@ _COUNTERS = (("tests.test_fuzz", "COUNTS", "fuzz cases tried"),
              ("tests.test_storage_faults", "TOTAL", "storage faults injected"))
 
 
+# Modules whose tests share nothing heavier than the session's fixtures: xdist spreads their tests over the workers;
+# every other module runs whole on one worker (its module fixtures, e.g. a pipeline run, are built once)
+SPREAD_MODULES = {"tests.test_storage_faults", "tests.test_privacy", "tests.test_fuzz"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(item.nodeid if module in SPREAD_MODULES else module))
+
+
 def pytest_terminal_summary(terminalreporter):
     for module, name, label in _COUNTERS:
         counts = getattr(sys.modules.get(module), name, None)

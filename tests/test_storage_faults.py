@@ -15,8 +15,20 @@ import numpy as np
 import pytest
 
 from . import faulty_fs
-from .conftest import SMALL_NATIVE, fast_config, upload_tree
+from .conftest import fast_config, upload_tree
 from .faulty_fs import Faults, faults_injected, faulty_options, to_faulty
+
+# the storage paths under test are the same for both spaces: the template space's objects alone keep the runs short
+TEMPLATE_SPACE = {"native.enabled": False}
+
+
+def _template_only():
+    from mrict_dask.config import load_config
+
+    return load_config(None, TEMPLATE_SPACE)
+
+
+TEMPLATE_ONLY = _template_only()
 
 RATE = 0.2  # a share of failing requests far above any real store's: every code path meets several faults
 
@@ -183,7 +195,7 @@ def test_store_under_request_faults_on_every_kind_of_request(s3, fault_log):
                         seed=4)
     t = small_template()
     pairs = make_pairs(5)
-    store.open_or_create_store(to_faulty(url), pairs, t, SMALL_NATIVE, so)
+    store.open_or_create_store(to_faulty(url), pairs, t, TEMPLATE_ONLY, so)
     results = {}
     for p in pairs:
         status = "failed: MR: constant image" if p.index == 2 else "ok"
@@ -209,7 +221,7 @@ def test_write_pair_cut_by_an_outage_is_never_torn_and_completes_on_retry(s3, fa
     plain = s3.storage_options
     t = small_template()
     pairs = make_pairs(4)
-    store.open_or_create_store(url, pairs, t, SMALL_NATIVE, plain)
+    store.open_or_create_store(url, pairs, t, TEMPLATE_ONLY, plain)
     first = {p.index: make_result(p, t.shape_zyx, seed=1) for p in pairs}
     for p in pairs[:2]:  # two pairs already complete: their rewrite is cut too
         store.write_pair(url, p.index, first[p.index], plain)
@@ -269,7 +281,7 @@ def test_pipeline_under_request_faults_completes_in_one_run(one_patient, s3, fau
     out = s3.url("out", "store.zarr")
     so = faulty_options(s3.storage_options, rate=RATE, ops=("read", "write", "meta", "delete"), log=fault_log,
                         seed=6)
-    summary = run_pipeline(to_faulty(src), to_faulty(out), config=fast_config(),
+    summary = run_pipeline(to_faulty(src), to_faulty(out), config=fast_config(**TEMPLATE_SPACE),
                            executor="serial", pseudonym_key="k", storage_options=so)
     assert summary.exit_code == 0 and summary.ok == summary.n_pairs == len(expected), summary.describe()
     _check_finished(out, s3.storage_options, expected)
@@ -297,7 +309,7 @@ def test_pipeline_on_a_cluster_under_faults_and_outages_loses_nothing(one_patien
                       keys=r"store\.zarr/_pairs/\d+\.json"))
     so = faulty_options(s3.storage_options, rate=RATE, ops=("read", "write", "meta", "delete"), log=fault_log,
                         seed=7, more=outages)
-    config = fast_config(**{"run.retries": 1})
+    config = fast_config(**{"run.retries": 1}, **TEMPLATE_SPACE)
     runs = []
     for _ in range(4):
         summary = run_pipeline(to_faulty(src), to_faulty(out), config=config, executor=client, pseudonym_key="k",
