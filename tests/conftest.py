@@ -307,13 +307,16 @@ _COUNTERS = (("tests.test_fuzz", "COUNTS", "fuzz cases tried"),
 
 
 # Modules whose tests share nothing heavier than the session's fixtures: xdist spreads their tests over the workers;
-# every other module runs whole on one worker (its module fixtures, e.g. a pipeline run, are built once)
+# every other module runs whole on one worker (its module fixtures, e.g. a pipeline run, are built once). A test that
+# must follow another one on the same worker names their shared group itself (pytest.mark.xdist_group).
 SPREAD_MODULES = {"tests.test_storage_faults", "tests.test_privacy", "tests.test_fuzz"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__
+        if item.get_closest_marker("xdist_group"):
+            continue
         item.add_marker(pytest.mark.xdist_group(item.nodeid if module in SPREAD_MODULES else module))
 
 

@@ -306,6 +306,7 @@ def check_row(row: dict, url: str, size: int, what: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- read_header
+@pytest.mark.xdist_group("fuzz_read_header")
 @FUZZ
 @given(data=st.data())
 def test_read_header_never_raises_on_mutated_files(seeds, tmp_path_factory, data):
@@ -327,8 +328,9 @@ def test_read_header_never_raises_on_mutated_files(seeds, tmp_path_factory, data
         assert row["read_error"] or not row["pixel_data_ok"], f"{what}: a cut file catalogued as a usable image"
 
 
+@pytest.mark.xdist_group("fuzz_read_header")
 def test_read_header_fuzz_count():
-    """Runs after the fuzz test above (file order): it really tried that many cases."""
+    """Runs after the fuzz test above (file order, same worker): it really tried that many cases."""
     assert COUNTS["read_header"] >= 100 or EXAMPLES
 
 
@@ -386,6 +388,7 @@ def test_unmutated_series_assemble(series):
         assert img.GetSize() == (16, 16, 6)
 
 
+@pytest.mark.xdist_group("fuzz_read_volume")
 @FUZZ
 @given(data=st.data())
 def test_read_volume_raises_only_volume_error(series, tmp_path_factory, data):
@@ -419,6 +422,7 @@ def test_read_volume_raises_only_volume_error(series, tmp_path_factory, data):
     assert size[2] >= 2 and all(np.isfinite(img.GetSpacing())) and min(img.GetSpacing()) > 0, what
 
 
+@pytest.mark.xdist_group("fuzz_read_volume")
 def test_read_volume_fuzz_count():
     assert COUNTS["read_volume"] >= 100 or EXAMPLES
 

@@ -104,6 +104,40 @@ def test_no_identifier_or_credential_leaves_the_work_area(corpus, s3, tmp_path):
     expected = {pseudonym(b"privacy-test-key", pid) for pid in ids}
     assert set(ds["patient"].values) <= expected
     assert fs.exists(work + "/plan.json")
+    _no_face_in_front_renders(corpus.manifest, xr.open_zarr(out, group="native", storage_options=so), so, work)
+
+
+def _no_face_in_front_renders(manifest: dict, native, so: dict, work: str) -> None:
+    """Seen from the front (rays along +y in each MR's own frame), every stored head shows no tissue where its
+    nose tip, upper lip and chin were: along each landmark's ray the first tissue (MR or CT above background) lies
+    at least 5 mm behind the landmark, and the face mask holds the landmark."""
+    from mrict_dask.io import Location
+    from mrict_dask.plan import Plan
+
+    from .truth import series_by_uid
+
+    plan = Plan.from_json(Location(work, so).join("plan.json").read_text())
+    truth = series_by_uid(manifest)
+    checked = 0
+    for p in plan.pairs:
+        if str(native["status"].values[p.index]) != "ok":
+            continue
+        a = native["affine"].values[p.index]
+        inv = np.linalg.inv(a)
+        mr, ct, face = (native[v].values[p.index] for v in ("mr", "ct", "face"))
+        tissue = (mr > 0.05) | (ct > 0.2)  # 0.2 of the CT window: above -200 HU
+        step = float(np.linalg.norm(a[:3, 1]))
+        for name in ("nose_tip", "upper_lip", "chin"):
+            x, y, z = np.round(inv[:3, :3] @ np.asarray(truth[p.mr_series_uid]["landmarks"][name]) + inv[:3, 3])
+            x, y, z = int(x), int(y), int(z)
+            if not (0 <= z < mr.shape[0] and 0 <= y < mr.shape[1] and 0 <= x < mr.shape[2]):
+                continue  # beyond the native box
+            assert face[z, y, x], (p.index, name)
+            ray = tissue[z, :, x]  # from the front (y = 0 is the most anterior row of the box)
+            first = int(np.argmax(ray)) if ray.any() else mr.shape[1]
+            assert (first - y) * step >= 5.0, (p.index, name, first, y)
+            checked += 1
+    assert checked >= len(plan.pairs), checked  # at least the nose of every pair
 
 
 def _local_blobs(root: str) -> list[tuple[str, bytes]]:
