@@ -97,14 +97,35 @@ class Corpus:
     manifest_url: str
 
 
-def _make_corpus(root, **kwargs) -> Corpus:
+def _shared_dir(tmp_path_factory, name: str, build) -> os.PathLike:
+    """A read-only input built once per test session: the first xdist worker to ask builds it (``build(folder)``)
+    under a lock in the session's shared temporary folder, the others wait and reuse it."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # every worker's folder sits in the session's one
+    root = base / f"shared-{name}"
+    with open(base / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / ".complete").exists():
+            shutil.rmtree(root, ignore_errors=True)  # a build cut short
+            root.mkdir()
+            build(root)
+            (root / ".complete").touch()
+    return root
+
+
+def _make_corpus(tmp_path_factory, name: str, **kwargs) -> Corpus:
     import json
 
     from mrict_dask.synth import generate_corpus
 
-    url = str(root / "dicom")
-    manifest_url = str(root / "manifest.json")
-    generate_corpus(url, manifest_url=manifest_url, progress=False, **kwargs)
+    def build(root):
+        generate_corpus(str(root / "dicom"), manifest_url=str(root / "manifest.json"), progress=False, **kwargs)
+
+    root = _shared_dir(tmp_path_factory, name, build)
+    url, manifest_url = str(root / "dicom"), str(root / "manifest.json")
     with open(manifest_url) as fh:
         manifest = json.load(fh)
     return Corpus(url=url, manifest=manifest, manifest_url=manifest_url)
@@ -113,7 +134,7 @@ def _make_corpus(root, **kwargs) -> Corpus:
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Corpus:
     """A clean corpus: 4 patients, no quirks."""
-    return _make_corpus(tmp_path_factory.mktemp("corpus"), patients=4, seed=11)
+    return _make_corpus(tmp_path_factory, "corpus", patients=4, seed=11)
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +142,7 @@ def quirky_corpus(tmp_path_factory) -> Corpus:
     """Every quirk switch on."""
     from mrict_dask.synth import QUIRKS
 
-    return _make_corpus(tmp_path_factory.mktemp("quirky"), patients=4, seed=23, quirks=tuple(QUIRKS))
+    return _make_corpus(tmp_path_factory, "quirky", patients=4, seed=23, quirks=tuple(QUIRKS))
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +154,7 @@ def clinical_corpus(tmp_path_factory) -> Corpus:
     (byte-identical to the clean corpus of seed 5). About 2,500 files, 470 MB, 40 s to generate."""
     from mrict_dask.synth import LAYOUT_QUIRKS
 
-    return _make_corpus(tmp_path_factory.mktemp("clinical"), patients=3, seed=5, quirks=LAYOUT_QUIRKS,
+    return _make_corpus(tmp_path_factory, "clinical", patients=3, seed=5, quirks=LAYOUT_QUIRKS,
                         scenarios=("pair", "two_ct", "two_mr"))
 
 
@@ -161,12 +182,14 @@ def pipeline_store(corpus, local_cluster, tmp_path_factory) -> str:
 
     from mrict_dask.orchestrate import run_pipeline
 
-    out = str(tmp_path_factory.mktemp("pipeline") / "store.zarr")
-    with Client(local_cluster, set_as_default=False) as client:
-        summary = run_pipeline(corpus.url, out, config=fast_config(**{"plan.split_ratios": [0.5, 0.5, 0.0]}),
-                               executor=client, pseudonym_key=STORE_KEY)
-    assert summary.ok == summary.n_pairs == 2, summary.describe()
-    return out
+    def build(root):
+        with Client(local_cluster, set_as_default=False) as client:
+            summary = run_pipeline(corpus.url, str(root / "store.zarr"),
+                                   config=fast_config(**{"plan.split_ratios": [0.5, 0.5, 0.0]}), executor=client,
+                                   pseudonym_key=STORE_KEY)
+        assert summary.ok == summary.n_pairs == 2, summary.describe()
+
+    return str(_shared_dir(tmp_path_factory, "pipeline", build) / "store.zarr")  # tests only read it
 
 
 @pytest.fixture(scope="session")
@@ -312,6 +335,7 @@ _COUNTERS = (("tests.test_fuzz", "COUNTS", "fuzz cases tried"),
 SPREAD_MODULES = {"tests.test_storage_faults", "tests.test_privacy", "tests.test_fuzz"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__
@@ -320,9 +344,30 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.xdist_group(item.nodeid if module in SPREAD_MODULES else module))
 
 
+def _counters() -> dict[str, dict[str, int]]:
+    return {label: dict(getattr(sys.modules.get(module), name, None) or {}) for module, name, label in _COUNTERS}
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: hand its counts to the controller
+        session.config.workeroutput["counters"] = _counters()
+
+
+_WORKER_COUNTS: list[dict[str, dict[str, int]]] = []
+
+
+def pytest_testnodedown(node, error):  # the xdist controller, as each worker ends
+    _WORKER_COUNTS.append(getattr(node, "workeroutput", {}).get("counters", {}))
+
+
 def pytest_terminal_summary(terminalreporter):
-    for module, name, label in _COUNTERS:
-        counts = getattr(sys.modules.get(module), name, None)
+    from collections import Counter
+
+    totals: dict[str, Counter] = {}
+    for counts in [_counters(), *_WORKER_COUNTS]:
+        for label, by_kind in counts.items():
+            totals.setdefault(label, Counter()).update(by_kind)
+    for label, counts in totals.items():
         if counts:
             terminalreporter.write_line(f"{label}: {sum(counts.values())} ({dict(sorted(counts.items()))})")
 
