@@ -29,7 +29,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from .config import DefaceConfig
-from .register import affine_from_matrix
+from .register import affine_from_matrix, covered
 from .template import Template
 
 
@@ -136,14 +136,9 @@ def joint_head(mr_head: sitk.Image, ct_head: sitk.Image, mr_to_ct: np.ndarray, r
     n = [int(np.ceil(reach_mm / s)) for s in mr_head.GetSpacing()]
     grid = sitk.ConstantPad(mr_head, n, n, 0)
     tx = affine_from_matrix(mr_to_ct)
-    # each resampled image is kept in a name while its array view is read (a view does not keep its image alive)
-    ct_h_img = sitk.Resample(ct_head, grid, tx, sitk.sitkNearestNeighbor, 0)
+    ct_h_img = sitk.Resample(ct_head, grid, tx, sitk.sitkNearestNeighbor, 0)  # kept while its view is read
     ct_h = sitk.GetArrayViewFromImage(ct_h_img) > 0
-    ones = sitk.Image(ct_head.GetSize(), sitk.sitkUInt8) + 1
-    ones.CopyInformation(ct_head)
-    ct_fov_img = sitk.Resample(ones, grid, tx, sitk.sitkNearestNeighbor, 0)
-    ct_fov = sitk.GetArrayViewFromImage(ct_fov_img) > 0
-    head = np.where(ct_fov, ct_h, sitk.GetArrayViewFromImage(grid) > 0)
+    head = np.where(covered(ct_head, grid, tx), ct_h, sitk.GetArrayViewFromImage(grid) > 0)
     out = sitk.GetImageFromArray(head.astype(np.uint8))
     out.CopyInformation(grid)
     return out

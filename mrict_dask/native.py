@@ -14,6 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .config import NativeConfig
+from .register import covered
 
 
 def box_size(cfg: NativeConfig) -> tuple[int, int, int]:
@@ -52,8 +53,5 @@ def affine_of(image: sitk.Image) -> np.ndarray:
 def cut_ml(head: sitk.Image, box: sitk.Image) -> float:
     """Volume (mL) of ``head`` (a mask on any grid, MR patient frame) lying outside the box (the box read onto the
     head's grid by nearest neighbour: a voxel is inside when its centre is within half a box voxel of the box)."""
-    ones = sitk.Image(box.GetSize(), sitk.sitkUInt8) + 1
-    ones.CopyInformation(box)
-    inside = sitk.Resample(ones, head, sitk.Transform(), sitk.sitkNearestNeighbor, 0)  # kept: the view below reads it
-    outside = (sitk.GetArrayViewFromImage(head) > 0) & (sitk.GetArrayViewFromImage(inside) == 0)
+    outside = (sitk.GetArrayViewFromImage(head) > 0) & ~covered(box, head)
     return float(outside.sum() * np.prod(head.GetSpacing()) / 1000.0)

@@ -697,13 +697,20 @@ def _initial_offset(mhead: sitk.Image, chead: sitk.Image, rounds: int = 3) -> tu
     return offset, z_known
 
 
+def covered(image: sitk.Image, grid: sitk.Image, transform: sitk.Transform | None = None) -> np.ndarray:
+    """The voxels of ``grid`` (bool, z, y, x) that ``image``'s grid covers, ``transform`` mapping ``grid``'s
+    physical points into ``image``'s (identity with None): nearest neighbour, so a voxel is covered when its centre
+    lies within half a voxel of ``image``'s grid."""
+    ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(image)
+    inside = sitk.Resample(ones, grid, transform or sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return sitk.GetArrayFromImage(inside) > 0
+
+
 def _head_overlap(mhead: sitk.Image, chead: sitk.Image, mr_to_ct: sitk.Transform) -> float:
     """Dice of the MR head and the CT head mapped into MR space, over the slab both cover."""
     ct_in_mr = sitk.Resample(chead, mhead, mr_to_ct, sitk.sitkNearestNeighbor, 0)
-    ones = sitk.Image(chead.GetSize(), sitk.sitkUInt8) + 1
-    ones.CopyInformation(chead)
-    fov = sitk.Resample(ones, mhead, mr_to_ct, sitk.sitkNearestNeighbor, 0)
-    f = sitk.GetArrayFromImage(fov) > 0
+    f = covered(chead, mhead, mr_to_ct)
     a = (sitk.GetArrayFromImage(mhead) > 0) & f
     b = (sitk.GetArrayFromImage(ct_in_mr) > 0) & f
     denom = a.sum() + b.sum()
