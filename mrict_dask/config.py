@@ -51,6 +51,8 @@ class RegistrationConfig:
     learning_rate: float = 1.0  # regular-step gradient descent (fine levels): first step, ~mm
     refine_at_template_resolution: bool = True  # MR -> template: a last level on the template's own grid
     ct_refine_mm: float = 1.5  # CT -> MR: a last level on this grid when both series are sampled finer (0: off)
+    # CT -> MR: slices thicker than this (and than the working grid): a last level on that series' own slices (0: off)
+    thick_slice_mm: float = 3.0
     seed: int = 20240521
     threads: int = 1  # ITK threads per task; the Dask worker's threads are the parallelism
     # The gate (mrict_dask/qa.py; validated both ways by benchmarks/bench_register.py)
@@ -213,6 +215,7 @@ _RULES: tuple[tuple[str, Any, str], ...] = (
     ("registration.smoothing_sigmas_mm", lambda v: all(s >= 0 for s in v), "numbers >= 0"),
     ("registration.iterations", lambda v: v >= 1, "at least 1"),
     ("registration.ct_refine_mm", lambda v: v >= 0, "at least 0 (0: off)"),
+    ("registration.thick_slice_mm", lambda v: v >= 0, "at least 0 (0: off)"),
     ("registration.learning_rate", lambda v: v > 0, "> 0"),
     ("registration.threads", lambda v: v >= 1, "at least 1"),
     ("registration.min_brain_overlap", lambda v: 0 <= v <= 1, "in [0, 1]"),

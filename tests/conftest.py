@@ -22,13 +22,13 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 # --------------------------------------------------------------------------------------------- [config]
 # End-to-end tests of orchestration, S3, storage faults, resume and privacy (not of accuracy) run the same
-# pipeline cheaper: a 2 mm output grid, and registration on a 3 mm working grid without the last level at
-# the template's resolution (~4 s per pair instead of ~9 s; every plausibility check still applies).
+# pipeline cheaper: a 2 mm output grid, and registration on a 3 mm working grid without the last levels (at
+# the template's resolution, on thick slices) (~4 s per pair instead of ~9 s; every plausibility check still applies).
 # Accuracy is asserted at the defaults: test_register.py, test_pair.py and the 1 mm end-to-end run in
 # test_run.py (TRE against the generator's transforms).
 FAST_SETTINGS = {"grid.spacing": 2.0, "registration.working_spacing_mm": 3.0,
                  "registration.refine_at_template_resolution": False, "registration.ct_refine_mm": 0.0,
-                 "native.spacing_mm": 2.0}
+                 "registration.thick_slice_mm": 0.0, "native.spacing_mm": 2.0}
 
 
 NATIVE_BOX = (6, 5, 4)  # x, y, z voxels at 1 mm

@@ -154,6 +154,8 @@ FOVS: dict[str, Fov] = {
     "axial_3d_off_centre": Fov(AXIAL, (256, 256, 180), (1.0, 1.0, 1.0), (30.0, -25.0, 0.0)),
     # head CT, axial, from the upper neck to the vertex (a 256 mm reconstruction, 1.5 mm slices)
     "ct_head": Fov(AXIAL, (320, 320, 130), (0.8, 0.8, 1.5), (0.0, 0.0, -20.0), modality="CT"),
+    # head CT, axial, 5 mm slices (a routine reconstruction)
+    "ct_head_5mm": Fov(AXIAL, (512, 512, 40), (0.5, 0.5, 5.0), (0.0, 0.0, -20.0), modality="CT"),
 }
 
 
@@ -218,8 +220,9 @@ class Posed:
 
 
 def posed_pair(head: RealHead, mr_fov: str, mr_angles=(0, 0, 0), mr_shift=(0, 0, 0),
-               ct_angles=(6, -4, 9), ct_shift=(12, -8, 20), noise: float = 4.0, seed: int = 0) -> Posed:
-    """The head as an MR series (``mr_fov``, posed) and a derived CT (``ct_head`` grid, posed apart, headrest)."""
+               ct_angles=(6, -4, 9), ct_shift=(12, -8, 20), noise: float = 4.0, seed: int = 0,
+               ct_fov: str = "ct_head") -> Posed:
+    """The head as an MR series (``mr_fov``, posed) and a derived CT (``ct_fov`` grid, posed apart, headrest)."""
     c = head_centre(head.t1)
     mr_pose = pose(mr_angles, mr_shift, c)
     ct_pose = pose(ct_angles, ct_shift, c) @ mr_pose
@@ -232,7 +235,7 @@ def posed_pair(head: RealHead, mr_fov: str, mr_angles=(0, 0, 0), mr_shift=(0, 0,
         noisy = sitk.GetImageFromArray(a.astype(np.float32))
         noisy.CopyInformation(mr)
         mr = noisy
-    ct = render(derived_ct(head.t1), FOVS["ct_head"].image((ct_pose @ np.r_[c, 1])[:3]), ct_pose, -1000.0)
+    ct = render(derived_ct(head.t1), FOVS[ct_fov].image((ct_pose @ np.r_[c, 1])[:3]), ct_pose, -1000.0)
     ct = add_headrest(ct)
     deep = head.deep_brain @ mr_pose[:3, :3].T + mr_pose[:3, 3]
     return Posed(mr, ct, mr_pose, ct_pose, deep, {"head": head.name, "mr_fov": mr_fov})
