@@ -33,8 +33,8 @@ def box_affine(mr_affine: np.ndarray, cfg: NativeConfig) -> np.ndarray:
 
 
 def box_image(affine: np.ndarray, cfg: NativeConfig) -> sitk.Image:
-    """An empty float32 image on the box (the reference grid for resampling)."""
-    img = sitk.Image(list(box_size(cfg)), sitk.sitkFloat32)
+    """An empty image on the box: the reference grid for resampling (uint8: only its geometry is read)."""
+    img = sitk.Image(list(box_size(cfg)), sitk.sitkUInt8)
     sp = float(cfg.spacing_mm)
     img.SetSpacing([sp] * 3)
     img.SetOrigin([float(v) for v in affine[:3, 3]])

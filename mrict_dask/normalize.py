@@ -27,10 +27,28 @@ def check_volume(arr: np.ndarray, name: str, mask: np.ndarray | None = None) -> 
         raise VolumeError(f"{name}: constant volume (every voxel {lo:g})")
 
 
-def scale(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    # float64 arithmetic, then one rounding to float32: ct_to_hu inverts it to float32 precision
-    out = (np.clip(arr.astype(np.float64, copy=False), lo, hi) - lo) / (hi - lo)
-    return out.astype(np.float32)
+def scale(arr: np.ndarray, lo: float, hi: float, out: np.ndarray | None = None) -> np.ndarray:
+    """``arr`` clipped to [lo, hi] and mapped to [0, 1], float32 (into ``out`` when given: ``arr`` itself may be it).
+
+    float64 arithmetic, then one rounding to float32 (ct_to_hu inverts it to float32 precision); slab by slab
+    along the first axis, so the float64 work stays in cache instead of four volume-sized temporaries."""
+    a = np.asarray(arr)
+    if out is None:
+        out = np.empty(a.shape, np.float32)
+    elif out.dtype != np.float32 or out.shape != a.shape:
+        raise ValueError(f"scale: out must be float32 of shape {a.shape}, got {out.dtype} {out.shape}")
+    if a.ndim < 2:
+        out[...] = (np.clip(a.astype(np.float64), lo, hi) - lo) / (hi - lo)
+        return out
+    buf = np.empty(a.shape[1:], np.float64)
+    width = hi - lo
+    for k in range(a.shape[0]):
+        buf[...] = a[k]  # to float64 first: clip's bounds are then never rounded to the input's float32
+        np.clip(buf, lo, hi, out=buf)
+        buf -= lo
+        buf /= width
+        out[k] = buf
+    return out
 
 
 def _percentiles(arr: np.ndarray, mask: np.ndarray | None, percentiles: tuple[float, float],
@@ -50,14 +68,14 @@ def _percentiles(arr: np.ndarray, mask: np.ndarray | None, percentiles: tuple[fl
 
 
 def normalize_mr(arr: np.ndarray, mask: np.ndarray | None, percentiles: tuple[float, float] = (1.0, 99.0),
-                 *, name: str = "MR series") -> tuple[np.ndarray, float, float]:
+                 *, name: str = "MR series", out: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
     """Clip at the ``percentiles`` of the voxels inside ``mask`` and scale to [0, 1] -> (scaled, lo, hi)."""
     lo, hi = _percentiles(arr, mask, percentiles, name)
-    return scale(arr, lo, hi), lo, hi
+    return scale(arr, lo, hi, out), lo, hi
 
 
 def normalize_ct(arr_hu: np.ndarray, mask: np.ndarray | None, cfg: NormalizeConfig = NormalizeConfig(),
-                 *, name: str = "CT series") -> tuple[np.ndarray, float, float]:
+                 *, name: str = "CT series", out: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
     """HU -> [0, 1] through the fixed window ``cfg.ct_window`` (default) or percentiles inside ``mask``."""
     if cfg.ct_mode == "window":
         lo, hi = (float(v) for v in cfg.ct_window)
@@ -68,7 +86,7 @@ def normalize_ct(arr_hu: np.ndarray, mask: np.ndarray | None, cfg: NormalizeConf
         lo, hi = _percentiles(arr_hu, mask, cfg.ct_percentiles, name)
     else:
         raise VolumeError(f"unknown normalize.ct_mode {cfg.ct_mode!r} (use 'window' or 'percentile')")
-    return scale(arr_hu, lo, hi), lo, hi
+    return scale(arr_hu, lo, hi, out), lo, hi
 
 
 def ct_to_hu(ct_scaled: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -21,7 +21,7 @@ from .errors import RegistrationError, VolumeError
 from .masks import face_on_grid, face_region, joint_head, read_mask
 from .native import box_affine, box_image, cut_ml
 from .normalize import check_volume, head_slice_ok, normalize_ct, normalize_mr, scale, slice_ok
-from .qa import ct_failures, ct_measures, empty_qa, mr_failures, mr_measures, overlay_png, pair_figure
+from .qa import ct_failures, ct_measures, empty_qa, mask_centre, mr_failures, mr_measures, overlay_png, pair_figure
 from .template import Template
 from .types import PairResult, PairSpec
 
@@ -190,13 +190,15 @@ def process_images(mr: sitk.Image, ct: sitk.Image, config: Config, template: Tem
             nat = _space(grid, mr, ct_clamped, np.eye(4), mr_to_ct, head_mr,
                          None if region is None else face_on_grid(region, grid, np.linalg.inv(mr_affine)))
             nat.affine = box
-            qa["native_cut_ml"] = cut_ml(mr_head, box_image(box, config.native))
+            qa["native_cut_ml"] = cut_ml(mr_head, grid)
         lap("resample")
 
         brain = sitk.GetArrayViewFromImage(template.mask) > 0
+        # in place: the volumes as read are not needed after (a volume-sized buffer less per array)
         mr_n, mr_lo, mr_hi = normalize_mr(tpl.mr, tpl.head & tpl.mr_inside, config.normalize.mr_percentiles,
-                                          name="MR series")
-        ct_n, ct_lo, ct_hi = normalize_ct(tpl.ct, tpl.head & tpl.valid, config.normalize, name="CT series")
+                                          name="MR series", out=tpl.mr)
+        ct_n, ct_lo, ct_hi = normalize_ct(tpl.ct, tpl.head & tpl.valid, config.normalize, name="CT series",
+                                          out=tpl.ct)
         mr_n[~tpl.mr_inside] = 0.0
         ok_slices = slice_ok(brain, tpl.valid, config.normalize)
         n_brain = int(brain.sum())
@@ -204,17 +206,18 @@ def process_images(mr: sitk.Image, ct: sitk.Image, config: Config, template: Tem
         native = None
         if nat is not None:
             qa["face_ml"] = nat.face_tissue_ml
-            nat_mr = scale(nat.mr, mr_lo, mr_hi)
+            nat_mr = scale(nat.mr, mr_lo, mr_hi, out=nat.mr)
             nat_mr[~nat.mr_inside] = 0.0
-            native = {"mr": nat_mr, "ct": scale(nat.ct, ct_lo, ct_hi), "valid": nat.valid, "head": nat.head,
+            native = {"mr": nat_mr, "ct": scale(nat.ct, ct_lo, ct_hi, out=nat.ct), "valid": nat.valid, "head": nat.head,
                       "face": nat.face, "slice_ok": head_slice_ok(nat.head, nat.valid, config.normalize),
                       "affine": nat.affine}
         notes = _notes(qa, config, face_view)
         lap("normalize")
 
-        centre = tuple(int(v) for v in np.argwhere(brain).mean(axis=0)) if n_brain else None
-        figure = pair_figure(mr_n, tpl.ct, centre, template.image, brain,
-                             None if native is None else (native["mr"], nat.ct, native["head"]))
+        centre = mask_centre(brain)
+        figure = pair_figure(mr_n, ct_n, centre, template.image, brain,
+                             None if native is None else (native["mr"], native["ct"], native["head"]),
+                             ct_window=(ct_lo, ct_hi))
         lap("figure")
     except (VolumeError, RegistrationError) as err:
         # a refused registration shows what it found, so that a reviewer can tell in seconds
@@ -250,7 +253,7 @@ def refusal_figure(mr_w: sitk.Image, wt, mr_affine: np.ndarray, ct_w: sitk.Image
         ct_t = sitk.GetArrayFromImage(sitk.Resample(ct_w, grid, R.affine_from_matrix(mr_to_ct @ mr_affine),
                                                     sitk.sitkLinear, CT_FILL_HU))
         ct_t[~view] = CT_FILL_HU
-    centre = tuple(int(v) for v in np.argwhere(brain).mean(axis=0))
+    centre = mask_centre(brain)
     return overlay_png(mr_n, ct_t, centre, grid.GetSpacing(), grid.GetDirection(), outline=brain)
 
 

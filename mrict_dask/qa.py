@@ -27,6 +27,19 @@ def empty_qa() -> dict[str, float]:
     return {k: float("nan") for k in QA_KEYS}
 
 
+def mask_centre(mask: np.ndarray) -> tuple[int, ...] | None:
+    """The (truncated) mean index of a mask's voxels, from its per-axis profiles (no index array); None if empty."""
+    m = np.asarray(mask, bool)
+    total = int(np.count_nonzero(m))
+    if not total:
+        return None
+    out = []
+    for axis in range(m.ndim):
+        profile = m.sum(axis=tuple(a for a in range(m.ndim) if a != axis), dtype=np.int64)
+        out.append(int(np.dot(profile, np.arange(m.shape[axis], dtype=np.int64)) / total))
+    return tuple(out)
+
+
 def _otsu3_lower(values: np.ndarray, bins: int = 128) -> float:
     """Lower threshold of a three-class Otsu (dark | grey | bright), exhaustive over bin pairs."""
     hist, edges = np.histogram(values, bins=bins)
@@ -70,7 +83,7 @@ def brain_dice(mr_zyx: np.ndarray, brain_zyx: np.ndarray, spacing_mm: float, fov
     hits[0] = 0
     if hits.max() == 0:
         return 0.0
-    found = ndi.binary_fill_holes(ndi.binary_dilation(lab == int(np.argmax(hits))) & tissue) & near
+    found = R.fill_holes(ndi.binary_dilation(lab == int(np.argmax(hits))) & tissue) & near
     if fov is not None:
         found &= fov
     return float(2 * (found & brain).sum() / (found.sum() + brain.sum()))
@@ -265,10 +278,12 @@ def _edges(hu: np.ndarray) -> np.ndarray:
 
 
 def _planes(fig, row: int, n_rows: int, n_cols: int, label: str, mr_zyx: np.ndarray, ct_hu_zyx: np.ndarray,
-            center_zyx: tuple[int, int, int] | None, spacing_xyz, direction, outline: np.ndarray | None) -> None:
+            center_zyx: tuple[int, int, int] | None, spacing_xyz, direction, outline: np.ndarray | None,
+            ct_window: tuple[float, float] | None = None) -> None:
     """Three planes through ``center_zyx`` into ``fig``'s row ``row``: the MR in grey, CT edges in colour, the
     boundary of ``outline`` in cyan; shown as radiologists look at them (anterior and superior up, the patient's
-    left on the image right) for an axis-aligned grid of any axis signs."""
+    left on the image right) for an axis-aligned grid of any axis signs. ``ct_window``: the CT is given scaled to
+    [0, 1] over this HU window (its planes are read back in HU)."""
     z, y, x = center_zyx if center_zyx is not None else tuple(n // 2 for n in mr_zyx.shape)
     sx, sy, sz = spacing_xyz[:3]
     d = np.asarray(direction, dtype=float).reshape(3, 3)
@@ -287,6 +302,8 @@ def _planes(fig, row: int, n_rows: int, n_cols: int, label: str, mr_zyx: np.ndar
     ]
     for k, (name, cut, aspect) in enumerate(planes):
         mr2, ct2 = cut(mr_zyx), cut(ct_hu_zyx)
+        if ct_window is not None:
+            ct2 = ct2 * (ct_window[1] - ct_window[0]) + ct_window[0]
         ax = fig.add_subplot(n_rows, n_cols, row * n_cols + k + 1)
         ax.imshow(mr2, cmap="gray", vmin=0.0, vmax=1.0, aspect=aspect, interpolation="nearest")
         edges = np.ma.masked_where(~_edges(ct2), np.ones_like(ct2))
@@ -343,19 +360,22 @@ def depth_render(mask_zyx: np.ndarray, view: str) -> np.ndarray:
     return img.astype(np.float32)
 
 
-def pair_figure(mr_t: np.ndarray, ct_t_hu: np.ndarray, center_zyx, template_image, brain: np.ndarray,
-                native: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> bytes:
+def pair_figure(mr_t: np.ndarray, ct_t: np.ndarray, center_zyx, template_image, brain: np.ndarray,
+                native: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+                ct_window: tuple[float, float] | None = None) -> bytes:
     """The pair's figure: template space (three planes, CT edges, the template brain's outline); native space
     (three planes, CT edges, the head's outline) and the head from the front and the side (a depth-shaded
-    surface, so that a reviewer sees at a glance that the face is gone and the brain intact)."""
+    surface, so that a reviewer sees at a glance that the face is gone and the brain intact). CTs in HU, or
+    scaled to [0, 1] over ``ct_window``."""
     rows = 1 if native is None else 3
     fig = _figure(9.0, 3.4 * rows)
-    _planes(fig, 0, rows, 3, "template ", mr_t, ct_t_hu, center_zyx, template_image.GetSpacing(),
-            template_image.GetDirection(), brain)
+    _planes(fig, 0, rows, 3, "template ", mr_t, ct_t, center_zyx, template_image.GetSpacing(),
+            template_image.GetDirection(), brain, ct_window)
     if native is not None:
         mr_n, ct_n, head = native
-        c = tuple(int(v) for v in np.argwhere(head).mean(axis=0)) if head.any() else None
-        _planes(fig, 1, rows, 3, "native ", mr_n, ct_n, c, (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), head)
+        c = mask_centre(head)
+        _planes(fig, 1, rows, 3, "native ", mr_n, ct_n, c, (1.0, 1.0, 1.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), head,
+                ct_window)
         for k, view in enumerate(("front", "side")):
             ax = fig.add_subplot(rows, 2, 4 + k + 1)
             ax.imshow(depth_render(head, view), cmap="bone", vmin=0.0, vmax=1.0, interpolation="nearest")

@@ -163,6 +163,24 @@ def test_ct_without_a_head_is_refused():
         R.head_mask_ct(R.resample_iso(R.prepare_ct(empty), 2.0, default=-1024.0))
 
 
+def test_hole_filling_matches_scipy_slice_by_slice():
+    """fill_holes / fill_slices label once per axis; scipy's binary_fill_holes, 3D and then slice by slice along
+    each axis, is the reference."""
+    rng = np.random.default_rng(7)
+    for k in range(25):
+        a = ndi.binary_opening(rng.random((18, 23, 29)) < rng.uniform(0.3, 0.8))
+        want = ndi.binary_fill_holes(a)
+        assert np.array_equal(R.fill_holes(a), want), k
+        for axis in range(3):
+            moved = np.moveaxis(want, axis, 0)
+            want = np.moveaxis(np.stack([ndi.binary_fill_holes(s) for s in moved]), 0, axis)
+        assert np.array_equal(R.fill_slices(a), want), k
+    ring = np.zeros((5, 9, 9), bool)
+    ring[:, 2:7, 2:7] = True
+    ring[:, 3:6, 3:6] = False  # a tube: open along z in 3D, a hole in every axial slice
+    assert not R.fill_holes(ring)[2, 4, 4] and R.fill_slices(ring)[2, 4, 4]
+
+
 def test_top_visible_follows_the_superior_axis_whatever_the_slice_order():
     mask = np.zeros((30, 20, 20), np.uint8)
     mask[5:29, 5:15, 5:15] = 1  # ends one slice below the last (highest index) slice
@@ -190,6 +208,23 @@ def test_ct_window_round_trip_is_exact_to_float32():
     tol = (hi - lo) * np.finfo(np.float32).eps
     np.testing.assert_allclose(back, hu, rtol=0, atol=tol)
     assert back[0] == lo and back[1] == hi
+
+
+def test_scaling_in_place_gives_the_same_values():
+    """The pair task scales its volumes in place (``out=``): the same float32 values as a fresh array, which is
+    float64 arithmetic rounded once (computed here independently)."""
+    rng = np.random.default_rng(5)
+    hu = rng.normal(0, 900, (6, 7, 8)).astype(np.float32)
+    lo, hi = (np.float64(v) for v in NormalizeConfig().ct_window)
+    want = ((np.clip(hu.astype(np.float64), lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    fresh, _, _ = normalize_ct(hu, None)
+    work = hu.copy()
+    same, _, _ = normalize_ct(work, None, out=work)
+    assert same is work
+    np.testing.assert_array_equal(fresh, want)
+    np.testing.assert_array_equal(same, want)
+    with pytest.raises(ValueError, match="float32"):
+        normalize_ct(hu, None, out=np.empty(hu.shape, np.float64))
 
 
 def test_ct_percentile_mode_and_clipping():
