@@ -87,6 +87,10 @@ def client_for(scheduler: str | None = None, workers: int | None = None, threads
 _malloc_set: int | None = None
 
 
+MMAP_THRESHOLD_CEILING_MIB = 32  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
+RETAIN_MIB = 1024  # at the ceiling: free heap a worker keeps for the next pair (one pair's peak is ~1.5 GiB)
+
+
 def tune_malloc(threshold_mib: int) -> bool:
     """Set glibc's mmap/trim thresholds for this process (once); False where there is no glibc.
 
@@ -94,7 +98,8 @@ def tune_malloc(threshold_mib: int) -> bool:
     process raises its mmap threshold as it goes and reuses freed heap memory; a Dask nanny's
     ``MALLOC_TRIM_THRESHOLD_=65536`` turns that off, so every buffer is a fresh mmap that is page-faulted
     in and unmapped again. Setting the thresholds explicitly restores the reuse in any worker, however it
-    was started. Memory stays bounded by one pair's peak.
+    was started. At glibc's ceiling (32 MiB, the default) no buffer is mapped at all and the freed heap is kept
+    for the next pair: the 1 mm volumes (35-90 MB) are then reused too. Memory stays bounded by one pair's peak.
     """
     global _malloc_set
     if threshold_mib <= 0 or _malloc_set == threshold_mib:
@@ -107,12 +112,18 @@ def tune_malloc(threshold_mib: int) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    m_trim_threshold, m_mmap_threshold, m_mmap_max, m_arena_max = -1, -3, -4, -8  # <malloc.h>
     size = int(threshold_mib) << 20
     ok = bool(mallopt(m_mmap_threshold, size)) and bool(mallopt(m_trim_threshold, 2 * size))
+    if ok and threshold_mib >= MMAP_THRESHOLD_CEILING_MIB:
+        # at the ceiling, buffers above it (a 1 mm volume: 35-90 MB) would still be fresh mappings: none at all,
+        # one arena for every thread, and the heap kept between pairs (up to RETAIN_MIB above its top in use)
+        ok = (bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_arena_max, 1))
+              and bool(mallopt(m_trim_threshold, RETAIN_MIB << 20)))
     if ok:
         _malloc_set = threshold_mib
-        log.debug("malloc: mmap threshold %d MiB, trim threshold %d MiB", threshold_mib, 2 * threshold_mib)
+        log.debug("malloc: buffers up to %d MiB from the heap%s", threshold_mib,
+                  " (all, at the ceiling)" if threshold_mib >= MMAP_THRESHOLD_CEILING_MIB else "")
     return ok
 
 

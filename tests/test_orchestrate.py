@@ -30,7 +30,7 @@ _PROBE = textwrap.dedent("""
 
     def mapped_for_a_buffer():
         before = libc.mallinfo2().hblkhd
-        a = np.ones(1 << 20)  # 8 MiB
+        a = np.ones(int(sys.argv[2]) << 17)  # argv[2] MiB of float64
         during = libc.mallinfo2().hblkhd
         del a
         return during - before
@@ -43,9 +43,9 @@ _PROBE = textwrap.dedent("""
 MIB = 1 << 20
 
 
-def _probe(threshold_mib: int) -> tuple[int, int, bool]:
-    out = subprocess.run([sys.executable, "-c", _PROBE, str(threshold_mib)], capture_output=True, text=True,
-                         check=True, env={**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"})
+def _probe(threshold_mib: int, buffer_mib: int = 8) -> tuple[int, int, bool]:
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(threshold_mib), str(buffer_mib)], capture_output=True,
+                         text=True, check=True, env={**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"})
     a, b, ok = out.stdout.split()
     return int(a), int(b), ok == "True"
 
@@ -60,6 +60,16 @@ def test_tune_malloc_serves_volume_buffers_from_the_heap():
     assert ok
     assert untuned >= 8 * MIB  # as a Dask worker starts: each buffer its own fresh mapping
     assert tuned == 0  # tuned: from the heap, reused
+
+
+@glibc
+def test_tune_malloc_at_the_ceiling_serves_volumes_above_it_from_the_heap_too():
+    """A 1 mm volume (35-90 MB) is above glibc's 32 MiB mmap ceiling: at the ceiling nothing is mapped; below it,
+    such a buffer still is."""
+    untuned, tuned, ok = _probe(32, 80)
+    assert ok and untuned >= 80 * MIB and tuned == 0
+    _, below, ok = _probe(16, 80)
+    assert ok and below >= 80 * MIB
 
 
 @glibc
