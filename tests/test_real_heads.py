@@ -20,7 +20,7 @@ from mrict_dask.synth import realheads as RH
 
 pytestmark = pytest.mark.slow
 
-# (head, MR field of view, MR pose angles, MR pose shift): CT field of view): each a patient of its own
+# (head, MR field of view, MR pose angles, MR pose shift, CT field of view): each a patient of its own
 CASES = {
     "RH-COLIN-SAG": ("colin27", "sagittal_3d_neck", (12, 4, -6), (5, -10, 0), "ct_head"),
     "RH-COLIN-AX2D": ("colin27", "axial_2d_brain", (-8, 0, 10), (0, 10, -5), "ct_head"),
